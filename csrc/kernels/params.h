@@ -1,0 +1,74 @@
+// Argument structs shared by the CPU and CUDA kernels of sftctl._C.
+//
+// Torch-free on purpose: the CUDA kernels include this header and must compile with plain nvcc
+// (no ATen, no c10), and the C++ test executable fills these structs directly. The binding
+// (csrc/binding.cpp) is the only place that turns at::Tensor arguments into these structs after
+// validating them; kernels never see a tensor.
+#pragma once
+#include <cstdint>
+
+namespace sftctl {
+
+enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+
+// Same numbering as torch's at::Reduction.
+enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
+
+// Fused cross-entropy over logits [n_rows, vocab]. One call computes, per non-ignored row i with
+// target y and (optionally soft-capped) logits z:
+//   lse_i  = log sum_j exp(z_j)
+//   loss_i = (1 - eps) * (lse_i - z_y) + eps * (lse_i - mean_j z_j) + z_loss * lse_i^2
+// and, when grad != nullptr, the gradient of the reduced loss with respect to the raw logits:
+//   g_ij = scale * [ p_j * (1 + 2 z_loss lse_i) - (1 - eps) [j == y] - eps / V ] * dcap_ij
+// where p = softmax(z), dcap = 1 - tanh^2(x / softcap) (1 when softcap is off) and
+//   scale = grad_scale * (mean: 1 / normalizer, or 1 / n_valid when normalizer is null; 0 when
+//           the divisor is 0) for Mean, grad_scale for Sum and None (None's per-row grad_output is
+//           applied later by scale_grad_).
+// Ignored rows (target == ignore_index) have loss 0, lse 0, correct false and a zero gradient row.
+// All sums and the gradient are computed in fp32; the gradient is rounded once to the logits dtype.
+struct CrossEntropyParams {
+  const void* logits = nullptr;      // [n_rows, vocab] of `dtype`, row stride in elements below
+  int64_t logits_row_stride = 0;     // elements between rows (>= vocab); columns are contiguous
+  const int64_t* targets = nullptr;  // [n_rows]
+  int64_t n_rows = 0;
+  int64_t vocab = 0;
+  int64_t ignore_index = -100;
+  DType dtype = DType::Float32;
+  Reduction reduction = Reduction::Mean;
+  float label_smoothing = 0.f;       // eps in [0, 1]
+  float z_loss = 0.f;                // coefficient of lse^2, >= 0
+  float softcap = 0.f;               // > 0 applies softcap * tanh(x / softcap); 0 is off
+  const float* normalizer = nullptr; // 0-dim fp32, Mean only; null -> count of non-ignored rows
+  const float* grad_scale = nullptr; // 0-dim fp32 multiplying the gradient (a loss scale); null -> 1
+
+  float* loss = nullptr;             // None: [n_rows]; Mean/Sum: 0-dim
+  float* lse = nullptr;              // optional [n_rows]
+  bool* correct = nullptr;           // optional [n_rows]: argmax_j z_j == target (first max wins)
+  void* grad = nullptr;              // optional [n_rows, vocab] of `dtype`; may equal `logits`
+  int64_t grad_row_stride = 0;       //   (memory mode: the gradient overwrites the logits)
+
+  float* workspace = nullptr;        // kernel scratch, size given by the launcher's *_workspace()
+};
+
+// Masking op: next-token targets for causal-LM SFT.
+// labels[b, t] = input_ids[b, t + 1] when position t + 1 is a trainable token of the same document
+// as position t, else ignore_index; labels[b, T - 1] = ignore_index. Position s is trainable when
+// it is not padding (attention_mask[b, s] != 0, and position t is not padding either) and it is a
+// response token (loss_mask[b, s] != 0 when a loss mask is given; s >= prompt_lengths[b] when
+// prompt lengths are given; both may be given). t and t + 1 lie in different documents when
+// position_ids[b, t + 1] == 0 or document_ids[b, t] != document_ids[b, t + 1].
+struct SftLabelsParams {
+  const int64_t* input_ids = nullptr;      // [B, T]
+  int64_t batch = 0;
+  int64_t seq_len = 0;
+  const int64_t* loss_mask = nullptr;      // optional [B, T] (nonzero = response token)
+  const int64_t* prompt_lengths = nullptr; // optional [B]
+  const int64_t* attention_mask = nullptr; // optional [B, T]
+  const int64_t* position_ids = nullptr;   // optional [B, T]
+  const int64_t* document_ids = nullptr;   // optional [B, T]
+  int64_t ignore_index = -100;
+  int64_t* labels = nullptr;               // [B, T]
+  int64_t* num_trainable = nullptr;        // 0-dim
+};
+
+}  // namespace sftctl
