@@ -1,0 +1,7 @@
+"""``python -m sftctl`` (and ``torchrun -m sftctl``) runs the CLI."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

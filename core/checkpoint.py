@@ -1,0 +1,150 @@
+"""Writing checkpoints: the final Hugging Face model directory, atomically; RNG state capture.
+
+Design choices
+- A checkpoint directory appears under its final name only when complete: everything is written
+  into a hidden temporary sibling (same filesystem), files and the directory are fsynced, then
+  the directory is renamed into place. An existing directory of that name is moved aside first
+  and deleted only after the new one is in place, so a crash never leaves a half-written
+  directory under the final name (and at worst leaves the old one under ``.NAME.old-PID``).
+- The model directory is a standard HF checkpoint (``save_pretrained`` with safetensors, the
+  tokenizer, the generation config) plus ``sftctl_config.yaml`` (the resolved run config) and
+  ``sftctl_summary.json``, so ``AutoModelForCausalLM.from_pretrained(dir)`` loads it and the run
+  that produced it is documented inside it.
+- RNG states are returned as tensors and plain types, loadable with ``torch.load(weights_only=
+  True)`` (the resumable checkpoints of the reliability work reuse these helpers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` and the directories themselves."""
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``final`` when the block exits without error."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON through a temporary file and a rename (readers never see half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_hf_model(model, tokenizer, path: Path, *, config_yaml: str, summary: dict) -> None:
+    """Write a standard HF model directory (call inside ``atomic_directory``)."""
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and not (path / "generation_config.json").exists():
+        gen.save_pretrained(path)
+    write_text(path / "sftctl_config.yaml", config_yaml)
+    write_json(path / "sftctl_summary.json", summary)
+
+
+# ---------------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU and CUDA RNG states as tensors / plain types."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)

@@ -1,0 +1,470 @@
+"""The ``sftctl`` command line: ``train``, ``plugins``, ``doctor`` (+ ``eval``/``report`` from
+``sftctl.evals`` and commands added by plugins).
+
+Design choices
+- ``train``'s options are generated from the config dataclasses (``config.py``), so every YAML
+  key with a flag has exactly one flag and one help text; ``--set KEY=VALUE`` reaches every key
+  (including plugin options), and plugin options also get their own flags.
+- Plugins load before the parser is built (their options become flags); ``--plugin`` values are
+  read from the raw arguments first so a named third-party plugin loads even when autoload is
+  disabled.
+- Config layers, lowest first: dataclass defaults, derived defaults (the dataset format of the
+  first ``--plugin`` that registers one), the format's tuned defaults when training the embedded
+  demo model, ``--config`` YAML, command-line flags and ``--set``.
+- Exit codes: 0 only when training finished and the final checkpoint is complete (and the
+  post-training evaluation, when it runs, succeeded); 2 for invalid input (config, data, plugins,
+  model path), reported before any training step; 1 for a failure during training; otherwise
+  the evaluation's own status. Errors are one message naming the file, record and field.
+- Output: logging on stderr through tqdm (bars are not broken by log lines); ``--quiet`` keeps
+  warnings only and hides the bars; ranks other than 0 only report errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+
+from . import config as C
+from .errors import ConfigError, SftctlError
+
+log = logging.getLogger("sftctl")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------- logging
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(quiet: bool, rank: int = 0) -> None:
+    level = logging.WARNING if quiet else logging.INFO
+    if rank != 0:
+        level = logging.ERROR
+    log.handlers[:] = []
+    h = _TqdmHandler()
+    h.setFormatter(logging.Formatter("sftctl: %(message)s"))
+    log.addHandler(h)
+    log.setLevel(level)
+    log.propagate = False
+
+
+# -------------------------------------------------------------------------------- train parser
+
+
+def _base_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is list:
+        return _base_type(typing.get_args(tp)[0])
+    if args:
+        return _base_type(args[0])
+    return tp
+
+
+def _default_text(f) -> str:
+    if f.default is not dataclasses.MISSING:
+        d = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        d = f.default_factory()  # type: ignore[misc]
+    else:
+        return ""
+    if d is None or d == []:
+        return ""
+    return f" (default: {d})"
+
+
+def add_config_arguments(p: argparse.ArgumentParser, options: dict) -> dict[str, str]:
+    """Add one flag per config field (and plugin option); return dotted key -> flag."""
+    flags: dict[str, str] = {}
+    groups = {name: p.add_argument_group(f"{name} options") for name in C.SECTIONS}
+    for dotted, f, tp in C.iter_fields():
+        meta = f.metadata
+        flag = meta.get("flag")
+        if not flag:
+            continue
+        section = dotted.split(".", 1)[0]
+        g = groups.get(section, p)
+        help_ = meta["help"] + f"  [{dotted}]"
+        kind = meta["cli"]
+        base = _base_type(tp)
+        choices = [c for c in (meta.get("choices") or ()) if c is not None] or None
+        kw: dict = dict(dest=dotted, default=argparse.SUPPRESS)
+        metavar = meta.get("metavar") or ("N" if base is int else "X" if base is float
+                                          else f.name.upper())
+        if kind == "bool":
+            g.add_argument(flag, action=argparse.BooleanOptionalAction,
+                           help=help_ + _default_text(f), **kw)
+        elif kind in ("store_true", "store_false"):
+            g.add_argument(flag, action=kind, help=help_, **kw)
+        elif kind == "append":
+            g.add_argument(flag, action="append", type=base, metavar=metavar,
+                           help=help_, **kw)
+        elif kind == "nargs":
+            g.add_argument(flag, nargs="+", type=base, metavar=metavar,
+                           help=help_ + _default_text(f), **kw)
+        else:
+            g.add_argument(flag, type=base, choices=choices, metavar=metavar,
+                           help=help_ + _default_text(f), **kw)
+        flags[dotted] = flag
+    if options:
+        g = p.add_argument_group("plugin options (YAML: options: {NAME: VALUE})")
+        for name, o in sorted(options.items()):
+            dest = f"options.{name}"
+            typ = o.type if o.type in (int, float, str) else str
+            if o.type is bool:
+                g.add_argument(o.flag, action=argparse.BooleanOptionalAction, dest=dest,
+                               default=argparse.SUPPRESS,
+                               help=f"{o.help} [plugin {o.plugin}] (default: {o.default})")
+            else:
+                g.add_argument(o.flag, type=typ, dest=dest, default=argparse.SUPPRESS,
+                               choices=list(o.choices) if o.choices else None,
+                               help=f"{o.help} [plugin {o.plugin}]" +
+                                    (f" (default: {o.default})" if o.default is not None else ""))
+            flags[dest] = o.flag
+    return flags
+
+
+def build_train_parser(sub, options: dict) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train", help="fine-tune a causal LM (SFT)",
+        description="Fine-tune a Hugging Face causal LM on instruction data. With no --model and "
+                    "no --data it trains sftctl's embedded tiny Llama on the demo data of the "
+                    "--plugin format (e.g. `sftctl train --plugin alpaca`).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else
+        argparse.HelpFormatter)
+    p.add_argument("--config", metavar="RUN.YAML",
+                   help="YAML config (sections model, data, optim, train, eval, plugins, "
+                        "options); flags override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="Set any config key, e.g. --set optim.betas=[0.9,0.95] or --set "
+                        "options.alpaca.demo_seed=3 (value parsed as YAML; repeatable)")
+    p.add_argument("--print-config", action="store_true",
+                   help="Print the resolved config as YAML and exit without training")
+    add_config_arguments(p, options)
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def _requested_plugins(argv: list[str]) -> list[str]:
+    out = []
+    for i, a in enumerate(argv):
+        if a == "--plugin" and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif a.startswith("--plugin="):
+            out.append(a.split("=", 1)[1])
+    return out
+
+
+# ------------------------------------------------------------------------------ config layers
+
+
+def resolve_config(args: argparse.Namespace, pm, options: dict) -> C.RunConfig:
+    """Merge the config layers (see module docstring) into a validated RunConfig."""
+    import yaml
+
+    cli: dict = {}
+    for key, value in vars(args).items():
+        if "." in key or key == "plugins":
+            C.set_dotted(cli, key, value)
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: invalid value: {e}") from None
+        C.set_dotted(cli, key.strip(), value)
+    file_layer = C.load_yaml(args.config) if args.config else {}
+    file_name = str(args.config) if args.config else "config"
+
+    def get(layer, dotted):
+        head, _, rest = dotted.partition(".")
+        sec = layer.get(head)
+        if not rest:
+            return sec
+        return sec.get(rest) if isinstance(sec, dict) else None
+
+    plugins: list[str] = []
+    for layer in (file_layer, cli):
+        for name in (get(layer, "plugins") or []):
+            if isinstance(name, str) and name not in plugins:
+                plugins.append(name)
+    pm.require(plugins)
+    derived: dict = {"plugins": plugins}
+    fmt = get(cli, "data.format") or get(file_layer, "data.format")
+    if fmt is None:
+        for name in plugins:
+            owned = pm.formats_of(name)
+            if owned:
+                fmt = name if name in owned else owned[0]
+                break
+        C.set_dotted(derived, "data.format", fmt or "alpaca")
+        fmt = fmt or "alpaca"
+    layers: list[tuple[str, dict]] = [("defaults", derived)]
+    model = get(cli, "model.name_or_path") or get(file_layer, "model.name_or_path")
+    formats = pm.dataset_formats()
+    if model is None and fmt in formats and formats[fmt].demo_config:
+        path = formats[fmt].demo_config
+        layers.append((path, C.load_yaml(path)))
+    layers.append((file_name, {k: v for k, v in file_layer.items() if k != "plugins"}))
+    layers.append(("command line", {k: v for k, v in cli.items() if k != "plugins"}))
+    if not (get(cli, "train.output_dir") or get(file_layer, "train.output_dir")):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        layers.append(("defaults", {"train": {"output_dir": str(Path("runs") / stamp)}}))
+    return C.build_config(layers, options)
+
+
+# ----------------------------------------------------------------------------------- commands
+
+
+def _prepare_output_dir(cfg: C.RunConfig) -> Path:
+    out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: {out} exists and is not a directory")
+    markers = [m for m in ("model", "summary.json", "metrics.jsonl") if (out / m).exists()]
+    if markers and not cfg.train.overwrite:
+        raise ConfigError(f"train.output_dir: {out} already holds a run ({', '.join(markers)}); "
+                          "choose another --output-dir or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.overwrite:
+        import shutil
+
+        for m in ("model", "summary.json", "metrics.jsonl", "eval", "report.json", "report.md",
+                  "report.html", "report_assets"):
+            p = out / m
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    return out
+
+
+def cmd_train(args, pm, options) -> int:
+    from .checkpoint import write_text
+    from .distributed import world_size_from_env
+    from .trainer import Trainer, checkpoint_complete
+
+    cfg = resolve_config(args, pm, options)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(cfg.train.quiet, rank)
+    if args.print_config:
+        print(C.dump_yaml(cfg), end="")
+        return EXIT_OK
+    pm.hook.sftctl_configure.call_historic(kwargs=dict(config=cfg, pm=pm))
+    world_size_from_env()
+    trainer = Trainer(cfg, pm)
+    if trainer.is_main:
+        out = _prepare_output_dir(cfg)
+        write_text(out / "config.yaml", C.dump_yaml(cfg))
+        log.info("run directory: %s", out.resolve())
+    trainer.setup()
+    summary = trainer.train()
+    out = Path(cfg.train.output_dir)
+    if trainer.is_main and not checkpoint_complete(out / "model"):
+        log.error("the final checkpoint in %s is incomplete", out / "model")
+        return EXIT_FAILED
+    if trainer.is_main:
+        log.info("done: %d steps, final loss %s, val loss %s; model in %s", summary["steps"],
+                 _fmt(summary["final_loss"]), _fmt(summary["val_loss"]), out / "model")
+    status = EXIT_OK
+    if cfg.eval.enabled and trainer.is_main:
+        status = _post_train_eval(trainer, out, cfg, pm)
+    trainer.strategy.shutdown()
+    return status
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _post_train_eval(trainer, out: Path, cfg, pm) -> int:
+    try:
+        from . import evals
+        run = getattr(evals, "run_post_train")
+    except (ImportError, AttributeError) as e:
+        log.warning("post-training evaluation unavailable (%s); the run itself is complete", e)
+        return EXIT_OK
+    # free the training memory before lm-eval loads two models
+    trainer.model = trainer.optimizer = trainer.scheduler = None
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+    return int(run(out, cfg, pm))
+
+
+def cmd_plugins(args, pm, options) -> int:
+    info = pm.describe()
+    formats = pm.dataset_formats()
+    if args.json:
+        payload = {"plugins": info,
+                   "installed_not_loaded": pm.skipped_entry_points,
+                   "dataset_formats": {n: {"plugin": f.plugin, "description": f.description,
+                                           "fields": dict(f.fields), "required": list(f.required),
+                                           "demo_data": f.demo_data is not None}
+                                       for n, f in formats.items()},
+                   "options": {n: {"plugin": o.plugin, "type": o.type.__name__,
+                                   "default": o.default, "help": o.help}
+                               for n, o in options.items()}}
+        print(json.dumps(payload, indent=2, default=str))
+        return EXIT_OK
+    for p in info:
+        where = p["source"] + (f", {p['distribution']} {p['version']}" if p["distribution"] else "")
+        print(f"{p['name']}  ({where}; {p['module']})")
+        for key in ("dataset_formats", "optimizers", "schedulers", "options"):
+            if p[key]:
+                print(f"    {key.replace('_', ' ')}: {', '.join(p[key])}")
+        print(f"    hooks: {', '.join(h.removeprefix('sftctl_') for h in p['hooks'])}")
+    if pm.skipped_entry_points:
+        print("installed but not loaded (SFTCTL_PLUGINS / SFTCTL_DISABLE_PLUGIN_AUTOLOAD): "
+              + ", ".join(pm.skipped_entry_points))
+    return EXIT_OK
+
+
+def doctor_report() -> dict:
+    import platform
+
+    import torch
+
+    from .trainer import versions
+
+    rep: dict = {"versions": versions(), "python_executable": sys.executable,
+                 "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    ext: dict = {"loaded": False}
+    try:
+        from . import _C  # noqa: F401
+
+        ext["loaded"] = True
+        ext["path"] = getattr(_C, "__file__", None)
+        kernels = {}
+        for op in ("cross_entropy", "cross_entropy_", "sft_labels", "scale_grad_"):
+            kernels[op] = [k for k in ("CPU", "CUDA")
+                           if torch._C._dispatch_has_kernel_for_dispatch_key(f"sftctl::{op}", k)]
+        ext["kernels"] = kernels
+        ext["backends"] = sorted({k for ks in kernels.values() for k in ks})
+    except Exception as e:
+        ext["error"] = f"{type(e).__name__}: {e}"
+    rep["extension"] = ext
+    dev: dict = {"cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        dev["devices"] = [{"index": i, "name": torch.cuda.get_device_name(i),
+                           "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
+                           "memory_bytes": torch.cuda.get_device_properties(i).total_memory}
+                          for i in range(torch.cuda.device_count())]
+        dev["bf16"] = torch.cuda.is_bf16_supported()
+    dev["selected"] = "cuda" if torch.cuda.is_available() else "cpu"
+    rep["device"] = dev
+    try:
+        import lm_eval
+
+        rep["versions"]["lm_eval"] = getattr(lm_eval, "__version__", "installed")
+    except Exception:
+        rep["versions"]["lm_eval"] = None
+    return rep
+
+
+def cmd_doctor(args, pm, options) -> int:
+    rep = doctor_report()
+    rep["plugins"] = sorted(pm.infos)
+    if args.json:
+        print(json.dumps(rep, indent=2, default=str))
+    else:
+        print("versions:")
+        for k, v in rep["versions"].items():
+            print(f"    {k}: {v or 'not installed'}")
+        e = rep["extension"]
+        if e["loaded"]:
+            print(f"extension sftctl._C: loaded ({e['path']})")
+            print(f"    kernels: {', '.join(e['backends']) or 'none'}")
+            for op, ks in e["kernels"].items():
+                print(f"    {op}: {', '.join(ks) or 'no kernel'}")
+        else:
+            print(f"extension sftctl._C: NOT loaded ({e.get('error')}); --loss-impl torch works, "
+                  "rebuild with pip install --no-build-isolation -e .")
+        d = rep["device"]
+        if d["cuda_available"]:
+            for x in d["devices"]:
+                print(f"device: cuda:{x['index']} {x['name']} (sm {x['capability']}, "
+                      f"{x['memory_bytes'] / 2**30:.1f} GiB)")
+        else:
+            print(f"device: cpu ({rep['cpu_count']} cores; no CUDA device)")
+        print(f"plugins: {', '.join(rep['plugins'])}")
+    return EXIT_OK if rep["extension"]["loaded"] else EXIT_FAILED
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def build_parser(pm, options) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sftctl",
+        description="Supervised fine-tuning of Hugging Face causal LMs with fused loss kernels, "
+                    "plugins and post-training benchmark reports.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    build_train_parser(sub, options)
+    pp = sub.add_parser("plugins", help="list loaded plugins and what they register")
+    pp.add_argument("--json", action="store_true", help="machine-readable output")
+    pp.set_defaults(func=cmd_plugins)
+    pd = sub.add_parser("doctor", help="versions, extension kernels, devices")
+    pd.add_argument("--json", action="store_true", help="machine-readable output")
+    pd.set_defaults(func=cmd_doctor)
+    try:
+        from .evals import cli as evals_cli
+    except ImportError:
+        evals_cli = None
+    for name in ("add_eval_parser", "add_report_parser"):
+        fn = getattr(evals_cli, name, None) if evals_cli else None
+        if fn is not None:
+            fn(sub)
+    pm.hook.sftctl_add_commands(subparsers=sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging(quiet="--quiet" in argv, rank=int(os.environ.get("RANK", "0")))
+    try:
+        from .plugin_manager import get_plugin_manager
+
+        pm = get_plugin_manager(_requested_plugins(argv))
+        options = pm.config_options()
+        parser = build_parser(pm, options)
+        args = parser.parse_args(argv)
+        func = args.func
+        import inspect
+
+        if len(inspect.signature(func).parameters) == 1:
+            return int(func(args) or 0)  # commands added by plugins / evals take args only
+        return int(func(args, pm, options) or 0)
+    except SftctlError as e:
+        print(f"sftctl: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("sftctl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

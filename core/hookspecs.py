@@ -1,0 +1,137 @@
+"""Every hook that sftctl calls: the whole plugin API in one module.
+
+Design choices (after pytest, datasette, simonw/llm and tox 4)
+- One project marker pair, ``sftctl``; every hook name starts with ``sftctl_``. Plugin authors
+  use ``from sftctl import hookimpl`` and never import pluggy.
+- What plugins *add* goes through registration callbacks (datasette/llm style):
+  ``sftctl_register_dataset_formats(register)`` and friends call ``register(spec)`` once per
+  item. The manager calls each plugin's implementation separately, so it knows which plugin
+  registered what and can refuse duplicates naming both plugins.
+- ``sftctl_configure`` is *historic* (as ``pytest_configure``): a plugin registered after the
+  run was configured still receives the call.
+- ``sftctl_load_dataset`` is *firstresult*: the first plugin that recognizes a data source
+  answers; the others are not asked.
+- Lifecycle hooks receive the ``Trainer``; any of them may be implemented as a wrapper
+  (``@hookimpl(wrapper=True)``, ``result = yield``) to run code around the other plugins.
+- Hook arguments are passed by name, so an implementation may accept only the ones it needs.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("sftctl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration hooks (called once, when the plugin manager is set up)
+
+
+@hookspec
+def sftctl_add_options(register):
+    """Add run options: ``register(ConfigOption(name, type, default, help, choices))``.
+
+    ``name`` is dotted (``"myplugin.keep_top"``). Users set it in YAML under ``options:`` or with
+    the flag ``--myplugin-keep-top``; read it with ``config.option("myplugin.keep_top")``.
+    """
+
+
+@hookspec
+def sftctl_register_dataset_formats(register):
+    """Register dataset formats: ``register(DatasetFormat(name, to_segments, ...))``."""
+
+
+@hookspec
+def sftctl_register_optimizers(register):
+    """Register optimizers: ``register(OptimizerSpec(name, build, description))``."""
+
+
+@hookspec
+def sftctl_register_schedulers(register):
+    """Register LR schedulers: ``register(SchedulerSpec(name, build, description))``."""
+
+
+@hookspec
+def sftctl_register_benchmarks(register, config):
+    """Register post-training benchmarks: ``register(BenchmarkSpec(name, prepare, ...))``.
+
+    Called after the run config is known (``config`` is the ``RunConfig``), so a plugin can
+    register benchmarks that depend on it (e.g. a held-out split of its demo data).
+    """
+
+
+@hookspec
+def sftctl_add_commands(subparsers):
+    """Add ``sftctl`` subcommands: ``p = subparsers.add_parser(...)``; ``p.set_defaults(
+    func=callable)``; the callable receives the parsed ``argparse.Namespace`` and returns an exit
+    code."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and data
+
+
+@hookspec(historic=True)
+def sftctl_configure(config, pm):
+    """The run config is validated (``config``: ``RunConfig``, ``pm``: the plugin manager).
+
+    Historic: plugins registered later receive it on registration. Raise ``ConfigError`` to
+    reject a combination of options.
+    """
+
+
+@hookspec(firstresult=True)
+def sftctl_load_dataset(source, config):
+    """Load a data source that sftctl's loaders do not know (``source``: the ``--data`` string).
+
+    Return a ``datasets.Dataset`` (or a list of dict records) or ``None`` to pass. The first
+    non-``None`` answer wins.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Training lifecycle (rank 0 and every other rank call these; check ``trainer.is_main``)
+
+
+@hookspec
+def sftctl_train_start(trainer):
+    """Training is about to start: model, optimizer, data and output dir are ready.
+
+    ``trainer.state.step`` is the step training starts from (non-zero after a resume).
+    """
+
+
+@hookspec
+def sftctl_step_end(trainer, step, metrics):
+    """An optimizer step finished. ``metrics``: the dict written to metrics.jsonl for this step
+    (keys ``kind``, ``step``, ``epoch``, ``loss``, ``lr``, ``tokens``, ``tokens_total``,
+    ``tokens_per_s``, ``grad_norm``, ``time``); called every ``--log-every`` steps."""
+
+
+@hookspec
+def sftctl_evaluate(trainer, step, metrics):
+    """A validation pass finished; ``metrics`` has ``kind="val"``, ``step``, ``val_loss``,
+    ``val_ppl``. Plugins may add keys (they are logged)."""
+
+
+@hookspec
+def sftctl_save(trainer, path):
+    """A checkpoint is being written to ``path`` (a temporary directory renamed into place when
+    every hook returned). Write extra files into ``path`` to make them part of the checkpoint."""
+
+
+@hookspec
+def sftctl_after_train(trainer, summary):
+    """Training ended and the final checkpoint is complete. ``summary`` is the dict written to
+    summary.json; plugins may add keys to it (written after this hook)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+@hookspec
+def sftctl_report_sections(run_dir, report):
+    """Add sections to the benchmark report. ``run_dir``: the run directory (``Path``);
+    ``report``: the report dict built so far. Return a list of sections, each a dict with
+    ``title`` and ``markdown`` (and optionally ``html``), or ``None``."""

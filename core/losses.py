@@ -1,0 +1,86 @@
+"""The SFT loss: labels from the masking op, cross-entropy normalized over the optimizer step.
+
+Design choices
+- Two interchangeable implementations behind one function: ``fused`` calls the compiled
+  ``sftctl.ops.sft_labels`` and ``sftctl.ops.cross_entropy`` (the default), ``torch`` is a plain
+  PyTorch reference (``torch_sft_labels`` + ``F.cross_entropy`` in fp32). Tests check that both
+  give the same labels, loss and gradients.
+- The loss of a micro-batch is ``sum of token losses / normalizer`` where ``normalizer`` is the
+  number of trainable targets in the *whole optimizer step* (all micro-batches, later all ranks),
+  passed as a tensor so nothing syncs with the host. Summing the micro-batch losses then gives
+  the exact token mean of the step: never a mean of per-batch means.
+- Labels are aligned with the logits (``logits[b, t]`` predicts ``labels[b, t]``); there is no
+  further shift.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def torch_sft_labels(input_ids: torch.Tensor, *, loss_mask: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None,
+                     document_ids: torch.Tensor | None = None,
+                     ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``sftctl.ops.sft_labels`` (semantics in csrc/kernels/params.h)."""
+    B, T = input_ids.shape
+    labels = torch.full_like(input_ids, ignore_index)  # [B, T]
+    if T < 2:
+        return labels, torch.zeros((), dtype=torch.long, device=input_ids.device)
+    ok = torch.ones((B, T - 1), dtype=torch.bool, device=input_ids.device)  # [B, T-1]
+    if attention_mask is not None:
+        ok &= (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)
+    if loss_mask is not None:
+        ok &= loss_mask[:, 1:] != 0
+    if position_ids is not None:
+        ok &= position_ids[:, 1:] != 0  # a new document starts at t + 1
+    if document_ids is not None:
+        ok &= document_ids[:, 1:] == document_ids[:, :-1]
+    labels[:, :-1] = torch.where(ok, input_ids[:, 1:], labels[:, :-1])
+    return labels, ok.sum()
+
+
+def sft_labels(batch, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels ``[B, T]`` and the trainable count (0-dim int64) of a ``data.Batch``."""
+    kw = dict(loss_mask=batch.loss_mask, attention_mask=batch.attention_mask,
+              position_ids=batch.position_ids, document_ids=batch.document_ids,
+              ignore_index=IGNORE_INDEX)
+    if impl == "torch":
+        return torch_sft_labels(batch.input_ids, **kw)
+    from . import ops
+
+    return ops.sft_labels(batch.input_ids, **kw)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | None,
+               impl: str, *, reduction: str = "mean",
+               grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]``.
+
+    ``reduction="mean"`` divides the token-loss sum by ``normalizer`` (0-dim fp32 tensor; a zero
+    divisor gives 0); ``"sum"`` returns the sum (validation accumulates sums and counts).
+    """
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)  # [B*T, V]
+    targets = labels.reshape(-1)  # [B*T]
+    if impl == "torch":
+        total = F.cross_entropy(flat.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        if reduction == "sum":
+            return total
+        return total / normalizer.clamp_min(1).to(total.dtype)
+    from . import ops
+
+    return ops.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction=reduction,
+                             normalizer=normalizer if reduction == "mean" else None,
+                             grad_scale=grad_scale)
+
+
+def kernel_name(impl: str, device: torch.device) -> str:
+    """What ran, for the summary: e.g. ``sftctl._C cross_entropy (cpu)`` or ``torch``."""
+    if impl == "torch":
+        return "torch (F.cross_entropy, fp32)"
+    return f"sftctl._C cross_entropy + sft_labels ({device.type})"

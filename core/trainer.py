@@ -1,0 +1,546 @@
+"""The SFT trainer: setup (every input checked before the first step), the loop, the final save.
+
+Design choices
+- Everything that a resumable checkpoint needs lives in two places: the objects the trainer holds
+  (model, optimizer, scheduler, grad scaler) and ``TrainState`` (step, epoch, micro-batch
+  position inside the epoch, token counters, metrics history, wall time). ``Trainer.state_dict``
+  / ``load_state_dict`` cover both plus every RNG, and the data order is a pure function of
+  (seed, epoch), so restoring them continues the exact same run.
+- ``setup`` does all the checking and loading (plugins' registrations, model path, tokenizer,
+  data, optimizer) before any step, so bad input never leaves a trained-looking directory.
+- One optimizer step = ``grad_accum`` micro-batches. Their labels are built first, the number of
+  trainable targets is summed (and, through the strategy, summed over ranks) into a tensor, and
+  each micro-batch's loss is ``sum / that count``: the accumulated gradient is exactly that of the
+  token-mean loss of the whole step. No host sync is needed for it.
+- Mixed precision: weights and optimizer state stay fp32; the forward runs under autocast
+  (bf16/fp16); fp16 uses a GradScaler whose scale is handed to the fused loss as ``grad_scale``
+  so the scaled backward costs no extra pass over the logits gradient.
+- Distribution goes through ``Strategy`` (``distributed.py``): the model is wrapped by it, the
+  batch plan shards rows by rank, and only rank 0 logs, shows progress and writes files.
+- Metrics go through the ``sftctl_step_end`` / ``sftctl_evaluate`` hooks (the JSONL writer is a
+  built-in plugin) and into ``state.history``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import RunConfig, dump_yaml
+from .data import BatchPlan, PreparedData, collate, prepare_data
+from .distributed import Strategy, select_strategy
+from .errors import ConfigError, ModelError, TrainingError
+from .losses import kernel_name, sft_labels, token_loss
+
+log = logging.getLogger("sftctl")
+
+EMBEDDED_MODEL = "embedded:tiny_llama"
+
+
+@dataclass
+class TrainState:
+    """Counters and history of a run: what, with the trainer's objects, makes a run resumable."""
+
+    step: int = 0                 # optimizer steps done
+    epoch: int = 0                # current epoch
+    micro_in_epoch: int = 0       # micro-batches of the current epoch already consumed
+    tokens_total: int = 0         # input tokens processed (padding excluded), this rank
+    trainable_total: int = 0      # trainable targets seen (global), known at log steps
+    examples_total: int = 0
+    train_time_s: float = 0.0     # wall time spent in training steps (over resumes)
+    history: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d.items():
+            if not hasattr(self, k):
+                raise ValueError(f"unknown TrainState field {k!r}")
+            setattr(self, k, v)
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    return precision, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "datasets", "pluggy", "tokenizers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    try:
+        from importlib.metadata import version
+
+        out["sftctl"] = version("sftctl")
+    except Exception:
+        out["sftctl"] = None
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss_kb) * (1 if sys.platform == "darwin" else 1024), "cpu_max_rss"
+
+
+class Trainer:
+    """Build with a validated ``RunConfig`` and a loaded plugin manager; ``setup()``, ``train()``."""
+
+    def __init__(self, config: RunConfig, pm, strategy: Strategy | None = None):
+        self.config = config
+        self.pm = pm
+        self.strategy = strategy or select_strategy(config)
+        self.out_dir = Path(config.train.output_dir)
+        self.state = TrainState()
+        self.model = None
+        self.tokenizer = None
+        self.optimizer = None
+        self.scheduler = None
+        self.scaler = None
+        self.data: PreparedData | None = None
+        self.base_model: str | None = None
+        self.extras: dict[str, Any] = {}  # per-run storage for plugins
+        self._t0 = time.time()
+
+    @property
+    def is_main(self) -> bool:
+        return self.strategy.is_main
+
+    @property
+    def unwrapped_model(self):
+        return self.strategy.unwrap(self.model)
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg = self.config
+        formats = self.pm.dataset_formats()
+        if cfg.data.format not in formats:
+            raise ConfigError(f"data.format: unknown dataset format {cfg.data.format!r}; "
+                              f"registered: {', '.join(sorted(formats))}")
+        self.format = formats[cfg.data.format]
+        optimizers = self.pm.optimizers()
+        if cfg.optim.name not in optimizers:
+            raise ConfigError(f"optim.name: unknown optimizer {cfg.optim.name!r}; registered: "
+                              f"{', '.join(sorted(optimizers))}")
+        schedulers = self.pm.schedulers()
+        if cfg.optim.scheduler not in schedulers:
+            raise ConfigError(f"optim.scheduler: unknown scheduler {cfg.optim.scheduler!r}; "
+                              f"registered: {', '.join(sorted(schedulers))}")
+        if cfg.train.loss_impl == "fused":
+            try:
+                from . import ops  # noqa: F401
+            except Exception as e:
+                raise ConfigError(f"--loss-impl fused needs the compiled extension sftctl._C, "
+                                  f"which failed to load ({type(e).__name__}: {e}); rebuild it "
+                                  "(pip install --no-build-isolation -e .) or pass --loss-impl "
+                                  "torch") from None
+        self.device = self.strategy.device(cfg.train.device)
+        self.precision, self.amp_dtype = _autocast_dtype(cfg.train.precision, self.device)
+        if self.precision == "bf16" and self.device.type == "cuda" and \
+                not torch.cuda.is_bf16_supported():
+            raise ConfigError("train.precision: bf16 is not supported by this GPU; use fp16")
+        ckpt.seed_everything(cfg.train.seed)
+
+        model_src = self._model_source()
+        self.tokenizer = self._load_tokenizer(cfg.model.tokenizer or model_src)
+        self.data = prepare_data(cfg, self.format, self.tokenizer, self.pm)
+        self._log_data()
+        self.model = self._load_model(model_src)
+        self.model = self.strategy.wrap_model(self.model)
+
+        self.plan = BatchPlan(self.data.train.lengths, cfg.train.batch_size, cfg.data.max_seq_len,
+                              cfg.data.packing, cfg.train.seed, shuffle=True,
+                              world_size=self.strategy.world_size, rank=self.strategy.rank)
+        self.val_plan = None
+        if self.data.val is not None:
+            self.val_plan = BatchPlan(self.data.val.lengths,
+                                      cfg.eval.batch_size or cfg.train.batch_size,
+                                      cfg.data.max_seq_len, cfg.data.packing, cfg.train.seed,
+                                      shuffle=False, world_size=self.strategy.world_size,
+                                      rank=self.strategy.rank)
+        self.total_steps = self._count_steps()
+        warm = cfg.optim.warmup_steps or int(round(cfg.optim.warmup_ratio * self.total_steps))
+        self.warmup_steps = min(warm, self.total_steps)
+        self.optimizer = optimizers[cfg.optim.name].build(self._param_groups(), cfg.optim,
+                                                          self.device)
+        self.scheduler = schedulers[cfg.optim.scheduler].build(self.optimizer, self.total_steps,
+                                                               self.warmup_steps, cfg.optim)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.loss_kernel = kernel_name(cfg.train.loss_impl, self.device)
+        self.benchmarks = self._benchmarks()
+        log.info("model %s on %s (%s), %d parameters; %d steps (%d warmup), loss: %s",
+                 self.base_model, self.device, self.precision,
+                 sum(p.numel() for p in self.unwrapped_model.parameters()), self.total_steps,
+                 self.warmup_steps, self.loss_kernel)
+
+    def _model_source(self) -> str:
+        cfg = self.config
+        src = cfg.model.name_or_path
+        if src is None:
+            from .demo_model import build_default_base
+
+            base = self.out_dir / "base"
+            if self.is_main:
+                log.info("building the embedded tiny Llama base model in %s", base)
+                with ckpt.atomic_directory(base) as tmp:
+                    build_default_base(tmp, seed=0)
+            self.strategy.barrier()
+            self.base_model = str(base.resolve())
+            return self.base_model
+        p = Path(src).expanduser()
+        if p.exists():
+            if not (p / "config.json").is_file():
+                raise ModelError(f"{p}: not a Hugging Face model directory (no config.json)")
+            self.base_model = str(p.resolve())
+            return self.base_model
+        if src.startswith((".", "/", "~")) or src.count("/") > 1 or "\\" in src:
+            raise ModelError(f"model path not found: {src}")
+        self.base_model = src  # a hub id
+        return src
+
+    def _load_tokenizer(self, src: str):
+        from transformers import AutoTokenizer
+
+        cfg = self.config.model
+        try:
+            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code,
+                                                revision=cfg.revision)
+        except Exception as e:
+            raise ModelError(f"cannot load the tokenizer {src!r}: {type(e).__name__}: "
+                             f"{str(e)[:400]}") from None
+        if tok.eos_token_id is None:
+            raise ModelError(f"tokenizer {src!r} has no eos_token; SFT appends EOS to every "
+                             "response so the model learns to stop")
+        if tok.pad_token_id is None:
+            # Padding positions are masked by attention/loss masks, never by the pad id, so
+            # reusing an existing special token is safe and avoids resizing the embeddings.
+            tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+            log.warning("tokenizer has no pad token: using %r (padding is masked, never trained)",
+                        tok.pad_token)
+        tok.padding_side = "right"
+        return tok
+
+    def _load_model(self, src: str):
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config.model
+        kw = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                  dtype=torch.float32)
+        if cfg.attn_implementation:
+            kw["attn_implementation"] = cfg.attn_implementation
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, **kw)
+        except Exception as e:
+            raise ModelError(f"cannot load the model {src!r}: {type(e).__name__}: "
+                             f"{str(e)[:400]}") from None
+        emb = model.get_input_embeddings().weight.shape[0]
+        if len(self.tokenizer) > emb:
+            raise ModelError(f"tokenizer has {len(self.tokenizer)} tokens but the model's "
+                             f"embedding has {emb} rows")
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None and \
+                model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        return model.to(self.device)
+
+    def _param_groups(self) -> list[dict]:
+        decay, no_decay = [], []
+        for name, p in self.unwrapped_model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # biases and norm weights (1-D) are not decayed
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.config.optim.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def _count_steps(self) -> int:
+        accum = self.config.train.grad_accum
+        if self.config.train.max_steps is not None:
+            return self.config.train.max_steps
+        total = 0
+        for epoch in range(self.config.train.epochs):
+            total += math.ceil(self.plan.num_batches(epoch) / accum)
+        if total == 0:
+            raise ConfigError("no training steps: the training data gives no micro-batch")
+        return total
+
+    def _benchmarks(self) -> list:
+        """Benchmarks of the enabled plugins (and ``eval.tasks``), for summary.json."""
+        if not self.is_main:
+            return []
+        try:
+            registered = self.pm.benchmarks(self.config)
+        except ImportError as e:
+            log.warning("benchmarks not registered: the evaluation package is unavailable (%s)", e)
+            return []
+        wanted = self.config.eval.tasks
+        if wanted:
+            from .evals.spec import BenchmarkSpec
+
+            return [registered[t] if t in registered else BenchmarkSpec(name=t) for t in wanted]
+        return [b for b in registered.values() if b.plugin in self.config.plugins]
+
+    def _log_data(self) -> None:
+        d = self.data
+        for split in (d.train, d.val):
+            if split is None:
+                continue
+            s = split.stats
+            log.info("%s: %d examples used (%d truncated, %d dropped, %d skipped of %d records), "
+                     "%d tokens, %d trainable", split.name, s.used, s.truncated, s.dropped,
+                     s.skipped, s.records, s.tokens, s.trainable_tokens)
+        if d.val is None:
+            log.info("no validation set (use --val-data, --val-split or --val-fraction)")
+
+    # ------------------------------------------------------------------------------- training
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def _micro_batches(self, rows_list) -> list:
+        pad = self.tokenizer.pad_token_id
+        return [collate(self.data.train, rows, pad_id=pad, packing=self.config.data.packing)
+                .to(self.device) for rows in rows_list]
+
+    def train_step(self, rows_list) -> dict:
+        """One optimizer step over the micro-batches ``rows_list``; returns step metrics."""
+        cfg = self.config
+        impl = cfg.train.loss_impl
+        t0 = time.perf_counter()
+        micro = self._micro_batches(rows_list)
+        labels, count = [], torch.zeros((), dtype=torch.long, device=self.device)
+        for mb in micro:
+            lab, n = sft_labels(mb, impl)
+            labels.append(lab)
+            count = count + n
+        normalizer = self.strategy.all_reduce_sum(count).to(torch.float32)  # global, 0-dim
+        self.model.train()
+        scaling = self.scaler.is_enabled()
+        grad_scale = self.scaler.scale(torch.ones((), device=self.device)) if scaling else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        factor = self.strategy.loss_factor
+        for i, (mb, lab) in enumerate(zip(micro, labels)):
+            with self.strategy.grad_sync(self.model, enabled=i == len(micro) - 1):
+                with self.autocast():
+                    logits = self.model(**mb.model_inputs()).logits  # [B, T, V]
+                loss = token_loss(logits, lab, normalizer, impl,
+                                  grad_scale=grad_scale if impl == "fused" else None)
+                scaled = loss * factor if factor != 1.0 else loss
+                (self.scaler.scale(scaled) if scaling else scaled).backward()
+            loss_sum += loss.detach()
+            del logits, loss, scaled
+        if scaling:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        log_now = (self.state.step + 1) % cfg.train.log_every == 0 or \
+            self.state.step + 1 == self.total_steps
+        metrics = None
+        if log_now:
+            loss_v, gn_v = float(loss_sum), float(grad_norm)
+            if not math.isfinite(loss_v) or (not math.isfinite(gn_v) and not scaling):
+                raise TrainingError(f"step {self.state.step + 1}: non-finite loss ({loss_v}) or "
+                                    f"gradient norm ({gn_v}); the step was not applied")
+            metrics = {"loss": loss_v, "grad_norm": gn_v, "trainable": int(normalizer)}
+        if scaling:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda" and log_now:
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        tokens = sum(mb.num_tokens for mb in micro)
+        out = {"tokens": tokens, "examples": sum(mb.num_examples for mb in micro), "time": dt,
+               "lr": lr}
+        if metrics:
+            out.update(metrics)
+        return out
+
+    def train(self) -> dict:
+        """Run to ``total_steps``, validate, save the final model; return the summary."""
+        cfg = self.config
+        st = self.state
+        accum = cfg.train.grad_accum
+        from tqdm.auto import tqdm
+
+        self.pm.hook.sftctl_train_start(trainer=self)
+        if self.val_plan is not None and cfg.eval.initial and st.step == 0:
+            self.evaluate()
+        bar = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step",
+                   disable=cfg.train.quiet or not self.is_main, dynamic_ncols=True,
+                   file=sys.stderr)
+        epoch_batches = None
+        epoch_of_batches = -1
+        while st.step < self.total_steps:
+            if epoch_of_batches != st.epoch:
+                epoch_batches = self.plan.batches(st.epoch)
+                epoch_of_batches = st.epoch
+            if st.micro_in_epoch >= len(epoch_batches):
+                st.epoch += 1
+                st.micro_in_epoch = 0
+                continue
+            group = epoch_batches[st.micro_in_epoch: st.micro_in_epoch + accum]
+            m = self.train_step(group)
+            st.step += 1
+            st.micro_in_epoch += len(group)
+            st.tokens_total += m["tokens"]
+            st.examples_total += m["examples"]
+            st.train_time_s += m["time"]
+            if "loss" in m:
+                st.trainable_total += m["trainable"]
+                metrics = {"kind": "train", "step": st.step,
+                           "epoch": round(st.epoch + st.micro_in_epoch / len(epoch_batches), 4),
+                           "loss": m["loss"], "lr": m["lr"], "tokens": m["tokens"],
+                           "trainable_tokens": m["trainable"], "tokens_total": st.tokens_total,
+                           "tokens_per_s": m["tokens"] / max(m["time"], 1e-9),
+                           "grad_norm": m["grad_norm"], "time": round(time.time() - self._t0, 3)}
+                st.history.append(metrics)
+                self.pm.hook.sftctl_step_end(trainer=self, step=st.step, metrics=metrics)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)
+            if self.val_plan is not None and cfg.eval.every and st.step % cfg.eval.every == 0 \
+                    and st.step < self.total_steps:
+                self.evaluate()
+        bar.close()
+        if self.val_plan is not None and not (st.history and st.history[-1]["kind"] == "val"
+                                              and st.history[-1]["step"] == st.step):
+            self.evaluate()
+        return self.finish()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss (token mean over the whole validation set) and perplexity."""
+        impl = self.config.train.loss_impl
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        count = torch.zeros((), dtype=torch.long, device=self.device)
+        pad = self.tokenizer.pad_token_id
+        t0 = time.perf_counter()
+        for rows in self.val_plan.batches(0):
+            mb = collate(self.data.val, rows, pad_id=pad, packing=self.config.data.packing)
+            mb = mb.to(self.device)
+            lab, n = sft_labels(mb, impl)
+            with self.autocast():
+                logits = self.model(**mb.model_inputs()).logits  # [B, T, V]
+            total += token_loss(logits, lab, None, impl, reduction="sum").float()
+            count += n
+        total = self.strategy.all_reduce_sum(total)
+        count = self.strategy.all_reduce_sum(count)
+        n = int(count)
+        val_loss = float(total) / max(n, 1)
+        metrics = {"kind": "val", "step": self.state.step, "val_loss": val_loss,
+                   "val_ppl": math.exp(min(val_loss, 700.0)), "val_tokens": n,
+                   "time": round(time.time() - self._t0, 3),
+                   "eval_time_s": round(time.perf_counter() - t0, 3)}
+        self.pm.hook.sftctl_evaluate(trainer=self, step=self.state.step, metrics=metrics)
+        self.state.history.append(metrics)
+        if self.is_main:
+            log.info("step %d: val_loss %.4f, val_ppl %.3f", self.state.step, val_loss,
+                     metrics["val_ppl"])
+        return metrics
+
+    # -------------------------------------------------------------------------------- finish
+
+    def summary(self) -> dict:
+        st = self.state
+        d = self.data
+        mem, mem_kind = peak_memory(self.device)
+        train_hist = [h for h in st.history if h["kind"] == "train"]
+        val_hist = [h for h in st.history if h["kind"] == "val"]
+        cfg = self.config
+        return {
+            "status": "complete",
+            "model": cfg.model.name_or_path or EMBEDDED_MODEL,
+            "base_model": self.base_model,
+            "data": {"format": d.format, "format_plugin": self.format.plugin,
+                     "train": d.sources, "validation": d.val_sources,
+                     "packing": cfg.data.packing, "max_seq_len": cfg.data.max_seq_len},
+            "examples": {k: getattr(d.train.stats, k) for k in
+                         ("used", "truncated", "dropped", "skipped")},
+            "examples_detail": {"train": d.train.stats.to_json(),
+                                "validation": d.val.stats.to_json() if d.val else None},
+            "steps": st.step,
+            "epochs": round(st.epoch + (st.micro_in_epoch / max(self.plan.num_batches(st.epoch),
+                                                                1)), 4),
+            "tokens": st.tokens_total * self.strategy.world_size,
+            "trainable_tokens": st.trainable_total,
+            "wall_time_s": round(time.time() - self._t0, 3),
+            "train_time_s": round(st.train_time_s, 3),
+            "tokens_per_s": st.tokens_total * self.strategy.world_size / max(st.train_time_s, 1e-9),
+            "peak_memory_bytes": mem,
+            "peak_memory_kind": mem_kind,
+            "loss_kernel": self.loss_kernel,
+            "loss_impl": cfg.train.loss_impl,
+            "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
+                                          if self.device.type == "cuda" else ""),
+            "precision": self.precision,
+            "world_size": self.strategy.world_size,
+            "strategy": self.strategy.name,
+            "final_loss": train_hist[-1]["loss"] if train_hist else None,
+            "initial_val_loss": val_hist[0]["val_loss"] if val_hist and val_hist[0]["step"] == 0
+            else None,
+            "val_loss": val_hist[-1]["val_loss"] if val_hist else None,
+            "val_ppl": val_hist[-1]["val_ppl"] if val_hist else None,
+            "plugins": list(cfg.plugins),
+            "versions": versions(),
+            "benchmarks": [b.to_dict() for b in self.benchmarks],
+        }
+
+    def finish(self) -> dict:
+        """Save the final model atomically, then summary.json; return the summary."""
+        summary = self.summary()
+        model = self.unwrapped_model
+        model.config.use_cache = True
+        if self.is_main:
+            with ckpt.atomic_directory(self.out_dir / "model") as tmp:
+                ckpt.save_hf_model(model, self.tokenizer, tmp, config_yaml=dump_yaml(self.config),
+                                   summary=summary)
+                self.pm.hook.sftctl_save(trainer=self, path=tmp)
+        self.strategy.barrier()
+        self.pm.hook.sftctl_after_train(trainer=self, summary=summary)
+        if self.is_main:
+            ckpt.write_json(self.out_dir / "summary.json", summary)
+        return summary
+
+
+def checkpoint_complete(model_dir: Path) -> bool:
+    """The final model directory holds what a complete run writes."""
+    model_dir = Path(model_dir)
+    weights = (model_dir / "model.safetensors").is_file() or \
+        (model_dir / "model.safetensors.index.json").is_file()
+    return weights and all((model_dir / f).is_file() for f in
+                           ("config.json", "sftctl_config.yaml", "sftctl_summary.json"))

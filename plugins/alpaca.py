@@ -1,0 +1,119 @@
+"""Built-in plugin ``alpaca``: the Stanford Alpaca format, its demo data and benchmarks.
+
+Design choices
+- Records are ``{"instruction", "input" (optional), "output"}``; the prompt is the Stanford
+  Alpaca template (with or without the input block) from ``sftctl.demo_data`` and the response is
+  ``output`` (then EOS, added by the data pipeline). Only the response is trained by default.
+- Strict types: ``instruction`` and ``output`` must be non-empty strings and ``input`` a string
+  or absent/null. A number where text is expected is an error, not silently stringified.
+- Demo data: the project's deterministic generator (``sftctl.demo_data.default_splits``): the
+  training split trains, the held-out split is the validation set and the benchmark data.
+  Sizes and seed are plugin options (``alpaca.demo_*``); the tuned training defaults for the
+  embedded model live in ``sftctl/configs/alpaca_default.yaml``.
+- Benchmarks (run by ``sftctl.evals`` after training): exact match by greedy generation and a
+  log-likelihood choice task over the held-out split (``sftctl.evals.alpaca_tasks``). With the
+  demo data they use the held-out split; with user data, the JSONL file named by the
+  ``alpaca.heldout`` option.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+from sftctl.config import ConfigOption
+from sftctl.plugin_manager import hookimpl
+from sftctl.registry import DatasetFormat, RecordError, Segment
+
+log = logging.getLogger("sftctl")
+
+FORMAT = "alpaca"
+DEFAULTS_YAML = Path(__file__).resolve().parent.parent / "configs" / "alpaca_default.yaml"
+
+
+def _text(record, name: str, *, required: bool) -> str:
+    value = record.get(name)
+    if value is None:
+        if required:
+            raise RecordError(name, "missing field")
+        return ""
+    if not isinstance(value, str):
+        raise RecordError(name, f"expected a string, got {type(value).__name__} {value!r:.60}")
+    if required and not value.strip():
+        raise RecordError(name, "empty response" if name == "output" else "empty text")
+    return value
+
+
+def to_segments(record) -> list[Segment]:
+    from sftctl.demo_data import format_prompt
+
+    instruction = _text(record, "instruction", required=True)
+    inp = _text(record, "input", required=False)
+    output = _text(record, "output", required=True)
+    prompt = format_prompt({"instruction": instruction, "input": inp})
+    return [Segment(prompt, False), Segment(output, True)]
+
+
+@functools.lru_cache(maxsize=4)
+def _splits(seed: int, n_train: int | None, n_heldout: int | None):
+    from sftctl.demo_data import default_splits
+
+    return default_splits(seed=seed, n_train=n_train, n_heldout=n_heldout)
+
+
+def demo_data(config) -> dict:
+    train, heldout = _splits(config.option("alpaca.demo_seed"),
+                             config.option("alpaca.demo_train_size"),
+                             config.option("alpaca.demo_heldout_size"))
+    return {"train": train, "validation": heldout}
+
+
+@hookimpl
+def sftctl_add_options(register):
+    register(ConfigOption("alpaca.demo_seed", int, 0, "Seed of the alpaca demo data generator."))
+    register(ConfigOption("alpaca.demo_train_size", int, None,
+                          "Training records of the alpaca demo data (default: the generator's)."))
+    register(ConfigOption("alpaca.demo_heldout_size", int, None,
+                          "Held-out records of the alpaca demo data (default: the generator's)."))
+    register(ConfigOption("alpaca.heldout", str, None,
+                          "Alpaca JSONL file to benchmark after training when --data is given "
+                          "(default with --data: no alpaca benchmark)."))
+
+
+@hookimpl
+def sftctl_register_dataset_formats(register):
+    register(DatasetFormat(
+        name=FORMAT,
+        to_segments=to_segments,
+        fields={"instruction": "the task (non-empty string)",
+                "input": "optional context (string; may be empty or absent)",
+                "output": "the response to learn (non-empty string)"},
+        required=("instruction", "output"),
+        description="Stanford Alpaca: instruction, optional input, output (prompt template "
+                    "with and without input)",
+        demo_data=demo_data,
+        demo_config=str(DEFAULTS_YAML) if DEFAULTS_YAML.is_file() else None,
+    ))
+
+
+@hookimpl
+def sftctl_register_benchmarks(register, config):
+    if config.data.format != FORMAT or config.train.output_dir is None:
+        return
+    from sftctl.demo_data import write_jsonl
+    from sftctl.evals.alpaca_tasks import alpaca_benchmarks
+
+    eval_dir = Path(config.train.output_dir) / "eval"
+    heldout = config.option("alpaca.heldout")
+    if heldout is None:
+        if config.data.paths:
+            log.info("alpaca: no benchmark for --data runs unless the option alpaca.heldout "
+                     "names a held-out JSONL file")
+            return
+        _, records = _splits(config.option("alpaca.demo_seed"),
+                             config.option("alpaca.demo_train_size"),
+                             config.option("alpaca.demo_heldout_size"))
+        heldout = write_jsonl(records, eval_dir / "alpaca_heldout.jsonl")
+    for spec in alpaca_benchmarks(heldout, eval_dir / "tasks", limit=config.eval.limit):
+        register(spec)
