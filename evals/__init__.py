@@ -5,14 +5,15 @@ Public API (imported lazily, so ``import sftctl.evals`` pulls in neither lm-eval
 - :func:`run_post_train` (after ``sftctl train``), :func:`evaluate_models` (``sftctl eval``)
 - :func:`write_report` / :func:`build_report` (``sftctl report RUN_DIR``)
 - :func:`alpaca_benchmarks` (the alpaca plugin's held-out tasks, as ``BenchmarkSpec`` s)
-- :class:`EvalTask`, :func:`prepare_benchmarks` (registered benchmarks -> lm-eval task YAMLs)
+- :class:`BenchmarkSpec`, :class:`ReportSection` (what plugins return from the benchmark and
+  report hooks)
 """
 
 from __future__ import annotations
 
-from .spec import EvalTask, prepare_benchmarks
+from .spec import BenchmarkSpec, ReportSection
 
-__all__ = ["EvalTask", "prepare_benchmarks", "run_post_train", "evaluate_models", "EvalOptions",
+__all__ = ["BenchmarkSpec", "ReportSection", "run_post_train", "evaluate_models", "EvalOptions",
            "write_report", "build_report", "alpaca_benchmarks", "REPORT_SCHEMA_VERSION"]
 
 _LAZY = {

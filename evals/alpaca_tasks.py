@@ -1,8 +1,7 @@
 """lm-eval task definitions over an Alpaca-format held-out split (what the alpaca plugin registers).
 
-``alpaca_benchmarks(heldout)`` returns two ``sftctl.registry.BenchmarkSpec`` s whose
-``prepare(work_dir)`` reads the held-out records, writes one JSONL data file into ``work_dir`` and
-returns the lm-eval task config (the runner writes it as a task YAML next to the data):
+``alpaca_benchmarks(heldout, work_dir)`` reads the held-out records, writes one JSONL data file
+and two lm-eval task YAMLs into ``work_dir`` and returns their :class:`BenchmarkSpec` s:
 
 - ``alpaca_exact_match`` (``generate_until``): the prompt is the record formatted with the Alpaca
   template, exactly as training formats it; greedy decoding stops at the first newline or EOS; the
@@ -15,7 +14,7 @@ returns the lm-eval task config (the runner writes it as a task YAML next to the
   task or instruction on other inputs, then any other answer.
 
 Design choices
-- Task configs are made at run time with absolute data paths (``dataset_path: json`` +
+- Task YAMLs are written at run time with absolute data paths (``dataset_path: json`` +
   ``data_files``), so lm-eval never looks at the network and the run directory documents exactly
   what was evaluated.
 - Prompts are rendered here in Python (``prompt`` field) instead of a Jinja template in the YAML,
@@ -31,6 +30,10 @@ import json
 import random
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, Union
+
+import yaml
+
+from .spec import BenchmarkSpec
 
 __all__ = ["alpaca_benchmarks", "write_alpaca_tasks", "read_alpaca_records", "demo_distractors",
            "EXACT_MATCH_TASK", "CHOICE_TASK"]
@@ -166,8 +169,8 @@ def write_alpaca_tasks(heldout: HeldOut, work_dir: str | Path, *, num_choices: i
                        seed: int = 0, prompt_fn: Callable[[dict], str] | None = None,
                        ) -> dict[str, dict]:
     """Write the data file(s) for both tasks into ``work_dir``; return ``{task name: lm-eval task
-    config}`` (the configs carry their counts under the private key ``sftctl_stats``, which
-    :func:`sftctl.evals.spec.prepare_benchmarks` strips before writing the YAML)."""
+    config}`` (each config carries its counts under the key ``sftctl_stats``, which
+    :func:`alpaca_benchmarks` moves into the spec before writing the YAML)."""
     if num_choices < 2:
         raise ValueError(f"num_choices must be >= 2, got {num_choices}")
     if prompt_fn is None:
@@ -240,41 +243,37 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def alpaca_benchmarks(heldout: HeldOut, *, num_choices: int = 4, seed: int = 0,
-                      prompt_fn: Callable[[dict], str] | None = None) -> list:
-    """The two alpaca benchmarks as ``sftctl.registry.BenchmarkSpec`` s, for the alpaca plugin's
-    ``sftctl_register_benchmarks`` hook::
+def alpaca_benchmarks(heldout: HeldOut, work_dir: str | Path, *, limit: int | None = None,
+                      num_choices: int = 4, seed: int = 0,
+                      prompt_fn: Callable[[dict], str] | None = None) -> list[BenchmarkSpec]:
+    """Write the two alpaca tasks (data + YAML) into ``work_dir``; return their specs, for the
+    alpaca plugin's ``sftctl_register_benchmarks`` hook::
 
-        for spec in alpaca_benchmarks(heldout_records_or_jsonl):
+        for spec in alpaca_benchmarks(heldout_jsonl, run_dir / "eval" / "tasks"):
             register(spec)
 
-    ``heldout``: a JSONL path, a list of records, or a callable returning either (called only
-    when the benchmarks are prepared). ``prompt_fn`` formats a record into its prompt (default:
-    the Alpaca template, ``sftctl.demo_data.format_prompt``, as training uses).
+    ``heldout``: a JSONL path, a list of records, or a callable returning either. ``prompt_fn``
+    formats a record into its prompt (default: the Alpaca template,
+    ``sftctl.demo_data.format_prompt``, as training uses). ``limit`` caps the documents per task.
     """
-    from sftctl.registry import BenchmarkSpec
-
-    cache: dict[str, dict[str, dict]] = {}
-
-    def prepare_for(name: str):
-        def prepare(work_dir: Path) -> dict:
-            key = str(Path(work_dir).resolve())
-            if key not in cache:  # both tasks share one data file: write it once per folder
-                cache[key] = write_alpaca_tasks(heldout, work_dir, num_choices=num_choices,
-                                                seed=seed, prompt_fn=prompt_fn)
-            return dict(cache[key][name])
-        return prepare
-
-    return [
-        BenchmarkSpec(
-            name=EXACT_MATCH_TASK, prepare=prepare_for(EXACT_MATCH_TASK),
-            description=("greedy generation on the held-out split, exact match with the reference "
-                         "(stops at newline or EOS)"),
-            primary_metric="exact_match"),
-        BenchmarkSpec(
-            name=CHOICE_TASK, prepare=prepare_for(CHOICE_TASK),
-            description=(f"log-likelihood of the reference response against up to {num_choices - 1} "
-                         "distractor responses (answers to other instructions on the same input "
-                         "first)"),
-            primary_metric="acc"),
-    ]
+    work_dir = Path(work_dir).resolve()
+    configs = write_alpaca_tasks(heldout, work_dir, num_choices=num_choices, seed=seed,
+                                 prompt_fn=prompt_fn)
+    specs = []
+    descriptions = {
+        EXACT_MATCH_TASK: ("greedy generation on the held-out split, exact match with the reference "
+                           "(stops at newline or EOS)", "exact_match"),
+        CHOICE_TASK: (f"log-likelihood of the reference response against up to {num_choices - 1} "
+                      "distractor responses (answers to other instructions on the same input "
+                      "first)", "acc"),
+    }
+    for name, cfg in configs.items():
+        stats = cfg.pop("sftctl_stats")
+        (work_dir / f"{name}.yaml").write_text(
+            "# lm-eval task written by sftctl.evals.alpaca_tasks; data paths are absolute.\n"
+            + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        desc, metric = descriptions[name]
+        specs.append(BenchmarkSpec(name=name, include_path=str(work_dir), plugin="alpaca",
+                                   description=desc, primary_metric=metric, limit=limit,
+                                   stats=stats))
+    return specs

@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .spec import EvalTask, prepare_benchmarks, tasks_from_json
+from .spec import BenchmarkSpec, check_task_files, specs_from_json
 
 __all__ = ["EvalOptions", "evaluate_models", "run_post_train", "OFFLINE_ENV",
            "EXIT_OK", "EXIT_BENCHMARK_FAILED", "EXIT_REPORT_FAILED", "MANIFEST_SCHEMA"]
@@ -99,7 +99,7 @@ def _is_local_model(ref: str) -> bool:
 # --------------------------------------------------------------------------------------- parent
 
 
-def evaluate_models(models: dict[str, str], specs: list[EvalTask], out_dir: str | Path,
+def evaluate_models(models: dict[str, str], specs: list[BenchmarkSpec], out_dir: str | Path,
                     options: EvalOptions | None = None) -> dict:
     """Run every spec on every model (label -> path or hub id); write ``out_dir/eval/``.
 
@@ -113,6 +113,8 @@ def evaluate_models(models: dict[str, str], specs: list[EvalTask], out_dir: str 
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"benchmark(s) registered twice: {dup}")
+    for spec in specs:  # a broken registration is an error before any model is loaded
+        check_task_files(spec)
     eval_dir = Path(out_dir).resolve() / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
@@ -137,7 +139,7 @@ def evaluate_models(models: dict[str, str], specs: list[EvalTask], out_dir: str 
     return manifest
 
 
-def _run_worker(label: str, ref: str, specs: list[EvalTask], eval_dir: Path,
+def _run_worker(label: str, ref: str, specs: list[BenchmarkSpec], eval_dir: Path,
                 options: EvalOptions) -> dict:
     model_dir = eval_dir / label
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -245,28 +247,31 @@ def load_run_config(run_dir: Path, plugins: list[str] | None = None) -> tuple[An
     return build_config([(str(path), data)], pm.config_options()), pm
 
 
-def gather_tasks(work_dir: Path, cfg: Any, pm: Any, names: list[str] | None = None,
-                 limit: int | None = None) -> list[EvalTask]:
-    """The benchmarks to run: those the plugins register for ``cfg`` (all, or ``names``), each
-    prepared into ``work_dir`` as a task YAML; a name that no plugin registers is taken as a
-    standard lm-eval task."""
+def gather_tasks(cfg: Any, pm: Any, names: list[str] | None = None,
+                 limit: int | None = None) -> list[BenchmarkSpec]:
+    """The benchmarks to run: those the plugins register for ``cfg`` (all of them, or ``names``,
+    default ``cfg.eval.tasks``); a name that no plugin registers is taken as a standard lm-eval
+    task. ``limit`` (default ``cfg.eval.limit``) caps the documents of every task."""
+    import dataclasses
     registered = pm.benchmarks(cfg) if pm is not None else {}
     eval_cfg = getattr(cfg, "eval", None)
     names = names or list(getattr(eval_cfg, "tasks", None) or []) or list(registered)
     if limit is None:
         limit = getattr(eval_cfg, "limit", None)
-    chosen = [registered[n] if n in registered else EvalTask(name=n, description="lm-eval task")
+    chosen = [registered[n] if n in registered else BenchmarkSpec(name=n, description="lm-eval task")
               for n in names]
-    return prepare_benchmarks(chosen, work_dir, limit=limit)
+    if limit is not None:
+        chosen = [dataclasses.replace(s, limit=min(limit, s.limit or limit)) for s in chosen]
+    return chosen
 
 
-def previous_tasks(run_dir: Path) -> list[EvalTask]:
+def previous_tasks(run_dir: Path) -> list[BenchmarkSpec]:
     """The tasks of an earlier evaluation of this run (``eval/manifest.json``)."""
     path = run_dir / "eval" / "manifest.json"
     if not path.is_file():
         return []
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    return tasks_from_json(manifest.get("tasks"), where=f"{path}: tasks")
+    return specs_from_json(manifest.get("tasks"), where=f"{path}: tasks")
 
 
 def run_post_train(run_dir: str | Path, cfg: Any = None, pm: Any = None) -> int:
@@ -274,9 +279,8 @@ def run_post_train(run_dir: str | Path, cfg: Any = None, pm: Any = None) -> int:
 
     ``cfg`` (the ``RunConfig``) and ``pm`` (the plugin manager) default to what
     ``run_dir/config.yaml`` describes. Benchmarks: what the plugins register through
-    ``sftctl_register_benchmarks`` (narrowed by ``eval.tasks``; ``eval.limit`` caps documents),
-    prepared into ``run_dir/eval/tasks/``. Returns 0, ``EXIT_BENCHMARK_FAILED`` or
-    ``EXIT_REPORT_FAILED``.
+    ``sftctl_register_benchmarks`` (narrowed by ``eval.tasks``; ``eval.limit`` caps documents).
+    Returns 0, ``EXIT_BENCHMARK_FAILED`` or ``EXIT_REPORT_FAILED``.
     """
     run_dir = Path(run_dir).resolve()
     summary = _read_summary(run_dir)
@@ -285,7 +289,7 @@ def run_post_train(run_dir: str | Path, cfg: Any = None, pm: Any = None) -> int:
         cfg = cfg if cfg is not None else loaded_cfg
         pm = pm if pm is not None else loaded_pm
     options = EvalOptions.from_cfg(cfg)
-    tasks = gather_tasks(run_dir / "eval" / "tasks", cfg, pm)
+    tasks = gather_tasks(cfg, pm)
     models = {}
     base = resolve_base_model(run_dir, summary)
     if base is not None:
@@ -326,7 +330,7 @@ class BenchmarkError(RuntimeError):
     """A benchmark could not run; the message says why in the user's terms."""
 
 
-def _explain(spec: EvalTask, exc: BaseException, known: list[str]) -> str:
+def _explain(spec: BenchmarkSpec, exc: BaseException, known: list[str]) -> str:
     """Turn lm-eval/datasets errors into messages that name the task and what to do."""
     msg = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, KeyError) and "not a registered task" in str(exc):
@@ -390,6 +394,15 @@ def _fmt_metrics(results: dict, task: str) -> str:
     return " ".join(parts)
 
 
+def _quiet_git_hash() -> str | None:
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
+                             check=False, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def worker_main(job_path: str) -> int:
     # The offline switches must be in place before lm_eval/transformers/datasets are imported.
     for k, v in OFFLINE_ENV.items():
@@ -398,22 +411,26 @@ def worker_main(job_path: str) -> int:
     label, model_ref = job["label"], job["model"]
     out_dir = Path(job["out_dir"])
     opts = EvalOptions(**job["options"])
-    specs = [EvalTask.from_dict(d) for d in job["specs"]]
+    specs = [BenchmarkSpec.from_dict(d) for d in job["specs"]]
     _setup_worker_logging(out_dir / "lm_eval.log")
 
     def say(msg: str) -> None:
         print(f"[sftctl eval] {label}: {msg}", file=sys.stderr, flush=True)
 
-    def record(spec: EvalTask, st: dict) -> None:
+    def record(spec: BenchmarkSpec, st: dict) -> None:
         d = out_dir / spec.name
         d.mkdir(parents=True, exist_ok=True)
         (d / "status.json").write_text(json.dumps(st, indent=2) + "\n", encoding="utf-8")
 
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.api.registry import get_model
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
 
+    # lm-eval records `git describe` of the working directory and lets git print "fatal: not a
+    # git repository" on the terminal; same lookup, without the noise.
+    lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
     device = _pick_device(opts.device)
     dtype = opts.dtype or ("float32" if device == "cpu" else "auto")
     model_args = {"pretrained": model_ref, "dtype": dtype, "trust_remote_code": False}

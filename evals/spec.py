@@ -1,19 +1,17 @@
-"""The evaluation step's own task description, and how plugin benchmarks become one.
-
-Plugins register ``sftctl.registry.BenchmarkSpec`` objects through the hook
-``sftctl_register_benchmarks``: a name plus either ``prepare(work_dir) -> task config``, a ready
-``task`` config, or nothing (a standard lm-eval task). :func:`prepare_benchmarks` turns them into
-:class:`EvalTask` s: it calls ``prepare``, writes each config as a task YAML into the run's
-``eval/tasks/`` folder, and records where.
+"""What plugins hand to the evaluation step: benchmark specs and report sections.
 
 Design choices
-- ``EvalTask`` is plain JSON data (no callables), so the worker subprocess receives it as JSON,
-  ``eval/manifest.json`` records it, and ``sftctl eval RUN_DIR`` can re-run the prepared YAMLs
+- A benchmark is one lm-eval *task* (a name lm-eval's ``TaskManager`` resolves) plus the folder of
+  its task YAML. ``include_path=None`` means a standard lm-eval task from its built-in index; only
+  then does the runner build the (slow, ~14k entries) default index.
+- Specs are plain JSON data (no callables): the worker subprocess receives them as JSON,
+  ``eval/manifest.json`` records them, and ``sftctl eval RUN_DIR`` can re-run the task YAMLs
   later from the run directory alone, without the plugin that registered them.
-- ``include_path=None`` means a standard lm-eval task from its built-in index; only then does the
-  runner build the (slow, ~14k entries) default index.
-- A prepared config must name itself (``task``) as the spec does and use absolute data paths;
-  violations are errors naming the benchmark and the plugin.
+- A plugin writes its task YAML (with absolute data paths) when it registers the benchmark; the
+  runner checks that the YAML exists and that its data files are absolute and present before any
+  model is loaded, and names the benchmark and plugin when not.
+- Report sections are title + markdown (+ optional ready HTML), so one section renders into both
+  report.md and report.html; markdown is converted to escaped HTML by the report.
 """
 
 from __future__ import annotations
@@ -21,17 +19,17 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["EvalTask", "tasks_from_json", "prepare_benchmarks"]
+__all__ = ["BenchmarkSpec", "ReportSection", "specs_from_json", "check_task_files"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
 @dataclass
-class EvalTask:
+class BenchmarkSpec:
     """One lm-eval task to run on the base model and on the SFT checkpoint.
 
     name:           the task name lm-eval resolves (``task:`` in the YAML, or a built-in task).
@@ -76,7 +74,7 @@ class EvalTask:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "task") -> EvalTask:
+    def from_dict(cls, d: Any, where: str = "task") -> BenchmarkSpec:
         if not isinstance(d, dict):
             raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
@@ -91,75 +89,69 @@ class EvalTask:
             raise ValueError(f"{where}: {e}") from None
 
 
-def tasks_from_json(items: Any, where: str) -> list[EvalTask]:
+def specs_from_json(items: Any, where: str) -> list[BenchmarkSpec]:
     """Parse a list of task dicts (from a manifest); errors name the entry."""
     if items is None:
         return []
     if not isinstance(items, list):
         raise ValueError(f"{where}: expected a list of tasks, got {type(items).__name__}")
-    return [d if isinstance(d, EvalTask) else EvalTask.from_dict(d, where=f"{where}[{i}]")
+    return [d if isinstance(d, BenchmarkSpec) else BenchmarkSpec.from_dict(d, where=f"{where}[{i}]")
             for i, d in enumerate(items)]
 
 
-def _check_paths(cfg: Mapping[str, Any], who: str) -> None:
+def _data_files(cfg: Mapping[str, Any]) -> list[str]:
     files = (cfg.get("dataset_kwargs") or {}).get("data_files")
     if files is None:
-        return
+        return []
     if isinstance(files, (str, Path)):
-        files = [files]
+        return [str(files)]
     if isinstance(files, Mapping):
-        files = [f for v in files.values() for f in ([v] if isinstance(v, (str, Path)) else v)]
-    for f in files:
-        if not Path(str(f)).is_absolute():
-            raise ValueError(f"{who}: data file {f!r} must be an absolute path (lm-eval resolves "
-                             "relative paths against its working directory)")
-        if not Path(str(f)).exists():
-            raise ValueError(f"{who}: data file {f} does not exist")
+        return [str(f) for v in files.values() for f in ([v] if isinstance(v, (str, Path)) else v)]
+    return [str(f) for f in files]
 
 
-def prepare_benchmarks(benchmarks: Iterable[Any], work_dir: str | Path, *,
-                       limit: int | None = None) -> list[EvalTask]:
-    """Turn registered ``BenchmarkSpec`` s (``sftctl.registry``) into :class:`EvalTask` s.
+def check_task_files(spec: BenchmarkSpec) -> None:
+    """A local task must have a YAML named after it in ``include_path`` whose data files are
+    absolute and exist (lm-eval would resolve relative ones against its working directory)."""
+    if spec.include_path is None:
+        return
+    who = f"benchmark {spec.name!r}" + (f" (plugin {spec.plugin!r})" if spec.plugin else "")
+    folder = Path(spec.include_path)
+    if not folder.is_dir():
+        raise ValueError(f"{who}: task folder {folder} does not exist")
+    found = None
+    for path in sorted(folder.glob("*.y*ml")):
+        try:
+            cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskLoader)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML: {e}") from None
+        if isinstance(cfg, dict) and cfg.get("task") == spec.name:
+            found = (path, cfg)
+            break
+    if found is None:
+        raise ValueError(f"{who}: no task YAML with 'task: {spec.name}' in {folder}")
+    path, cfg = found
+    for f in _data_files(cfg):
+        if not Path(f).is_absolute():
+            raise ValueError(f"{path}: data file {f!r} must be an absolute path")
+        if not Path(f).exists():
+            raise ValueError(f"{path}: data file {f} does not exist")
 
-    ``prepare(work_dir)`` (or the ready ``task`` dict) gives an lm-eval task config, which is
-    written to ``work_dir/<name>.yaml``. A spec with neither is a standard lm-eval task name.
-    ``limit`` is stored on every task (``--eval-limit``).
-    """
-    work_dir = Path(work_dir).resolve()
-    out: list[EvalTask] = []
-    seen: dict[str, str | None] = {}
-    for spec in benchmarks:
-        if isinstance(spec, EvalTask):
-            out.append(spec)
-            continue
-        name = getattr(spec, "name", None)
-        plugin = getattr(spec, "plugin", None)
-        who = f"benchmark {name!r}" + (f" (plugin {plugin!r})" if plugin else "")
-        if name in seen:
-            raise ValueError(f"{who}: registered twice (also by plugin {seen[name]!r})")
-        seen[name] = plugin
-        prepare, task_cfg = getattr(spec, "prepare", None), getattr(spec, "task", None)
-        stats: dict[str, Any] = {}
-        if prepare is not None or task_cfg is not None:
-            work_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                cfg = dict(prepare(work_dir) if prepare is not None else task_cfg)
-            except Exception as e:
-                raise ValueError(f"{who}: prepare({work_dir}) failed: {type(e).__name__}: {e}") from e
-            stats = dict(cfg.pop("sftctl_stats", None) or {})
-            if cfg.get("task", name) != name:
-                raise ValueError(f"{who}: its task config is named {cfg.get('task')!r}; the config's "
-                                 "'task' must equal the benchmark name")
-            cfg["task"] = name
-            _check_paths(cfg, who)
-            (work_dir / f"{name}.yaml").write_text(
-                f"# lm-eval task written by sftctl for {who}; data paths are absolute.\n"
-                + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
-            include = str(work_dir)
-        else:
-            include = None
-        out.append(EvalTask(name=name, include_path=include, plugin=plugin,
-                            description=getattr(spec, "description", "") or "",
-                            primary_metric=getattr(spec, "primary_metric", None),
-                            limit=limit, stats=stats))
-    return out
+
+class _TaskLoader(yaml.SafeLoader):
+    """Safe YAML loader that tolerates lm-eval's ``!function`` tags (kept as plain strings)."""
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+@dataclass
+class ReportSection:
+    """A section a plugin adds to the report (hook ``sftctl_report_sections``; a plain dict with
+    the same keys works too). ``html``, when given, is used verbatim in report.html instead of the
+    converted markdown."""
+
+    title: str
+    markdown: str = ""
+    html: str | None = None
+    plugin: str | None = None
