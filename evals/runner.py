@@ -255,7 +255,9 @@ def gather_tasks(cfg: Any, pm: Any, names: list[str] | None = None,
     import dataclasses
     registered = pm.benchmarks(cfg) if pm is not None else {}
     eval_cfg = getattr(cfg, "eval", None)
-    names = names or list(getattr(eval_cfg, "tasks", None) or []) or list(registered)
+    enabled = set(getattr(cfg, "plugins", None) or [])
+    names = names or list(getattr(eval_cfg, "tasks", None) or []) or [
+        n for n, b in registered.items() if not enabled or b.plugin in enabled]
     if limit is None:
         limit = getattr(eval_cfg, "limit", None)
     chosen = [registered[n] if n in registered else BenchmarkSpec(name=n, description="lm-eval task")
@@ -265,31 +267,26 @@ def gather_tasks(cfg: Any, pm: Any, names: list[str] | None = None,
     return chosen
 
 
-def previous_tasks(run_dir: Path) -> list[BenchmarkSpec]:
-    """The tasks of an earlier evaluation of this run (``eval/manifest.json``)."""
-    path = run_dir / "eval" / "manifest.json"
-    if not path.is_file():
-        return []
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    return specs_from_json(manifest.get("tasks"), where=f"{path}: tasks")
-
-
 def run_post_train(run_dir: str | Path, cfg: Any = None, pm: Any = None) -> int:
     """Benchmark ``run_dir/model`` and its base model, then write the report.
 
-    ``cfg`` (the ``RunConfig``) and ``pm`` (the plugin manager) default to what
-    ``run_dir/config.yaml`` describes. Benchmarks: what the plugins register through
-    ``sftctl_register_benchmarks`` (narrowed by ``eval.tasks``; ``eval.limit`` caps documents).
-    Returns 0, ``EXIT_BENCHMARK_FAILED`` or ``EXIT_REPORT_FAILED``.
+    Benchmarks: ``summary.json``'s ``benchmarks`` (what the trainer resolved from the
+    ``sftctl_register_benchmarks`` hook, ``eval.tasks`` and ``eval.limit``); when summary.json has
+    no such key, the plugins are asked again with ``cfg`` (default: ``run_dir/config.yaml``).
+    ``pm`` (the plugin manager) also supplies report sections. Returns 0,
+    ``EXIT_BENCHMARK_FAILED`` or ``EXIT_REPORT_FAILED``.
     """
     run_dir = Path(run_dir).resolve()
     summary = _read_summary(run_dir)
-    if cfg is None or pm is None:
-        loaded_cfg, loaded_pm = load_run_config(run_dir)
-        cfg = cfg if cfg is not None else loaded_cfg
-        pm = pm if pm is not None else loaded_pm
+    if "benchmarks" in summary:
+        tasks = specs_from_json(summary["benchmarks"], where=f"{run_dir / 'summary.json'}: benchmarks")
+    else:
+        if cfg is None or pm is None:
+            loaded_cfg, loaded_pm = load_run_config(run_dir)
+            cfg = cfg if cfg is not None else loaded_cfg
+            pm = pm if pm is not None else loaded_pm
+        tasks = gather_tasks(cfg, pm)
     options = EvalOptions.from_cfg(cfg)
-    tasks = gather_tasks(cfg, pm)
     models = {}
     base = resolve_base_model(run_dir, summary)
     if base is not None:

@@ -1,0 +1,192 @@
+"""``sftctl eval`` and ``sftctl report`` (wired into the main CLI by ``sftctl.cli``).
+
+``sftctl eval CHECKPOINT [--base MODEL] [--tasks T ...] [--output-dir DIR]``
+    CHECKPOINT is a run directory (``summary.json`` + ``model/``), a checkpoint inside one, or any
+    Hugging Face model directory or cached hub id. Benchmarks default to the run's (its
+    ``summary.json``); ``--tasks`` picks registered benchmarks by name, and any other name is run as
+    a standard lm-eval task. The base model defaults to the run's ``base_model``; ``--base none``
+    evaluates the checkpoint alone. Results and the report go to the run directory, or to
+    ``--output-dir``.
+``sftctl report RUN_DIR``
+    Regenerates report.json/.md/.html from the run directory alone.
+
+Design choices
+- Both commands take ``(args, pm, options)`` so the report gets the loaded plugin manager (report
+  sections) and ``--plugin`` can bring a plugin's benchmarks to a plain checkpoint.
+- Argument and input problems raise ``SftctlError`` subclasses, so the main CLI prints one line
+  and exits 2; a failed benchmark is not an error of the command: it is in the report and the
+  exit status is ``EXIT_BENCHMARK_FAILED`` (3).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_eval_parser", "add_report_parser", "cmd_eval", "cmd_report"]
+
+
+def _errors():
+    from sftctl.errors import ConfigError, ModelError
+    return ConfigError, ModelError
+
+
+def add_eval_parser(subparsers) -> Any:
+    p = subparsers.add_parser(
+        "eval", help="benchmark a checkpoint (and its base model) with lm-eval; write the report",
+        description="Run lm-eval on CHECKPOINT and on its base model, for the benchmarks the "
+                    "run registered (or --tasks), offline, and write report.json/.md/.html.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="run directory, checkpoint directory or cached hub id")
+    p.add_argument("--base", metavar="MODEL", default=None,
+                   help="base model to compare against (default: the run's base_model; "
+                        "'none': evaluate the checkpoint alone)")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", default=None,
+                   help="benchmarks to run (registered names or standard lm-eval task names; "
+                        "comma-separated lists work too)")
+    p.add_argument("--output-dir", metavar="DIR", default=None,
+                   help="where eval/ and the report go (default: the run directory, else "
+                        "CHECKPOINT-eval)")
+    p.add_argument("--plugin", action="append", default=[], metavar="NAME",
+                   help="also take the benchmarks this plugin registers (repeatable)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate at most N documents per benchmark")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="lm-eval batch size (default 16)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--dtype", default=None,
+                   help="model dtype for lm-eval (default: float32 on CPU, the checkpoint's on CUDA)")
+    p.add_argument("--quiet", action="store_true", help="no progress output (logs go to eval/)")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def add_report_parser(subparsers) -> Any:
+    p = subparsers.add_parser(
+        "report", help="regenerate report.json/.md/.html of a run directory",
+        description="Rebuild the run report from RUN_DIR alone (summary.json, metrics.jsonl, "
+                    "eval/).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_report)
+    return p
+
+
+def _find_run(ckpt: Path) -> tuple[Path | None, Path]:
+    """(run dir or None, model dir) for a local CHECKPOINT."""
+    if (ckpt / "summary.json").is_file() and (ckpt / "model").is_dir():
+        return ckpt, ckpt / "model"
+    if (ckpt.parent / "summary.json").is_file():
+        return ckpt.parent, ckpt
+    return None, ckpt
+
+
+def _split_names(values: list[str] | None) -> list[str]:
+    out = []
+    for v in values or []:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return list(dict.fromkeys(out))
+
+
+def cmd_eval(args, pm=None, options=None) -> int:
+    from .runner import (EvalOptions, evaluate_models, finish_report, gather_tasks,
+                         resolve_base_model)
+    from .spec import BenchmarkSpec, specs_from_json
+
+    ConfigError, ModelError = _errors()
+    ref = args.checkpoint
+    local = Path(ref).expanduser()
+    if local.exists():
+        run_dir, model = _find_run(local.resolve())
+        if not (model / "config.json").is_file():
+            raise ModelError(f"{model}: not a Hugging Face model directory (no config.json)")
+        model_ref = str(model)
+    elif re.match(r"^[\w.-]+/[\w.-]+$", ref) and not ref.startswith((".", "/")):
+        run_dir, model_ref = None, ref  # a hub id: must be in the local cache (offline)
+    else:
+        raise ModelError(f"checkpoint not found: {ref}")
+
+    if args.output_dir:
+        out_dir = Path(args.output_dir).expanduser().resolve()
+    elif run_dir is not None:
+        out_dir = run_dir
+    else:
+        name = Path(model_ref).name if local.exists() else model_ref.replace("/", "--")
+        out_dir = (local.resolve().parent if local.exists() else Path.cwd()) / f"{name}-eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    summary: dict = {}
+    for path in ([run_dir / "summary.json"] if run_dir else []) + (
+            [Path(model_ref) / "sftctl_summary.json"] if local.exists() else []):
+        if path.is_file():
+            try:
+                summary = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: invalid JSON: {e}") from None
+            break
+
+    # benchmarks: the run's, plus those of --plugin plugins, narrowed by --tasks
+    try:
+        known = {s.name: s for s in specs_from_json(summary.get("benchmarks"), "summary.json")}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.plugin:
+        if pm is None:
+            raise ConfigError("--plugin needs the sftctl plugin manager (run through `sftctl eval`)")
+        pm.require(args.plugin)
+        from sftctl.config import build_config
+        fmt = next((f for name in args.plugin for f in pm.formats_of(name)), None)
+        layer = {"plugins": list(args.plugin), "train": {"output_dir": str(out_dir)}}
+        if fmt:
+            layer["data"] = {"format": fmt}
+        cfg = build_config([("command line", layer)], pm.config_options())
+        for s in gather_tasks(cfg, pm, limit=args.limit):
+            known.setdefault(s.name, s)
+    names = _split_names(args.tasks) or list(known)
+    if not names:
+        raise ConfigError("no benchmarks to run: this checkpoint's run registered none; give "
+                          "--tasks (lm-eval task names) or --plugin NAME")
+    tasks = []
+    for n in names:
+        spec = known.get(n) or BenchmarkSpec(name=n, description="lm-eval task")
+        if args.limit is not None:
+            import dataclasses
+            spec = dataclasses.replace(spec, limit=min(args.limit, spec.limit or args.limit))
+        tasks.append(spec)
+
+    models: dict[str, str] = {}
+    if args.base is None:
+        base = resolve_base_model(run_dir, summary) if run_dir else summary.get("base_model")
+        if base:
+            models["base"] = str(base)
+        elif not args.quiet:
+            print("[sftctl eval] no base model known for this checkpoint (give --base MODEL): "
+                  "evaluating the checkpoint alone", file=sys.stderr)
+    elif args.base.lower() != "none":
+        models["base"] = args.base
+    models["sft"] = model_ref
+
+    opts = EvalOptions(batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                       quiet=args.quiet)
+    try:
+        manifest = evaluate_models(models, tasks, out_dir, opts)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    return finish_report(out_dir, pm, manifest, opts)
+
+
+def cmd_report(args, pm=None, options=None) -> int:
+    from .report import write_report
+
+    ConfigError, _ = _errors()
+    run_dir = Path(args.run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory not found: {run_dir}")
+    paths = write_report(run_dir, pm=pm)
+    if not args.quiet:
+        for kind in ("html", "md", "json"):
+            print(paths[kind])
+    return 0
