@@ -1,0 +1,33 @@
+"""sftctl: supervised fine-tuning of Hugging Face causal LMs with fused, exact fp32 loss kernels.
+
+Design choices
+- ``import sftctl`` works even when the compiled extension is missing, so ``sftctl doctor`` can
+  say so; ``sftctl.ops`` / ``sftctl.modules`` then raise an ImportError that tells how to build.
+- When the extension loads, ``ops`` is imported eagerly: its fake and autograd registrations
+  must be in place before anyone calls ``torch.ops.sftctl.*`` directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ._ext import ExtensionNotBuilt, extension_info, load_extension
+
+__version__ = "0.1.0"
+
+try:
+    load_extension()
+except ExtensionNotBuilt:
+    pass  # reported by extension_info(); raised again on first use of sftctl.ops
+else:
+    from . import modules, ops  # noqa: F401
+
+
+def __getattr__(name):
+    # Reached only when the eager import above was skipped: importing raises the build hint.
+    if name in ("ops", "modules"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["__version__", "extension_info", "ops", "modules", "ExtensionNotBuilt"]

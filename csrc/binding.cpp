@@ -1,0 +1,373 @@
+// Operator registration of sftctl._C: schemas, argument validation, dispatch to the CPU or CUDA
+// kernels.
+//
+// Design
+// - The ops are registered with TORCH_LIBRARY (no pybind11 functions on the op path), so they
+//   work from torch.ops.sftctl.*, torch.compile, TorchScript and C++ alike.
+// - One set of implementation functions serves both devices: each validates every argument with a
+//   TORCH_CHECK that names it, fills the torch-free params struct (csrc/kernels/params.h) and calls
+//   sftctl::cpu::* or sftctl::cuda::* by the logits' device. Only the registrations differ.
+// - Optional scalars (normalizer, grad_scale) and masks are converted on their device (0-dim fp32,
+//   int64): tiny tensors, no host synchronization, so a CUDA call never waits on the GPU.
+// - Logits may have any row stride (the params carry it); only non-contiguous columns force a
+//   copy, which warns once because it costs an N x V temporary. Memory mode cannot copy (it must
+//   write into the caller's buffer) and rejects such logits instead.
+// - The Python module init below exists only in the setuptools build (which defines
+//   TORCH_EXTENSION_NAME), so `import sftctl._C` loads this library and runs the registrations;
+//   the CMake build produces a plain shared library.
+#ifdef TORCH_EXTENSION_NAME
+#include <Python.h>
+#endif
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cpu/kernels.h"
+#include "kernels/params.h"
+
+#ifdef SFTCTL_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/launch.h"
+#endif
+
+namespace sftctl {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+DType kernel_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::Float32;
+    case at::kBFloat16:
+      return DType::BFloat16;
+    case at::kHalf:
+      return DType::Float16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ",
+                  t.scalar_type());
+  }
+}
+
+void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                  const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ",
+              ref_name, " (", ref.device(), "), got ", t.device());
+}
+
+void check_supported_device(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), op, ": ", name,
+              " must be a CPU or CUDA tensor, got ", t.device());
+#ifndef SFTCTL_WITH_CUDA
+  TORCH_CHECK(!t.device().is_cuda(), op, ": ", name,
+              " is on CUDA but sftctl._C was built without CUDA kernels (rebuild with a CUDA "
+              "torch and nvcc available, without SFTCTL_FORCE_CPU)");
+#endif
+}
+
+// Optional 0-dim scalar -> 0-dim fp32 on the reference device (no host sync).
+at::Tensor scalar_f32(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                      const char* name) {
+  TORCH_CHECK(t.dim() == 0, op, ": ", name, " must be a 0-dim tensor, got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) || at::isIntegralType(t.scalar_type(), false),
+              op, ": ", name, " must be a real number tensor, got ", t.scalar_type());
+  check_device(t, ref, op, name, "logits");
+  return t.to(at::kFloat).contiguous();
+}
+
+// Integer index tensor -> contiguous int64.
+at::Tensor index_i64(const at::Tensor& t, const char* op, const char* name, bool allow_bool) {
+  const bool ok = at::isIntegralType(t.scalar_type(), /*includeBool=*/allow_bool);
+  TORCH_CHECK(ok, op, ": ", name, " must be an integer", allow_bool ? " or bool" : "",
+              " tensor, got ", t.scalar_type());
+  return t.to(at::kLong).contiguous();
+}
+
+struct CEInputs {
+  at::Tensor logits, targets, normalizer, grad_scale;
+  CrossEntropyParams p;
+};
+
+CEInputs prepare_ce(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                    const OptTensor& normalizer, const OptTensor& grad_scale, int64_t ignore_index,
+                    int64_t reduction, double label_smoothing, double z_loss, double softcap,
+                    const char* op, bool inplace) {
+  CEInputs in;
+  check_supported_device(logits_in, op, "logits");
+  TORCH_CHECK(logits_in.dim() == 2, op, ": logits must be 2-D [N, V], got shape ",
+              logits_in.sizes(), " (sftctl.ops.cross_entropy flattens leading dims)");
+  const DType dtype = kernel_dtype(logits_in, op, "logits");
+  const int64_t N = logits_in.size(0), V = logits_in.size(1);
+  TORCH_CHECK(V >= 1, op, ": logits must have at least one class (V >= 1), got shape ",
+              logits_in.sizes());
+  TORCH_CHECK(targets_in.dim() == 1, op, ": targets must be 1-D [N], got shape ",
+              targets_in.sizes());
+  TORCH_CHECK(targets_in.size(0) == N, op, ": targets has ", targets_in.size(0),
+              " entries but logits has ", N, " rows");
+  check_device(targets_in, logits_in, op, "targets", "logits");
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, op,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+              ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(z_loss >= 0.0 && std::isfinite(z_loss), op,
+              ": z_loss must be a finite number >= 0, got ", z_loss);
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op,
+              ": softcap must be a finite number >= 0 (0 is off), got ", softcap);
+
+  if (logits_in.size(1) > 1 && logits_in.stride(1) != 1) {
+    TORCH_CHECK(!inplace, op, ": logits must have contiguous columns (stride(1) == 1) in memory "
+                "mode, got strides ", logits_in.strides(), "; the gradient is written in place");
+    TORCH_WARN_ONCE(op, ": logits columns are not contiguous (strides ", logits_in.strides(),
+                    "); making a contiguous copy (an extra N x V buffer)");
+    in.logits = logits_in.contiguous();
+  } else {
+    in.logits = logits_in;
+  }
+  int64_t row_stride = N > 1 ? in.logits.stride(0) : V;
+  if (inplace) {
+    TORCH_CHECK(row_stride >= V, op, ": logits rows overlap (stride(0) = ", row_stride, " < V = ",
+                V, "); memory mode needs distinct rows to write the gradient into");
+  }
+  in.targets = index_i64(targets_in, op, "targets", /*allow_bool=*/false);
+
+  CrossEntropyParams& p = in.p;
+  p.logits = in.logits.data_ptr();
+  p.logits_row_stride = row_stride;
+  p.targets = in.targets.data_ptr<int64_t>();
+  p.n_rows = N;
+  p.vocab = V;
+  p.ignore_index = ignore_index;
+  p.dtype = dtype;
+  p.reduction = static_cast<Reduction>(reduction);
+  p.label_smoothing = static_cast<float>(label_smoothing);
+  p.z_loss = static_cast<float>(z_loss);
+  p.softcap = static_cast<float>(softcap);
+  if (normalizer.has_value()) {
+    TORCH_CHECK(reduction == 1, op, ": normalizer is only used with reduction='mean' (1), got "
+                "reduction ", reduction);
+    in.normalizer = scalar_f32(*normalizer, in.logits, op, "normalizer");
+    p.normalizer = in.normalizer.data_ptr<float>();
+  }
+  if (grad_scale.has_value()) {
+    in.grad_scale = scalar_f32(*grad_scale, in.logits, op, "grad_scale");
+    p.grad_scale = in.grad_scale.data_ptr<float>();
+  }
+  return in;
+}
+
+void launch_ce(CrossEntropyParams& p, const at::Tensor& logits) {
+  if (logits.is_cuda()) {
+#ifdef SFTCTL_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(logits.device());
+    const size_t ws = cuda::cross_entropy_workspace_bytes(p);
+    at::Tensor workspace;
+    if (ws > 0) {
+      // Freed right after the launch: the caching allocator keeps it stream-ordered.
+      workspace = at::empty({static_cast<int64_t>((ws + sizeof(float) - 1) / sizeof(float))},
+                            logits.options().dtype(at::kFloat));
+      p.workspace = workspace.data_ptr<float>();
+    }
+    cuda::cross_entropy_forward(p, at::cuda::getCurrentCUDAStream().stream());
+#endif
+  } else {
+    cpu::cross_entropy_forward(p);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> make_ce_outputs(const at::Tensor& logits,
+                                                                 int64_t reduction,
+                                                                 bool return_lse,
+                                                                 bool return_accuracy,
+                                                                 CrossEntropyParams& p) {
+  const int64_t N = logits.size(0);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor loss = reduction == 0 ? at::empty({N}, f32) : at::empty({}, f32);
+  at::Tensor lse = at::empty({return_lse ? N : 0}, f32);
+  at::Tensor correct = at::empty({return_accuracy ? N : 0}, logits.options().dtype(at::kBool));
+  p.loss = loss.data_ptr<float>();
+  p.lse = return_lse ? lse.data_ptr<float>() : nullptr;
+  p.correct = return_accuracy ? correct.data_ptr<bool>() : nullptr;
+  return {loss, lse, correct};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy(
+    const at::Tensor& logits, const at::Tensor& targets, const OptTensor& normalizer,
+    const OptTensor& grad_scale, int64_t ignore_index, int64_t reduction, double label_smoothing,
+    double z_loss, double softcap, bool return_lse, bool return_accuracy, bool compute_grad) {
+  CEInputs in = prepare_ce(logits, targets, normalizer, grad_scale, ignore_index, reduction,
+                           label_smoothing, z_loss, softcap, "sftctl::cross_entropy", false);
+  auto [loss, lse, correct] = make_ce_outputs(in.logits, reduction, return_lse, return_accuracy,
+                                              in.p);
+  at::Tensor grad;
+  if (compute_grad) {
+    grad = at::empty({in.p.n_rows, in.p.vocab}, in.logits.options());  // [N, V], logits dtype
+    in.p.grad = grad.data_ptr();
+    in.p.grad_row_stride = in.p.vocab;
+  } else {
+    grad = at::empty({0}, in.logits.options());
+  }
+  launch_ce(in.p, in.logits);
+  return {loss, lse, correct, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_(
+    at::Tensor& logits, const at::Tensor& targets, const OptTensor& normalizer,
+    const OptTensor& grad_scale, int64_t ignore_index, int64_t reduction, double label_smoothing,
+    double z_loss, double softcap, bool return_lse, bool return_accuracy) {
+  CEInputs in = prepare_ce(logits, targets, normalizer, grad_scale, ignore_index, reduction,
+                           label_smoothing, z_loss, softcap, "sftctl::cross_entropy_", true);
+  auto outs = make_ce_outputs(in.logits, reduction, return_lse, return_accuracy, in.p);
+  in.p.grad = in.logits.data_ptr();  // the gradient overwrites the logits, row by row
+  in.p.grad_row_stride = in.p.logits_row_stride;
+  launch_ce(in.p, in.logits);
+  return outs;
+}
+
+void scale_grad_(at::Tensor& grad, const at::Tensor& grad_output, const OptTensor& grad_scale) {
+  const char* op = "sftctl::scale_grad_";
+  check_supported_device(grad, op, "grad");
+  TORCH_CHECK(grad.dim() == 2, op, ": grad must be 2-D [N, V], got shape ", grad.sizes(),
+              grad.numel() == 0 ? " (cross_entropy was called with compute_grad=False)" : "");
+  const DType dtype = kernel_dtype(grad, op, "grad");
+  const int64_t N = grad.size(0), V = grad.size(1);
+  TORCH_CHECK(V <= 1 || grad.stride(1) == 1, op,
+              ": grad must have contiguous columns (stride(1) == 1), got strides ", grad.strides());
+  const int64_t row_stride = N > 1 ? grad.stride(0) : V;
+  TORCH_CHECK(row_stride >= V || N <= 1, op, ": grad rows overlap (strides ", grad.strides(), ")");
+  check_device(grad_output, grad, op, "grad_output", "grad");
+  TORCH_CHECK(grad_output.dim() == 0 || (grad_output.dim() == 1 && grad_output.size(0) == N), op,
+              ": grad_output must be 0-dim (mean/sum) or [N] = [", N,
+              "] (reduction none), got shape ", grad_output.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_output.scalar_type()), op,
+              ": grad_output must be a floating tensor, got ", grad_output.scalar_type());
+  const bool per_row = grad_output.dim() == 1;
+  const at::Tensor go = grad_output.to(at::kFloat).contiguous();
+  at::Tensor gs;
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->dim() == 0, op, ": grad_scale must be a 0-dim tensor, got shape ",
+                grad_scale->sizes());
+    check_device(*grad_scale, grad, op, "grad_scale", "grad");
+    gs = grad_scale->to(at::kFloat).contiguous();
+  }
+  if (N == 0 || V == 0) return;
+  const float* gs_ptr = gs.defined() ? gs.data_ptr<float>() : nullptr;
+  if (grad.is_cuda()) {
+#ifdef SFTCTL_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(grad.device());
+    cuda::scale_grad(grad.data_ptr(), dtype, N, V, row_stride, go.data_ptr<float>(), per_row,
+                     gs_ptr, at::cuda::getCurrentCUDAStream().stream());
+#endif
+  } else {
+    cpu::scale_grad(grad.data_ptr(), dtype, N, V, row_stride, go.data_ptr<float>(), per_row,
+                    gs_ptr);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sft_labels(const at::Tensor& input_ids,
+                                              const OptTensor& loss_mask,
+                                              const OptTensor& prompt_lengths,
+                                              const OptTensor& attention_mask,
+                                              const OptTensor& position_ids,
+                                              const OptTensor& document_ids,
+                                              int64_t ignore_index) {
+  const char* op = "sftctl::sft_labels";
+  check_supported_device(input_ids, op, "input_ids");
+  TORCH_CHECK(input_ids.dim() == 2, op, ": input_ids must be 2-D [B, T], got shape ",
+              input_ids.sizes());
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  SftLabelsParams p;
+  const at::Tensor ids = index_i64(input_ids, op, "input_ids", false);
+  p.input_ids = ids.data_ptr<int64_t>();
+  p.batch = B;
+  p.seq_len = T;
+  p.ignore_index = ignore_index;
+
+  auto bt_mask = [&](const OptTensor& t, const char* name, bool allow_bool) -> at::Tensor {
+    if (!t.has_value()) return at::Tensor();
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == T, op, ": ", name,
+                " must have the shape of input_ids [", B, ", ", T, "], got ", t->sizes());
+    check_device(*t, input_ids, op, name, "input_ids");
+    return index_i64(*t, op, name, allow_bool);
+  };
+  const at::Tensor lm = bt_mask(loss_mask, "loss_mask", true);
+  const at::Tensor am = bt_mask(attention_mask, "attention_mask", true);
+  const at::Tensor pos = bt_mask(position_ids, "position_ids", false);
+  const at::Tensor doc = bt_mask(document_ids, "document_ids", false);
+  at::Tensor pl;
+  if (prompt_lengths.has_value()) {
+    TORCH_CHECK(prompt_lengths->dim() == 1 && prompt_lengths->size(0) == B, op,
+                ": prompt_lengths must be 1-D [B] = [", B, "], got shape ",
+                prompt_lengths->sizes());
+    check_device(*prompt_lengths, input_ids, op, "prompt_lengths", "input_ids");
+    pl = index_i64(*prompt_lengths, op, "prompt_lengths", false);
+  }
+  p.loss_mask = lm.defined() ? lm.data_ptr<int64_t>() : nullptr;
+  p.attention_mask = am.defined() ? am.data_ptr<int64_t>() : nullptr;
+  p.position_ids = pos.defined() ? pos.data_ptr<int64_t>() : nullptr;
+  p.document_ids = doc.defined() ? doc.data_ptr<int64_t>() : nullptr;
+  p.prompt_lengths = pl.defined() ? pl.data_ptr<int64_t>() : nullptr;
+
+  const auto i64 = input_ids.options().dtype(at::kLong);
+  at::Tensor labels = at::empty({B, T}, i64);
+  at::Tensor num = at::empty({}, i64);
+  p.labels = labels.data_ptr<int64_t>();
+  p.num_trainable = num.data_ptr<int64_t>();
+  if (input_ids.is_cuda()) {
+#ifdef SFTCTL_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(input_ids.device());
+    cuda::sft_labels(p, at::cuda::getCurrentCUDAStream().stream());
+#endif
+  } else {
+    cpu::sft_labels(p);
+  }
+  return {labels, num};
+}
+
+}  // namespace
+}  // namespace sftctl
+
+TORCH_LIBRARY(sftctl, m) {
+  m.def(
+      "cross_entropy(Tensor logits, Tensor targets, Tensor? normalizer, Tensor? grad_scale, "
+      "int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, "
+      "bool return_lse, bool return_accuracy, bool compute_grad) "
+      "-> (Tensor loss, Tensor lse, Tensor correct, Tensor grad_logits)");
+  m.def(
+      "cross_entropy_(Tensor(a!) logits, Tensor targets, Tensor? normalizer, Tensor? grad_scale, "
+      "int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, "
+      "bool return_lse, bool return_accuracy) -> (Tensor loss, Tensor lse, Tensor correct)");
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output, Tensor? grad_scale) -> ()");
+  m.def(
+      "sft_labels(Tensor input_ids, Tensor? loss_mask, Tensor? prompt_lengths, "
+      "Tensor? attention_mask, Tensor? position_ids, Tensor? document_ids, int ignore_index) "
+      "-> (Tensor labels, Tensor num_trainable)");
+}
+
+TORCH_LIBRARY_IMPL(sftctl, CPU, m) {
+  m.impl("cross_entropy", &sftctl::cross_entropy);
+  m.impl("cross_entropy_", &sftctl::cross_entropy_);
+  m.impl("scale_grad_", &sftctl::scale_grad_);
+  m.impl("sft_labels", &sftctl::sft_labels);
+}
+
+#ifdef SFTCTL_WITH_CUDA
+TORCH_LIBRARY_IMPL(sftctl, CUDA, m) {
+  m.impl("cross_entropy", &sftctl::cross_entropy);
+  m.impl("cross_entropy_", &sftctl::cross_entropy_);
+  m.impl("scale_grad_", &sftctl::scale_grad_);
+  m.impl("sft_labels", &sftctl::sft_labels);
+}
+#endif
+
+#ifdef TORCH_EXTENSION_NAME
+// `import sftctl._C` only needs to load this library (the ops register themselves above); the
+// module itself is empty.
+static PyModuleDef sftctl_c_module = {PyModuleDef_HEAD_INIT, "sftctl._C",
+                                      "Loads the sftctl ops into torch.ops.sftctl.", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&sftctl_c_module); }
+#endif
