@@ -63,6 +63,14 @@ def setup_logging(quiet: bool, rank: int = 0) -> None:
     log.addHandler(h)
     log.setLevel(level)
     log.propagate = False
+    try:  # transformers' own bars (loading/writing shards) duplicate our log lines
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if quiet or rank != 0:
+            hf_logging.set_verbosity_error()
+    except Exception:
+        pass
 
 
 # -------------------------------------------------------------------------------- train parser

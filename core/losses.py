@@ -57,12 +57,15 @@ def sft_labels(batch, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | None,
-               impl: str, *, reduction: str = "mean",
-               grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+               impl: str, *, reduction: str = "mean", grad_scale: torch.Tensor | None = None,
+               consume_logits: bool = False) -> torch.Tensor:
     """Cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]``.
 
     ``reduction="mean"`` divides the token-loss sum by ``normalizer`` (0-dim fp32 tensor; a zero
     divisor gives 0); ``"sum"`` returns the sum (validation accumulates sums and counts).
+    ``consume_logits`` (fused only): the gradient overwrites the logits buffer during forward,
+    so no second [B*T, V] buffer exists; the trainer uses it because nothing else reads the
+    logits of a training step.
     """
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)  # [B*T, V]
@@ -76,7 +79,7 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: torch.Ten
 
     return ops.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction=reduction,
                              normalizer=normalizer if reduction == "mean" else None,
-                             grad_scale=grad_scale)
+                             grad_scale=grad_scale, inplace_backward=consume_logits)
 
 
 def kernel_name(impl: str, device: torch.device) -> str:

@@ -352,7 +352,8 @@ class Trainer:
                 with self.autocast():
                     logits = self.model(**mb.model_inputs()).logits  # [B, T, V]
                 loss = token_loss(logits, lab, normalizer, impl,
-                                  grad_scale=grad_scale if impl == "fused" else None)
+                                  grad_scale=grad_scale if impl == "fused" else None,
+                                  consume_logits=True)
                 scaled = loss * factor if factor != 1.0 else loss
                 (self.scaler.scale(scaled) if scaling else scaled).backward()
             loss_sum += loss.detach()

@@ -1,0 +1,213 @@
+"""Trainer internals on a real (tiny) HF Llama: packing equivalence, fused-vs-torch loss and
+gradients, normalization over gradient accumulation, label semantics, schedules, batch plans."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sftctl import cli, ops
+from sftctl.data import BatchPlan, collate, pack_first_fit, tokenize_split, Source
+from sftctl.losses import IGNORE_INDEX, sft_labels, token_loss, torch_sft_labels
+from sftctl.plugin_manager import get_plugin_manager
+from sftctl.plugins.schedulers import lr_factor
+
+from sftctl_testutil import alpaca_records, build_tiny_base, read_metrics, write_jsonl
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_tiny_base(tmp_path_factory.mktemp("tiny_base"))
+
+
+@pytest.fixture(scope="module")
+def tok(base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)
+
+
+def load_model(base, attn="sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation=attn)
+    m.config.use_cache = False
+    return m
+
+
+@pytest.fixture(scope="module")
+def split(tok):
+    import datasets
+
+    pm = get_plugin_manager(entry_points=False)
+    fmt = pm.dataset_formats()["alpaca"]
+    recs = alpaca_records(12, seed=5)
+    ds = datasets.Dataset.from_list(recs)
+    return tokenize_split("train", [(Source("mem", "demo"), ds)], fmt, tok, max_seq_len=256,
+                          train_on_prompt=False, skip_invalid=False, num_proc=1, quiet=True)
+
+
+def per_doc_loss_sums(model, batch, impl="torch"):
+    """Sum of token losses per document (keyed by (row, document)) and the labels used."""
+    labels, _ = sft_labels(batch, impl)
+    with torch.no_grad():
+        logits = model(**batch.model_inputs()).logits  # [B, T, V]
+    tl = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)  # [B, T]
+    return tl, labels
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batch_gives_the_unpacked_per_document_loss(base, tok, split, attn):
+    model = load_model(base, attn)
+    docs = [0, 1, 2, 3]
+    padded = collate(split, [[i] for i in docs], pad_id=tok.pad_token_id, packing=False)
+    packed = collate(split, [docs[:3], docs[3:]], pad_id=tok.pad_token_id, packing=True)
+    assert packed.attention_mask is None and packed.position_ids is not None
+    tl_pad, lab_pad = per_doc_loss_sums(model, padded)
+    tl_pack, lab_pack = per_doc_loss_sums(model, packed)
+    unpacked = [float(tl_pad[b].sum()) for b in range(len(docs))]
+    got = []
+    for row in range(packed.input_ids.shape[0]):
+        d = packed.document_ids[row]
+        for k in range(int(d.max()) + 1):
+            got.append(float(tl_pack[row][d == k].sum()))
+    assert np.allclose(got, unpacked, rtol=1e-5, atol=1e-5), (got, unpacked)
+    # the same number of targets, and no target crosses a document boundary
+    assert int((lab_pack != IGNORE_INDEX).sum()) == int((lab_pad != IGNORE_INDEX).sum())
+
+    # sensitivity: without the position-id reset, attention crosses documents and losses change
+    leaky = collate(split, [docs[:3]], pad_id=tok.pad_token_id, packing=True)
+    n = leaky.input_ids.shape[1]
+    leaky.position_ids = torch.arange(n).unsqueeze(0)
+    tl_leak, _ = per_doc_loss_sums(model, leaky)
+    d = leaky.document_ids[0]
+    assert not math.isclose(float(tl_leak[0][d == 1].sum()), unpacked[1], rel_tol=1e-4)
+
+
+def test_packed_and_padded_gradients_match(base, tok, split):
+    docs = list(range(6))
+    grads = []
+    for packing in (False, True):
+        model = load_model(base)
+        rows = [[i] for i in docs] if packing is False else pack_first_fit(
+            docs, split.lengths, 256)
+        b = collate(split, rows, pad_id=tok.pad_token_id, packing=packing)
+        labels, n = sft_labels(b, "fused")
+        loss = token_loss(model(**b.model_inputs()).logits, labels, n.float(), "fused")
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_fused_and_torch_give_the_same_labels_loss_and_gradients(base, tok, split):
+    for packing in (False, True):
+        rows = [[0, 1], [2], [3, 4]] if packing else [[0], [1], [2]]
+        b = collate(split, rows, pad_id=tok.pad_token_id, packing=packing)
+        lab_f, n_f = sft_labels(b, "fused")
+        lab_t, n_t = sft_labels(b, "torch")
+        assert torch.equal(lab_f, lab_t) and int(n_f) == int(n_t) > 0
+        out = {}
+        for impl in ("fused", "torch"):
+            model = load_model(base)
+            logits = model(**b.model_inputs()).logits
+            norm = torch.tensor(float(n_t) + 7.0)  # a step-wide count larger than this batch's
+            loss = token_loss(logits, lab_t, norm, impl, consume_logits=impl == "fused")
+            loss.backward()
+            out[impl] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+        assert torch.allclose(out["fused"][0], out["torch"][0], rtol=1e-6, atol=1e-6)
+        for gf, gt in zip(out["fused"][1], out["torch"][1]):
+            assert torch.allclose(gf, gt, rtol=1e-4, atol=1e-7)
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(base, tok, split):
+    """sum over micro-batches of (token-loss sum / step count) == token mean of the union."""
+    pad = tok.pad_token_id
+    model = load_model(base)
+    micro = [collate(split, [[0], [1]], pad_id=pad, packing=False),
+             collate(split, [[2], [3], [4]], pad_id=pad, packing=False)]
+    labels = [sft_labels(b, "fused") for b in micro]
+    norm = sum(n for _, n in labels).float()
+    total = 0.0
+    for b, (lab, _) in zip(micro, labels):
+        loss = token_loss(model(**b.model_inputs()).logits, lab, norm, "fused")
+        loss.backward()
+        total += float(loss)
+    g_acc = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model2 = load_model(base)
+    big = collate(split, [[i] for i in range(5)], pad_id=pad, packing=False)
+    lab, n = sft_labels(big, "fused")
+    loss = token_loss(model2(**big.model_inputs()).logits, lab, n.float(), "fused")
+    loss.backward()
+    g_big = torch.cat([p.grad.flatten() for p in model2.parameters()])
+    assert math.isclose(total, float(loss), rel_tol=1e-5)
+    assert torch.allclose(g_acc, g_big, atol=1e-6, rtol=1e-4)
+    # and a mean of per-batch means would be different here
+    means = [float(token_loss(model(**b.model_inputs()).logits, lab_, None, "torch",
+                              reduction="sum")) / int(n_) for b, (lab_, n_) in zip(micro, labels)]
+    assert not math.isclose(sum(means) / 2, float(loss), rel_tol=1e-4)
+
+
+def test_torch_label_reference_matches_the_op_on_random_inputs():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        B, T = 3, 17
+        ids = torch.randint(0, 50, (B, T), generator=g)
+        lm = torch.randint(0, 2, (B, T), generator=g)
+        am = (torch.arange(T) < torch.randint(1, T + 1, (B, 1), generator=g)).long()
+        pos = torch.stack([torch.cat([torch.arange(k), torch.arange(T - k)])
+                           for k in torch.randint(1, T, (B,), generator=g).tolist()])
+        docs = (pos == 0).long().cumsum(-1)
+        for kw in (dict(loss_mask=lm, attention_mask=am), dict(loss_mask=lm, position_ids=pos),
+                   dict(loss_mask=lm, position_ids=pos, document_ids=docs), dict()):
+            a, na = torch_sft_labels(ids, **kw)
+            b, nb = ops.sft_labels(ids, **kw)
+            assert torch.equal(a, b) and int(na) == int(nb)
+
+
+def test_schedules_warm_up_then_decay():
+    f = lambda kind, s: lr_factor(s, kind=kind, total=10, warmup=2, min_ratio=0.1)
+    assert [f("constant", s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    for kind in ("cosine", "linear"):
+        vals = [f(kind, s) for s in range(10)]
+        assert vals[0] == 0.5 and vals[2] == 1.0
+        assert all(a >= b for a, b in zip(vals[2:], vals[3:]))
+        assert math.isclose(vals[-1], 0.1)
+
+
+def test_batch_plan_is_deterministic_and_shards_by_rank():
+    lengths = np.random.default_rng(0).integers(5, 60, size=53)
+    one = BatchPlan(lengths, 4, 128, False, seed=3)
+    assert one.batches(0) == one.batches(0) and one.batches(0) != one.batches(1)
+    assert sorted(i for b in one.batches(0) for r in b for i in r) == list(range(53))
+    two = [BatchPlan(lengths, 2, 128, False, seed=3, world_size=2, rank=r) for r in (0, 1)]
+    # the rows of step k on both ranks are the rows of step k on one process with batch 4
+    for k, b in enumerate(one.batches(0)[:-1]):
+        assert two[0].batches(0)[k] + two[1].batches(0)[k] == b
+    packed = BatchPlan(lengths, 2, 128, True, seed=3)
+    rows = [r for b in packed.batches(0) for r in b]
+    assert sorted(i for r in rows for i in r) == list(range(53))
+    assert all(sum(lengths[i] for i in r) <= 128 for r in rows)
+    assert len(rows) < 53  # it packs
+
+
+def test_grad_accum_run_equals_big_batch_run(base, tmp_path):
+    """Two CLI runs: batch 4 x accum 1 and batch 2 x accum 2 give the same per-step losses."""
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(24))
+    losses = []
+    for bs, acc in ((4, 1), (2, 2)):
+        out = tmp_path / f"run_{bs}_{acc}"
+        rc = cli.main(["train", "--model", str(base), "--data", str(data), "--output-dir",
+                       str(out), "--batch-size", str(bs), "--grad-accum", str(acc),
+                       "--max-steps", "4", "--lr", "1e-3", "--no-eval", "--quiet",
+                       "--no-initial-eval"])
+        assert rc == 0
+        losses.append([m["loss"] for m in read_metrics(out) if m["kind"] == "train"])
+    assert len(losses[0]) == 4
+    assert np.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6), losses
