@@ -1,0 +1,291 @@
+// Host launchers of the fused cross-entropy and of scale_grad (declared in cuda/launch.h).
+//
+// Design choices
+// - Torch-free: compiled by plain nvcc; errors are thrown as std::runtime_error with the CUDA
+//   message, which the binding turns into a Python RuntimeError.
+// - Launch plan for a forward: prep kernel (count, checks, scale) -> row kernel -> finalize
+//   kernel (Mean/Sum only). Everything is stream-ordered with no host synchronisation and no
+//   allocation, so the sequence can be captured in a CUDA graph.
+// - Row kernel selection (decided from shape and device only, so a given call always takes the
+//   same path and gives the same bits): on sm_90 the cluster/shared-memory kernel, with the
+//   smallest cluster whose per-CTA slice fits the slice budget (64 KB by default: three CTAs per
+//   SM, so one CTA's loads overlap another's gradient stores); elsewhere, or when no cluster
+//   shape fits, the one-CTA-per-row kernel that re-reads the row from L2.
+// - SFTCTL_CE_SLICE_KB, SFTCTL_CE_THREADS (256|512), SFTCTL_CE_CHUNKS and SFTCTL_CE_KERNEL
+//   (cluster|global) override the plan; they exist for bench/ and the tests, not for users.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "cuda/launch.h"
+#include "kernels/cross_entropy.cuh"
+
+namespace sftctl {
+namespace cuda {
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("sftctl CUDA ") + what + ": " + cudaGetErrorString(e));
+}
+
+struct DeviceInfo {
+  int major = 0;
+  int sms = 0;
+  int smem_optin = 0;  // max dynamic+static shared memory per block after opt-in
+};
+
+DeviceInfo device_info() {
+  static std::mutex mu;
+  static std::map<int, DeviceInfo> cache;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(dev);
+  if (it != cache.end()) return it->second;
+  DeviceInfo d;
+  check(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev), "attribute");
+  check(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev), "attribute");
+  check(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+        "attribute");
+  cache[dev] = d;
+  return d;
+}
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  if (*end != '\0' || x <= 0) throw std::runtime_error(std::string(name) + " must be a positive integer");
+  return static_cast<int>(x);
+}
+
+size_t dtype_size(DType t) { return t == DType::Float32 ? 4 : 2; }
+
+// Raises a kernel's dynamic shared-memory limit (and the cluster-size limit) once per device.
+void prepare_kernel(const void* fn, int smem, bool nonportable) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int>, int> done;  // (kernel, device) -> smem set
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  auto key = std::make_tuple(fn, dev);
+  auto it = done.find(key);
+  if (it != done.end() && it->second >= smem) return;
+  check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  if (nonportable)
+    check(cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+          "cudaFuncSetAttribute(NonPortableClusterSizeAllowed)");
+  done[key] = smem;
+}
+
+// Whether at least one cluster of this shape can be resident (cached per kernel and shape).
+bool cluster_fits(const void* fn, int csize, int threads, int smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, int, int>, bool> cache;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  auto key = std::make_tuple(fn, dev, csize, threads, smem);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(csize, 1, 1);
+  cfg.blockDim = dim3(threads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = csize;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  const bool ok = cudaOccupancyMaxActiveClusters(&n, fn, &cfg) == cudaSuccess && n > 0;
+  (void)cudaGetLastError();  // an unsupported shape is an answer here, not an error
+  std::lock_guard<std::mutex> lock(mu);
+  cache[key] = ok;
+  return ok;
+}
+
+struct Plan {
+  bool tma = false;
+  int csize = 1;
+  int vpc = 0;
+  int nchunk = 1;
+  int threads = 256;
+};
+
+template <typename T, int THREADS, bool FULL, bool TMA>
+const void* kernel_ptr() {
+  return reinterpret_cast<const void*>(&ce_forward_kernel<T, THREADS, FULL, TMA>);
+}
+
+template <typename T, bool FULL>
+const void* pick_kernel(const Plan& plan) {
+  if (plan.threads == 512)
+    return plan.tma ? kernel_ptr<T, 512, FULL, true>() : kernel_ptr<T, 512, FULL, false>();
+  return plan.tma ? kernel_ptr<T, 256, FULL, true>() : kernel_ptr<T, 256, FULL, false>();
+}
+
+template <typename T>
+const void* pick_kernel(const Plan& plan, bool full) {
+  return full ? pick_kernel<T, true>(plan) : pick_kernel<T, false>(plan);
+}
+
+const void* pick_kernel(const Plan& plan, DType dt, bool full) {
+  switch (dt) {
+    case DType::Float32: return pick_kernel<float>(plan, full);
+    case DType::BFloat16: return pick_kernel<__nv_bfloat16>(plan, full);
+    case DType::Float16: return pick_kernel<__half>(plan, full);
+  }
+  throw std::runtime_error("sftctl CUDA cross_entropy: unknown dtype");
+}
+
+Plan make_plan(const CrossEntropyParams& p, bool full) {
+  const DeviceInfo dev = device_info();
+  Plan plan;
+  plan.threads = env_int("SFTCTL_CE_THREADS", 256);
+  if (plan.threads != 256 && plan.threads != 512)
+    throw std::runtime_error("SFTCTL_CE_THREADS must be 256 or 512");
+  const char* force = std::getenv("SFTCTL_CE_KERNEL");
+  const bool want_cluster = !(force && std::string(force) == "global");
+  if (force && *force && std::string(force) != "global" && std::string(force) != "cluster")
+    throw std::runtime_error("SFTCTL_CE_KERNEL must be cluster or global");
+  if (dev.major < 9 || !want_cluster) return plan;
+
+  const int64_t elt = static_cast<int64_t>(dtype_size(p.dtype));
+  const int64_t nvec_max = std::max<int64_t>(1, p.vocab * elt / 16);  // body vectors, worst case
+  const int64_t slice_target = static_cast<int64_t>(env_int("SFTCTL_CE_SLICE_KB", 48)) * 1024 / 16;
+  const int64_t static_smem = 4096;  // barriers and reduction scratch, generous
+  const int64_t cap_vec = (dev.smem_optin - static_smem) / 16;
+  int64_t csize = (nvec_max + slice_target - 1) / slice_target;
+  if (csize > 16) csize = 16;  // hardware limit (non-portable above 8)
+  const int64_t vpc = (nvec_max + csize - 1) / csize;
+  if (vpc > cap_vec) return plan;  // row too long for 16 CTAs of shared memory: global variant
+  plan.tma = true;
+  plan.csize = static_cast<int>(csize);
+  plan.vpc = static_cast<int>(vpc);
+  const int chunks_env = env_int("SFTCTL_CE_CHUNKS", 4);
+  plan.nchunk = static_cast<int>(std::min<int64_t>(
+      std::min(chunks_env, kMaxChunks), std::max<int64_t>(1, vpc / 256)));
+  const void* fn = pick_kernel(plan, p.dtype, full);
+  const int smem = plan.vpc * 16;
+  prepare_kernel(fn, smem, plan.csize > 8);
+  if (!cluster_fits(fn, plan.csize, plan.threads, smem)) {
+    Plan fallback;
+    fallback.threads = plan.threads;
+    return fallback;
+  }
+  return plan;
+}
+
+}  // namespace
+
+size_t cross_entropy_workspace_bytes(const CrossEntropyParams& p) {
+  return static_cast<size_t>(kWsHeader + std::max<int64_t>(p.n_rows, 0)) * sizeof(float);
+}
+
+void cross_entropy_forward(const CrossEntropyParams& p, void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (p.n_rows < 0 || p.vocab <= 0)
+    throw std::runtime_error("sftctl CUDA cross_entropy: need n_rows >= 0 and vocab > 0, got " +
+                             std::to_string(p.n_rows) + " x " + std::to_string(p.vocab));
+  if (p.vocab > (int64_t{1} << 30))
+    throw std::runtime_error("sftctl CUDA cross_entropy: vocab " + std::to_string(p.vocab) +
+                             " is larger than 2^30");
+  if (!p.workspace || !p.targets || !p.loss || (p.n_rows > 0 && !p.logits))
+    throw std::runtime_error("sftctl CUDA cross_entropy: null workspace, targets, loss or logits");
+  if (p.grad && p.grad_row_stride < p.vocab)
+    throw std::runtime_error("sftctl CUDA cross_entropy: grad_row_stride < vocab");
+  if (p.logits_row_stride < p.vocab)
+    throw std::runtime_error("sftctl CUDA cross_entropy: logits_row_stride < vocab");
+
+  ce_prep_kernel<1024><<<1, 1024, 0, stream>>>(p);
+  check(cudaGetLastError(), "launch of ce_prep_kernel");
+
+  if (p.n_rows > 0) {
+    const bool full = p.softcap != 0.f || p.label_smoothing != 0.f || p.correct != nullptr;
+    const Plan plan = make_plan(p, full);
+    const void* fn = pick_kernel(plan, p.dtype, full);
+    const int smem = plan.tma ? plan.vpc * 16 : 0;
+    CeKernelArgs args;
+    args.p = p;
+    args.csize = plan.csize;
+    args.vpc = plan.tma ? plan.vpc : static_cast<int>(p.vocab);
+    args.nchunk = plan.nchunk;
+    const int64_t max_rows = (int64_t{1} << 31) / plan.csize - 1;  // grid.x limit
+    for (int64_t r0 = 0; r0 < p.n_rows; r0 += max_rows) {
+      const int64_t rows = std::min(max_rows, p.n_rows - r0);
+      args.row_begin = r0;
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(static_cast<unsigned>(rows * plan.csize), 1, 1);
+      cfg.blockDim = dim3(plan.threads, 1, 1);
+      cfg.dynamicSmemBytes = smem;
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = plan.csize;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = plan.tma && plan.csize > 1 ? 1 : 0;
+      void* kargs[] = {&args};
+      check(cudaLaunchKernelExC(&cfg, fn, kargs), "launch of ce_forward_kernel");
+    }
+  }
+  if (p.reduction != Reduction::None) {
+    ce_finalize_kernel<512><<<1, 512, 0, stream>>>(p);
+    check(cudaGetLastError(), "launch of ce_finalize_kernel");
+  }
+}
+
+namespace {
+template <typename T>
+void launch_scale_grad(void* grad, int64_t n_rows, int64_t vocab, int64_t row_stride,
+                       const float* grad_output, bool per_row, const float* grad_scale,
+                       cudaStream_t stream) {
+  constexpr int kThreads = 256, kUnroll = 4;
+  constexpr int64_t chunk = int64_t{kThreads} * Vec<T>::kElems * kUnroll;
+  const bool vec = (reinterpret_cast<uintptr_t>(grad) % 16 == 0) &&
+                   ((row_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0);
+  const int64_t chunks = (vocab + chunk - 1) / chunk;
+  if (chunks > 0x7fffffff) throw std::runtime_error("sftctl CUDA scale_grad: vocab too large");
+  dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(std::min<int64_t>(n_rows, 65535)));
+  scale_grad_kernel<T, kThreads, kUnroll><<<grid, kThreads, 0, stream>>>(
+      static_cast<T*>(grad), n_rows, vocab, row_stride, grad_output, per_row, grad_scale, vec);
+  check(cudaGetLastError(), "launch of scale_grad_kernel");
+}
+}  // namespace
+
+void scale_grad(void* grad, DType dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
+                const float* grad_output, bool per_row, const float* grad_scale, void* stream) {
+  if (n_rows <= 0 || vocab <= 0) return;
+  if (!grad || !grad_output) throw std::runtime_error("sftctl CUDA scale_grad: null pointer");
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::Float32:
+      return launch_scale_grad<float>(grad, n_rows, vocab, row_stride, grad_output, per_row,
+                                      grad_scale, s);
+    case DType::BFloat16:
+      return launch_scale_grad<__nv_bfloat16>(grad, n_rows, vocab, row_stride, grad_output,
+                                              per_row, grad_scale, s);
+    case DType::Float16:
+      return launch_scale_grad<__half>(grad, n_rows, vocab, row_stride, grad_output, per_row,
+                                       grad_scale, s);
+  }
+  throw std::runtime_error("sftctl CUDA scale_grad: unknown dtype");
+}
+
+}  // namespace cuda
+}  // namespace sftctl

@@ -1,0 +1,516 @@
+// CUDA kernels of the fused cross-entropy (forward that also writes the gradient) and of the
+// in-place gradient rescale. Semantics: CrossEntropyParams in kernels/params.h.
+//
+// Design choices
+// - Traffic: a non-ignored row is read from HBM once and its gradient written once. On sm_90 a
+//   row is split across a thread-block cluster of `csize` CTAs; each CTA pulls its contiguous
+//   slice of the row into shared memory with the bulk-copy engine (cp.async.bulk, a few chunks,
+//   each on its own mbarrier so the math starts on the first chunk while the rest arrive), reduces
+//   it, exchanges one small partial per CTA through distributed shared memory, and computes the
+//   gradient from its shared-memory copy. The second touch never leaves the SM, and since each
+//   CTA only ever writes the elements it read itself, the gradient may overwrite the logits
+//   (memory mode) with no hazard.
+// - Ignored rows are never read: their CTAs only write zeros.
+// - Below sm_90, or when a row's slice cannot fit shared memory even with 16 CTAs, the same code
+//   runs with one CTA per row reading the row straight from global memory twice (the second read
+//   is mostly served by L2). Both variants share every line of arithmetic.
+// - Row alignment: a row is cut into a head (elements before the first 16-byte boundary), a body
+//   of 16-byte vectors and a tail (< one vector). Any row stride and base offset works; the head
+//   and tail (at most 7 elements each) go through scalar loads by one thread.
+// - Numerics: online max/sum in fp32 per thread, exponent (x - shift) * log2(e) on ex2.approx
+//   (the shift is subtracted before scaling, so no rounded large product biases the lse), partials
+//   merged in a fixed order (warp shuffles, warps in order, cluster ranks in order). No float
+//   atomics anywhere: the per-row losses go to a workspace and a one-block kernel sums them in
+//   fp64 in a fixed order, so the same inputs give the same bits.
+// - No host synchronisation: the divisor of the mean (normalizer or count of non-ignored rows)
+//   and the gradient scale are computed on the device by a small prep kernel that also checks the
+//   targets (device-side assert on a target outside [0, V) that is not ignore_index).
+// - Template flags: FULL adds softcap, label smoothing and argmax bookkeeping; the common path
+//   (none of them) skips that work entirely.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/common.cuh"
+#include "kernels/params.h"
+
+namespace sftctl {
+namespace cuda {
+
+constexpr int kMaxChunks = 8;     // bulk copies (each with its own mbarrier) per CTA slice
+constexpr int kWsHeader = 4;      // workspace floats before the per-row losses
+// workspace layout (floats): [0] gradient scale, [1] divisor of the mean, [2..3] unused,
+//                            [kWsHeader + row] loss of each row (Mean/Sum only)
+
+struct CeKernelArgs {
+  CrossEntropyParams p;
+  int64_t row_begin = 0;  // first row handled by this launch (grids are launched in pieces)
+  int csize = 1;          // CTAs per row (the cluster size); 1 for the global-memory variant
+  int vpc = 0;            // body vectors (16 B) per CTA slice: the shared buffer's capacity
+  int nchunk = 1;         // bulk copies per slice
+};
+
+// One CTA's (or thread's) reduction state over a set of columns of one row.
+template <bool FULL>
+struct RowPart {
+  float m;      // running max of z
+  float s;      // sum of exp(z - m)
+  float zy;     // z at the target column (valid when has_zy)
+  int has_zy;
+  float sumz;   // FULL: sum of z (label smoothing)
+  float best;   // FULL: max z, and its first column
+  int bidx;
+
+  __device__ __forceinline__ void init() {
+    m = -INFINITY;
+    s = 0.f;
+    zy = 0.f;
+    has_zy = 0;
+    sumz = 0.f;
+    best = -INFINITY;
+    bidx = 0x7fffffff;
+  }
+};
+
+// Merges b into a. Commutative in every field, so shuffle-xor trees give identical results in
+// every lane, and a fixed tree gives identical bits run to run.
+template <bool FULL>
+__device__ __forceinline__ void merge(RowPart<FULL>& a, const RowPart<FULL>& b) {
+  const float M = fmaxf(a.m, b.m);
+  const float sa = (a.m == -INFINITY) ? 0.f : a.s * fast_exp2((a.m - M) * kLog2e);
+  const float sb = (b.m == -INFINITY) ? 0.f : b.s * fast_exp2((b.m - M) * kLog2e);
+  a.m = M;
+  a.s = sa + sb;
+  if (b.has_zy) {
+    a.zy = b.zy;
+    a.has_zy = 1;
+  }
+  if (FULL) {
+    a.sumz += b.sumz;
+    if (b.best > a.best || (b.best == a.best && b.bidx < a.bidx)) {
+      a.best = b.best;
+      a.bidx = b.bidx;
+    }
+  }
+}
+
+template <bool FULL>
+__device__ __forceinline__ void merge_shfl(RowPart<FULL>& a, int off) {
+  RowPart<FULL> b;
+  b.m = __shfl_xor_sync(0xffffffffu, a.m, off);
+  b.s = __shfl_xor_sync(0xffffffffu, a.s, off);
+  b.zy = __shfl_xor_sync(0xffffffffu, a.zy, off);
+  b.has_zy = __shfl_xor_sync(0xffffffffu, a.has_zy, off);
+  if (FULL) {
+    b.sumz = __shfl_xor_sync(0xffffffffu, a.sumz, off);
+    b.best = __shfl_xor_sync(0xffffffffu, a.best, off);
+    b.bidx = __shfl_xor_sync(0xffffffffu, a.bidx, off);
+  }
+  // Order the pair by lane so both lanes add the same two numbers in the same order.
+  if (threadIdx.x & off) {
+    merge(b, a);
+    a = b;
+  } else {
+    merge(a, b);
+  }
+}
+
+// Row-level constants, computed once per row (identically in every CTA of the cluster).
+// The log-sum-exp is kept split as m + log(s): the gradient's exponent is (x - m) * log2(e) -
+// log2(s), exact to a few ulp of a small number, where x - lse would carry the rounding of
+// lse itself (ulp(lse) is 8e-6 at |lse| = 100).
+struct RowConst {
+  float m;
+  float log2s;
+  float lse;
+};
+
+// Register budget: 256 threads x 3 CTAs or 512 x 2 per SM (the shared-memory plan's occupancy).
+template <int THREADS>
+constexpr int ce_min_blocks() {
+  return THREADS <= 256 ? 3 : 2;
+}
+
+template <typename T, int THREADS, bool FULL, bool TMA>
+__global__ void __launch_bounds__(THREADS, ce_min_blocks<THREADS>())
+    ce_forward_kernel(const CeKernelArgs a) {
+  using VT = Vec<T>;
+  constexpr int E = VT::kElems;
+  constexpr int kWarps = THREADS / 32;
+  extern __shared__ __align__(128) uint4 slice[];  // TMA: this CTA's slice of the row
+  __shared__ uint64_t bars[kMaxChunks];
+  __shared__ RowPart<FULL> warp_parts[kWarps];
+  __shared__ RowPart<FULL> cta_part;  // read by the other CTAs of the cluster
+  __shared__ RowConst row_const;
+
+  const CrossEntropyParams& p = a.p;
+  const int tid = threadIdx.x;
+  const int rank = TMA ? static_cast<int>(cluster_ctarank()) : 0;
+  const int64_t row = a.row_begin + blockIdx.x / a.csize;
+  const int V = static_cast<int>(p.vocab);
+  const T* lrow = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
+  T* grow = p.grad ? static_cast<T*>(p.grad) + row * p.grad_row_stride : nullptr;
+  const int64_t y = p.targets[row];
+
+  // head | body of 16-byte vectors | tail
+  const int head = min(V, static_cast<int>(((16u - (static_cast<uint32_t>(
+                                                       reinterpret_cast<uintptr_t>(lrow)) & 15u)) &
+                                            15u) / sizeof(T)));
+  const int nvec = (V - head) / E;
+  const int tail0 = head + nvec * E;
+  const int v0 = min(rank * a.vpc, nvec);
+  const int v1 = min(v0 + a.vpc, nvec);
+  const int nv = v1 - v0;
+  const bool first = rank == 0;
+  const bool last = rank == a.csize - 1;
+  const bool gvec = grow != nullptr &&
+                    (reinterpret_cast<uintptr_t>(grow + head) & 15u) == 0;
+  const uint4* gbody = reinterpret_cast<const uint4*>(lrow + head) + v0;  // this CTA's vectors
+
+  if (y == p.ignore_index) {
+    // Zero gradient row; the row's logits are never read.
+    if (grow) {
+      if (gvec) {
+        uint4* dst = reinterpret_cast<uint4*>(grow + head) + v0;
+        for (int i = tid; i < nv; i += THREADS) dst[i] = make_uint4(0u, 0u, 0u, 0u);
+      } else {
+        for (int i = tid; i < nv * E; i += THREADS) VT::store1(grow + head + v0 * E + i, 0.f);
+      }
+      if (first && tid < head) VT::store1(grow + tid, 0.f);
+      if (last && tid < V - tail0) VT::store1(grow + tail0 + tid, 0.f);
+    }
+    if (first && tid == 0) {
+      if (p.reduction == Reduction::None)
+        p.loss[row] = 0.f;
+      else
+        p.workspace[kWsHeader + row] = 0.f;
+      if (p.lse) p.lse[row] = 0.f;
+      if (p.correct) p.correct[row] = false;
+    }
+    return;
+  }
+
+  // ---- start the loads of this CTA's slice (sm_90: copy engine into shared memory)
+  const int per_chunk = TMA ? (nv + a.nchunk - 1) / a.nchunk : nv;
+  const int nchunk = TMA ? a.nchunk : 1;
+  if (TMA) {
+    if (tid == 0) {
+      for (int k = 0; k < nchunk; ++k) mbar_init(&bars[k], 1);
+      mbar_fence_init();
+      for (int k = 0; k < nchunk; ++k) {
+        const int lo = k * per_chunk, hi = min(lo + per_chunk, nv);
+        if (hi <= lo) break;
+        const uint32_t bytes = static_cast<uint32_t>(hi - lo) * 16u;
+        mbar_arrive_expect_tx(&bars[k], bytes);
+        bulk_copy_g2s(slice + lo, gbody + lo, bytes, &bars[k]);
+      }
+    }
+    __syncthreads();  // barriers initialised before anyone waits on them
+  }
+  const float scale = (grow != nullptr) ? p.workspace[0] : 0.f;  // from the prep kernel
+
+  const bool softcap_on = FULL && p.softcap > 0.f;
+  const float cap = p.softcap;
+  const float inv_cap = softcap_on ? 1.f / p.softcap : 0.f;
+  const int yvec = (y >= head && y < tail0) ? static_cast<int>(y - head) / E : -1;
+
+  // ---- pass 1: online max / sum over this CTA's columns
+  RowPart<FULL> st;
+  st.init();
+  auto take_scalar = [&](float x, int col) {
+    if (softcap_on) x = cap * tanhf(x * inv_cap);
+    if (x > st.m) {
+      st.s = st.s * fast_exp2((st.m - x) * kLog2e);  // m = -inf: s is 0, 0 * 0 = 0
+      st.m = x;
+    }
+    st.s += fast_exp2((x - ((st.m == -INFINITY) ? 0.f : st.m)) * kLog2e);
+    if (col == y) {
+      st.zy = x;
+      st.has_zy = 1;
+    }
+    if (FULL) {
+      st.sumz += x;
+      if (x > st.best) {
+        st.best = x;
+        st.bidx = col;
+      }
+    }
+  };
+  if (tid == 0) {
+    if (first)
+      for (int j = 0; j < head; ++j) take_scalar(VT::load1(lrow + j), j);
+    if (last)
+      for (int j = tail0; j < V; ++j) take_scalar(VT::load1(lrow + j), j);
+  }
+  for (int k = 0; k < nchunk; ++k) {
+    const int lo = k * per_chunk, hi = min(lo + per_chunk, nv);
+    if (hi <= lo) break;
+    if (TMA) mbar_wait(&bars[k], 0);
+#pragma unroll 2
+    for (int i = lo + tid; i < hi; i += THREADS) {
+      const uint4 u = TMA ? slice[i] : gbody[i];
+      float x[E];
+      VT::unpack(u, x);
+      if (softcap_on) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) x[e] = cap * tanhf(x[e] * inv_cap);
+      }
+      float vm = x[0];
+#pragma unroll
+      for (int e = 1; e < E; ++e) vm = fmaxf(vm, x[e]);
+      if (vm > st.m) {
+        st.s = st.s * fast_exp2((st.m - vm) * kLog2e);
+        st.m = vm;
+      }
+      // m = -inf here means every value so far is -inf: shift by 0 so exp2(-inf) = 0, not NaN.
+      const float sh = (st.m == -INFINITY) ? 0.f : st.m;
+      float acc = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc += fast_exp2((x[e] - sh) * kLog2e);
+      st.s += acc;
+      const int col0 = head + (v0 + i) * E;
+      if (v0 + i == yvec) {
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+          if (col0 + e == y) st.zy = x[e];
+        st.has_zy = 1;
+      }
+      if (FULL) {
+        float zs = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          zs += x[e];
+          if (x[e] > st.best) {
+            st.best = x[e];
+            st.bidx = col0 + e;
+          }
+        }
+        st.sumz += zs;
+      }
+    }
+  }
+
+  // ---- reduce: warp, then warps in order, then cluster ranks in order
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) merge_shfl(st, off);
+  if ((tid & 31) == 0) warp_parts[tid >> 5] = st;
+  __syncthreads();
+  if (tid == 0) {
+    RowPart<FULL> c = warp_parts[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) merge(c, warp_parts[w]);
+    cta_part = c;
+  }
+  if (TMA && a.csize > 1) {
+    cluster_arrive();  // release: thread 0's cta_part becomes visible to the cluster
+    cluster_wait();
+  }
+  if (tid == 0) {
+    RowPart<FULL> r = cta_part;
+    if (TMA && a.csize > 1) {
+      r = *cluster_map(&cta_part, 0);
+      for (int k = 1; k < a.csize; ++k) merge(r, *cluster_map(&cta_part, k));
+    }
+    RowConst rc;
+    const float ln_s = logf(r.s);  // s >= 1: the max term contributes exp(0)
+    rc.m = r.m;
+    rc.log2s = log2f(r.s);
+    rc.lse = r.m + ln_s;
+    const float eps = FULL ? p.label_smoothing : 0.f;
+    // (m - z_y) + log s: the difference of two logits is exact, no large lse is rounded first
+    float loss = (r.m - r.zy) + ln_s;
+    if (FULL && eps != 0.f)
+      loss = (1.f - eps) * loss + eps * ((r.m - r.sumz / static_cast<float>(V)) + ln_s);
+    if (p.z_loss != 0.f) loss += p.z_loss * rc.lse * rc.lse;
+    row_const = rc;
+    if (first) {
+      if (p.reduction == Reduction::None)
+        p.loss[row] = loss;
+      else
+        p.workspace[kWsHeader + row] = loss;
+      if (p.lse) p.lse[row] = rc.lse;
+      // A NaN logit makes lse NaN (like torch) and the row never counts as correct.
+      if (p.correct) p.correct[row] = FULL && r.bidx == y && !isnan(rc.lse);
+    }
+  }
+  __syncthreads();
+  // Peers may still read cta_part: arrive now, wait before exiting (keeps our smem alive).
+  if (TMA && a.csize > 1) cluster_arrive();
+
+  // ---- pass 2: gradient from the shared-memory copy (global re-read in the fallback variant)
+  if (grow) {
+    const float lse = row_const.lse, rm = row_const.m, log2s = row_const.log2s;
+    const float eps = FULL ? p.label_smoothing : 0.f;
+    const float c1 = scale * (1.f + 2.f * p.z_loss * lse);
+    const float c0 = -scale * eps / static_cast<float>(V);
+    const float cy = scale * (1.f - eps);
+    auto grad_of = [&](float raw, int col) {
+      float x = raw, d = 1.f;
+      if (softcap_on) {
+        const float t = tanhf(raw * inv_cap);
+        x = cap * t;
+        d = 1.f - t * t;
+      }
+      float g = fmaf(fast_exp2(fmaf(x - rm, kLog2e, -log2s)), c1, c0);
+      if (col == y) g -= cy;
+      return g * d;
+    };
+    if (tid == 0) {
+      if (first)
+        for (int j = 0; j < head; ++j) VT::store1(grow + j, grad_of(VT::load1(lrow + j), j));
+      if (last)
+        for (int j = tail0; j < V; ++j) VT::store1(grow + j, grad_of(VT::load1(lrow + j), j));
+    }
+    uint4* gdst = reinterpret_cast<uint4*>(grow + head) + v0;
+#pragma unroll 2
+    for (int i = tid; i < nv; i += THREADS) {
+      const uint4 u = TMA ? slice[i] : gbody[i];
+      float x[E], g[E];
+      VT::unpack(u, x);
+      if (softcap_on) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const float t = tanhf(x[e] * inv_cap);
+          g[e] = fmaf(fast_exp2(fmaf(cap * t - rm, kLog2e, -log2s)), c1, c0);
+          x[e] = 1.f - t * t;  // reuse x as the softcap derivative
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+          g[e] = fmaf(fast_exp2(fmaf(x[e] - rm, kLog2e, -log2s)), c1, c0);
+      }
+      if (v0 + i == yvec) {
+        const int col0 = head + (v0 + i) * E;
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+          if (col0 + e == y) g[e] -= cy;
+      }
+      if (softcap_on) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) g[e] *= x[e];
+      }
+      if (gvec) {
+        gdst[i] = VT::pack(g);
+      } else {
+        T* d = grow + head + (v0 + i) * E;
+#pragma unroll
+        for (int e = 0; e < E; ++e) VT::store1(d + e, g[e]);
+      }
+    }
+  }
+  if (TMA && a.csize > 1) cluster_wait();
+}
+
+// Counts the non-ignored targets, checks them, and fixes the gradient scale and the divisor of
+// the mean on the device (no host sync). One block.
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS) ce_prep_kernel(const CrossEntropyParams p) {
+  __shared__ long long counts[THREADS / 32];
+  long long n = 0;
+  for (int64_t i = threadIdx.x; i < p.n_rows; i += THREADS) {
+    const int64_t y = p.targets[i];
+    if (y == p.ignore_index) continue;
+    if (y < 0 || y >= p.vocab) {
+      printf("sftctl.cross_entropy: targets[%lld] = %lld is outside [0, %lld) and is not "
+             "ignore_index (%lld)\n",
+             static_cast<long long>(i), static_cast<long long>(y),
+             static_cast<long long>(p.vocab), static_cast<long long>(p.ignore_index));
+      SFTCTL_DEVICE_ASSERT(false, "sftctl.cross_entropy: target out of range");
+    }
+    ++n;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) n += __shfl_xor_sync(0xffffffffu, n, off);
+  if ((threadIdx.x & 31) == 0) counts[threadIdx.x >> 5] = n;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    long long total = 0;
+    for (int w = 0; w < THREADS / 32; ++w) total += counts[w];
+    const float gs = p.grad_scale ? *p.grad_scale : 1.f;
+    float divisor = 1.f, scale = gs;
+    if (p.reduction == Reduction::Mean) {
+      divisor = p.normalizer ? *p.normalizer : static_cast<float>(total);
+      scale = (divisor != 0.f) ? gs / divisor : 0.f;
+    }
+    p.workspace[0] = scale;
+    p.workspace[1] = divisor;
+  }
+}
+
+// Sum (or mean) of the per-row losses: fixed partition, fp64 accumulation, fixed tree.
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS) ce_finalize_kernel(const CrossEntropyParams p) {
+  __shared__ double part[THREADS];
+  double acc = 0.0;
+  const float* rows = p.workspace + kWsHeader;
+  for (int64_t i = threadIdx.x; i < p.n_rows; i += THREADS) acc += static_cast<double>(rows[i]);
+  part[threadIdx.x] = acc;
+  __syncthreads();
+#pragma unroll
+  for (int w = THREADS / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    double total = part[0];
+    if (p.reduction == Reduction::Mean) {
+      const double divisor = p.workspace[1];
+      total = (divisor != 0.0) ? total / divisor : 0.0;
+    }
+    *p.loss = static_cast<float>(total);
+  }
+}
+
+// grad *= grad_output / grad_scale, per row or for the whole tensor; rows whose factor is
+// exactly 1 (grad_output == grad_scale) are left untouched, so the common case moves no bytes.
+template <typename T, int THREADS, int UNROLL>
+__global__ void __launch_bounds__(THREADS)
+    scale_grad_kernel(T* grad, int64_t n_rows, int64_t vocab, int64_t row_stride,
+                      const float* grad_output, bool per_row, const float* grad_scale,
+                      bool vec) {
+  using VT = Vec<T>;
+  constexpr int E = VT::kElems;
+  constexpr int64_t kChunk = static_cast<int64_t>(THREADS) * E * UNROLL;
+  const float gs = grad_scale ? *grad_scale : 1.f;
+  for (int64_t row = blockIdx.y; row < n_rows; row += gridDim.y) {
+    const float go = per_row ? grad_output[row] : grad_output[0];
+    if (go == gs) continue;
+    if (gs == 0.f) {
+      // The forward wrote an all-zero gradient: only grad_output == 0 is representable.
+      if (go != 0.f && blockIdx.x == 0 && threadIdx.x == 0)
+        printf("sftctl.scale_grad_: grad_scale is 0, so the saved gradient is all zeros and "
+               "cannot be rescaled to grad_output %g (row %lld); pass a nonzero grad_scale\n",
+               go, static_cast<long long>(row));
+      SFTCTL_DEVICE_ASSERT(go == 0.f, "sftctl.scale_grad_: grad_scale is 0");
+      continue;
+    }
+    const float f = go / gs;
+    T* r = grad + row * row_stride;
+    const int64_t lo = blockIdx.x * kChunk;
+    const int64_t hi = min(lo + kChunk, vocab);
+    if (vec) {
+      // row start 16-byte aligned (checked by the launcher); the last partial vector is scalar
+      const int64_t vhi = lo + (hi - lo) / E * E;
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int64_t c = lo + (static_cast<int64_t>(u) * THREADS + threadIdx.x) * E;
+        if (c < vhi) {
+          uint4* ptr = reinterpret_cast<uint4*>(r + c);
+          float x[E];
+          VT::unpack(*ptr, x);
+#pragma unroll
+          for (int e = 0; e < E; ++e) x[e] *= f;
+          *ptr = VT::pack(x);
+        }
+      }
+      for (int64_t c = vhi + threadIdx.x; c < hi; c += THREADS)
+        VT::store1(r + c, VT::load1(r + c) * f);
+    } else {
+      for (int64_t c = lo + threadIdx.x; c < hi; c += THREADS)
+        VT::store1(r + c, VT::load1(r + c) * f);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace sftctl
