@@ -127,7 +127,7 @@ def add_config_arguments(p: argparse.ArgumentParser, options: dict) -> dict[str,
             g.add_argument(flag, nargs="+", type=base, metavar=metavar,
                            help=help_ + _default_text(f), **kw)
         else:
-            g.add_argument(flag, type=base, choices=choices, metavar=metavar,
+            g.add_argument(flag, type=base, choices=choices, metavar=None if choices else metavar,
                            help=help_ + _default_text(f), **kw)
         flags[dotted] = flag
     if options:
@@ -141,6 +141,8 @@ def add_config_arguments(p: argparse.ArgumentParser, options: dict) -> dict[str,
                                help=f"{o.help} [plugin {o.plugin}] (default: {o.default})")
             else:
                 g.add_argument(o.flag, type=typ, dest=dest, default=argparse.SUPPRESS,
+                               metavar=None if o.choices else
+                               {int: "N", float: "X"}.get(typ, "VALUE"),
                                choices=list(o.choices) if o.choices else None,
                                help=f"{o.help} [plugin {o.plugin}]" +
                                     (f" (default: {o.default})" if o.default is not None else ""))

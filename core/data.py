@@ -32,6 +32,7 @@ Design choices
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -191,7 +192,9 @@ def _load_file(source: Source, cache_dir, fmt, skip_invalid, counts):
     if not _has_content(path):
         raise DataError(f"{path}: empty dataset (the file has no records)")
     try:
-        return datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
+        with _quiet_logger("datasets"):  # its error line would duplicate ours
+            return datasets.load_dataset("json", data_files=path, split="train",
+                                         cache_dir=cache_dir)
     except Exception as e:
         # Find the exact line/field with the json module; it also loads when skipping.
         records, bad = read_json_records(source, fmt, stop_at_first=not skip_invalid)
@@ -220,6 +223,17 @@ def _load_file(source: Source, cache_dir, fmt, skip_invalid, counts):
         except Exception as e2:
             raise DataError(f"{path}: cannot load the dataset: {type(e).__name__}: {_short(e)}; "
                             f"reading only the fields {keep}: {_short(e2)}") from None
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    lg = logging.getLogger(name)
+    old = lg.level
+    lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
 
 
 def _has_content(path: str) -> bool:

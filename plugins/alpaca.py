@@ -36,7 +36,7 @@ def _text(record, name: str, *, required: bool) -> str:
     value = record.get(name)
     if value is None:
         if required:
-            raise RecordError(name, "missing field")
+            raise RecordError(name, "missing")
         return ""
     if not isinstance(value, str):
         raise RecordError(name, f"expected a string, got {type(value).__name__} {value!r:.60}")
