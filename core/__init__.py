@@ -31,3 +31,13 @@ def __getattr__(name):
 
 
 __all__ = ["__version__", "extension_info", "ops", "modules", "ExtensionNotBuilt"]
+
+# Plugin API (what plugin authors import; see docs/plugins.md): the hook marker and the specs
+# that registration hooks accept.
+from .config import ConfigOption  # noqa: E402
+from .errors import ConfigError, DataError, SftctlError  # noqa: E402
+from .plugin_manager import hookimpl  # noqa: E402
+from .registry import DatasetFormat, OptimizerSpec, RecordError, SchedulerSpec, Segment  # noqa: E402
+
+__all__ += ["hookimpl", "ConfigOption", "DatasetFormat", "OptimizerSpec", "SchedulerSpec",
+            "Segment", "RecordError", "SftctlError", "ConfigError", "DataError"]
