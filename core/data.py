@@ -127,13 +127,14 @@ def resolve_source(spec: str) -> Source:
 
 
 def load_source(source: Source, split: str, *, cache_dir: str | None = None,
-                fmt: DatasetFormat | None = None, skip_invalid: bool = False, counts=None):
+                fmt: DatasetFormat | None = None, skip_invalid: bool = False, counts=None,
+                options: dict | None = None):
     """Load one source as a ``datasets.Dataset``. Errors name the file, record and field."""
     import datasets
 
     try:
         if source.kind == "file":
-            return _load_file(source, cache_dir, fmt, skip_invalid, counts)
+            return _load_file(source, cache_dir, fmt, skip_invalid, counts, options)
         if source.kind == "saved":
             obj = datasets.load_from_disk(str(source.path))
             return _pick_split(obj, split, source)
@@ -172,7 +173,7 @@ def _pick_split(obj, split: str, source: Source):
     return obj
 
 
-def _load_file(source: Source, cache_dir, fmt, skip_invalid, counts):
+def _load_file(source: Source, cache_dir, fmt, skip_invalid, counts, options=None):
     import datasets
 
     path = str(source.path)
@@ -197,7 +198,8 @@ def _load_file(source: Source, cache_dir, fmt, skip_invalid, counts):
                                          cache_dir=cache_dir)
     except Exception as e:
         # Find the exact line/field with the json module; it also loads when skipping.
-        records, bad = read_json_records(source, fmt, stop_at_first=not skip_invalid)
+        records, bad = read_json_records(source, fmt, stop_at_first=not skip_invalid,
+                                         options=options)
         if bad and not skip_invalid:
             raise DataError(bad[0]) from None
         if not bad:
@@ -244,7 +246,8 @@ def _has_content(path: str) -> bool:
     return False
 
 
-def read_json_records(source: Source, fmt: DatasetFormat | None, *, stop_at_first: bool
+def read_json_records(source: Source, fmt: DatasetFormat | None, *, stop_at_first: bool,
+                      options: dict | None = None
                       ) -> tuple[list[tuple[int | None, dict]], list[str]]:
     """Parse a JSON/JSONL file with the json module and check each record with the format.
 
@@ -278,7 +281,7 @@ def read_json_records(source: Source, fmt: DatasetFormat | None, *, stop_at_firs
             bad.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
         elif fmt is not None:
             try:
-                _check_segments(fmt.to_segments(rec), fmt)
+                _check_segments(fmt.segments(rec, options), fmt)
             except RecordError as e:
                 bad.append(f"{where}: {e}")
             else:
@@ -343,8 +346,10 @@ class _Tokenize:
     """The ``datasets.map`` function (a class so that it pickles for worker processes and hashes
     stably for the datasets cache)."""
 
-    def __init__(self, fmt: DatasetFormat, tokenizer, max_seq_len: int, train_on_prompt: bool):
+    def __init__(self, fmt: DatasetFormat, tokenizer, max_seq_len: int, train_on_prompt: bool,
+                 options: dict | None = None):
         self.fmt = fmt
+        self.options = dict(options or {})
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.train_on_prompt = train_on_prompt
@@ -360,7 +365,7 @@ class _Tokenize:
         for i in range(n):
             rec = {k: batch[k][i] for k in keys}
             try:
-                segs = _check_segments(self.fmt.to_segments(rec), self.fmt)
+                segs = _check_segments(self.fmt.segments(rec, self.options), self.fmt)
             except RecordError as e:
                 errors[i] = str(e)
                 segs_all.append(None)
@@ -408,7 +413,8 @@ def special_prefix(tokenizer) -> list[int]:
 
 def tokenize_split(name: str, parts: list[tuple[Source, Any]], fmt: DatasetFormat, tokenizer, *,
                    max_seq_len: int, train_on_prompt: bool, skip_invalid: bool, num_proc: int | None,
-                   quiet: bool, pre_skipped: SplitStats | None = None) -> TokenizedSplit:
+                   quiet: bool, pre_skipped: SplitStats | None = None,
+                   options: dict | None = None) -> TokenizedSplit:
     """Validate and tokenize every source of a split; raise on invalid records unless skipping."""
     import datasets
 
@@ -424,7 +430,7 @@ def tokenize_split(name: str, parts: list[tuple[Source, Any]], fmt: DatasetForma
                             f"{fmt.name!r} needs {list(fmt.required)}; the data has columns "
                             f"{ds.column_names})")
         nproc = num_proc or (1 if len(ds) < 50_000 else min(8, os.cpu_count() or 1))
-        fn = _Tokenize(fmt, tokenizer, max_seq_len, train_on_prompt)
+        fn = _Tokenize(fmt, tokenizer, max_seq_len, train_on_prompt, options)
         mapped = ds.map(fn, batched=True, batch_size=1000, with_indices=True,
                         remove_columns=ds.column_names, num_proc=nproc if nproc > 1 else None,
                         desc=f"tokenizing {name} ({Path(source.label).name})")
@@ -717,7 +723,8 @@ def prepare_data(config, fmt: DatasetFormat, tokenizer, pm=None) -> PreparedData
             else:
                 src = resolve_source(spec)
                 ds = load_source(src, split, cache_dir=dc.cache_dir, fmt=fmt,
-                                 skip_invalid=dc.skip_invalid, counts=counts)
+                                 skip_invalid=dc.skip_invalid, counts=counts,
+                                 options=config.options)
             parts.append((src, ds))
         stats.skipped += counts["skipped"]
         stats.records += counts["skipped"]
@@ -759,7 +766,8 @@ def prepare_data(config, fmt: DatasetFormat, tokenizer, pm=None) -> PreparedData
             log.info("using the first %d training records (--max-examples)", total)
         train_parts = kept
     kw = dict(max_seq_len=dc.max_seq_len, train_on_prompt=dc.train_on_prompt,
-              skip_invalid=dc.skip_invalid, num_proc=dc.num_proc, quiet=quiet)
+              skip_invalid=dc.skip_invalid, num_proc=dc.num_proc, quiet=quiet,
+              options=config.options)
     train = tokenize_split("train", train_parts, fmt, tokenizer, pre_skipped=train_stats, **kw)
     val = None
     if dc.val_fraction > 0:

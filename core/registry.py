@@ -47,6 +47,10 @@ class DatasetFormat:
     """A dataset format: how records become prompt/response segments.
 
     - ``to_segments(record) -> Sequence[Segment]``; raise ``RecordError`` for a bad record.
+      With ``uses_options=True`` it is called as ``to_segments(record, options)`` where
+      ``options`` is the run's plugin-option dict (``config.options``): formats read their
+      settings from there, never from module globals, so worker processes and the datasets
+      cache see them (a changed option re-tokenizes).
     - ``fields``: field name -> short description (shown by ``sftctl plugins``; the required ones
       are checked against the loaded columns before any record is processed).
     - ``required``: the subset of ``fields`` that must be present as columns.
@@ -63,7 +67,14 @@ class DatasetFormat:
     description: str = ""
     demo_data: Callable[[Any], Mapping[str, Sequence[Mapping[str, Any]]]] | None = None
     demo_config: str | None = None
+    uses_options: bool = False
     plugin: str | None = None
+
+    def segments(self, record: Mapping[str, Any], options: Mapping[str, Any] | None = None
+                 ) -> Sequence[Segment]:
+        if self.uses_options:
+            return self.to_segments(record, dict(options or {}))
+        return self.to_segments(record)
 
 
 @dataclass(frozen=True)
