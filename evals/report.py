@@ -605,7 +605,9 @@ _INLINE = [
     (re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
     (re.compile(r"\*\*([^*]+)\*\*"), r"<strong>\1</strong>"),
     (re.compile(r"(?<![*\w])\*([^*]+)\*(?!\w)"), r"<em>\1</em>"),
-    (re.compile(r"\[([^\]]+)\]\(((?:https?://|#|\./|[\w/.-]+)[^)\s]*)\)"), r'<a href="\2">\1</a>'),
+    # links: http(s), in-page anchors and relative paths only (no javascript:, data: ...)
+    (re.compile(r"\[([^\]]+)\]\((https?://[^)\s]+|#[^)\s]*|(?![\w+.-]*:)[^)\s]+)\)"),
+     r'<a href="\2">\1</a>'),
 ]
 
 
