@@ -1,0 +1,336 @@
+"""The real ``sftctl`` CLI: the golden-loss curve of the embedded default run, fused vs torch at
+the CLI level, packing, the checkpoint layout, --help, config layering and every bad-input case.
+
+Subprocess runs use one thread and the offline environment (see ``sftctl_testutil.cli_env``).
+Regenerate the stored curves with ``SFTCTL_REGEN_GOLDEN=1 pytest tests/test_cli.py -k golden``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sftctl import cli
+from sftctl.config import iter_fields
+
+from sftctl_testutil import (alpaca_records, build_tiny_base, cli_env, read_metrics, run_cli,
+                             write_jsonl)
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN_YAML = GOLDEN / "alpaca_golden.yaml"
+REGEN = os.environ.get("SFTCTL_REGEN_GOLDEN") == "1"
+RTOL = 2e-4  # thread count and kernel ISA may change fp32 rounding; the curve must not move
+
+
+def curve(run_dir: Path) -> dict:
+    m = read_metrics(run_dir)
+    return {"train_loss": [x["loss"] for x in m if x["kind"] == "train"],
+            "val_loss": [[x["step"], x["val_loss"]] for x in m if x["kind"] == "val"]}
+
+
+def check_golden(name: str, got: dict) -> None:
+    path = GOLDEN / f"{name}.json"
+    if REGEN:
+        path.write_text(json.dumps(got, indent=1) + "\n")
+        pytest.skip(f"regenerated {path}")
+    want = json.loads(path.read_text())
+    assert len(got["train_loss"]) == len(want["train_loss"])
+    np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=RTOL)
+    assert [s for s, _ in got["val_loss"]] == [s for s, _ in want["val_loss"]]
+    np.testing.assert_allclose([v for _, v in got["val_loss"]], [v for _, v in want["val_loss"]],
+                               rtol=RTOL)
+
+
+@pytest.fixture(scope="module")
+def golden_run(tmp_path_factory):
+    """``sftctl train --plugin alpaca`` on the embedded base (built into OUT/base)."""
+    tmp = tmp_path_factory.mktemp("golden")
+    out = tmp / "run"
+    r = run_cli(["train", "--config", str(GOLDEN_YAML), "--output-dir", str(out)],
+                env=cli_env(tmp))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_golden_default_run_curve_and_checkpoint(golden_run):
+    out, r = golden_run
+    check_golden("alpaca_tiny_fused", curve(out))
+    # the run directory of docs/contracts.md §2
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model", "base"):
+        assert (out / name).exists(), name
+    model_dir = out / "model"
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "sftctl_config.yaml", "sftctl_summary.json"):
+        assert (model_dir / name).is_file(), name
+    assert not list(out.glob(".model.tmp-*"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["steps"] == 12
+    assert summary["examples"] == {"used": 400, "truncated": 0, "dropped": 0, "skipped": 0}
+    assert summary["base_model"] == str((out / "base").resolve())
+    assert summary["loss_kernel"].startswith("sftctl._C")
+    assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["peak_memory_bytes"] > 0
+    assert [b["name"] for b in summary["benchmarks"]] == ["alpaca_exact_match", "alpaca_choice"]
+    assert summary["val_loss"] < summary["initial_val_loss"]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["optim"]["lr"] == 2e-3 and cfg["plugins"] == ["alpaca"]
+    lines = read_metrics(out)
+    train = [x for x in lines if x["kind"] == "train"]
+    assert [x["step"] for x in train] == list(range(1, 13))
+    for key in ("step", "epoch", "loss", "lr", "tokens", "tokens_total", "tokens_per_s",
+                "grad_norm", "time"):
+        assert key in train[0]
+    # it reloads as a plain HF model and gives the logged validation loss
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(out / "base")
+    assert model.config.vocab_size == len(tok)
+    changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                        ref.state_dict().values()))
+    assert changed
+
+
+def test_golden_curve_with_the_torch_loss(golden_run, tmp_path):
+    """The plain PyTorch path reproduces the fused run's curve (same base, same config)."""
+    out0, _ = golden_run
+    out = tmp_path / "torch"
+    r = run_cli(["train", "--config", str(GOLDEN_YAML), "--model", str(out0 / "base"),
+                 "--output-dir", str(out), "--loss-impl", "torch"], env=cli_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = curve(out), curve(out0)
+    np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=RTOL)
+    assert json.loads((out / "summary.json").read_text())["loss_kernel"].startswith("torch")
+
+
+def test_golden_packed_run(golden_run, tmp_path):
+    out0, _ = golden_run
+    out = tmp_path / "packed"
+    r = run_cli(["train", "--config", str(GOLDEN_YAML), "--model", str(out0 / "base"),
+                 "--output-dir", str(out), "--packing", "--batch-size", "2"],
+                env=cli_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_golden("alpaca_tiny_packed", curve(out))
+    s = json.loads((out / "summary.json").read_text())
+    assert s["data"]["packing"] is True
+    # same examples, fewer rows: far fewer padded tokens per step than the padded run
+    assert s["tokens"] == json.loads((out0 / "summary.json").read_text())["tokens"] or \
+        s["steps"] == 12
+
+
+def test_help_documents_every_option():
+    r = run_cli(["train", "--help"])
+    assert r.returncode == 0
+    for dotted, f, _ in iter_fields():
+        flag = f.metadata.get("flag")
+        if flag:
+            assert flag in r.stdout, flag
+    for flag in ("--output-dir", "--max-steps", "--epochs", "--batch-size", "--grad-accum", "--lr",
+                 "--max-seq-len", "--seed", "--packing", "--precision", "--skip-invalid",
+                 "--no-eval", "--loss-impl", "--quiet", "--plugin", "--config", "--model",
+                 "--data", "--alpaca-demo-train-size"):
+        assert flag in r.stdout, flag
+
+
+# ------------------------------------------------------------------------ config resolution
+
+
+def resolved(argv, capsys) -> dict:
+    assert cli.main(["train", *argv, "--print-config"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_config_layers_yaml_then_flags(tmp_path, capsys):
+    y = tmp_path / "run.yaml"
+    y.write_text("optim:\n  lr: 1e-4\n  scheduler: linear\ntrain:\n  batch_size: 3\n"
+                 "options:\n  alpaca.demo_seed: 5\n")
+    cfg = resolved(["--model", "x/y", "--config", str(y), "--batch-size", "5",
+                    "--set", "optim.betas=[0.8, 0.9]", "--alpaca-demo-train-size", "7"], capsys)
+    assert cfg["optim"]["lr"] == 1e-4  # YAML 1.1 reads 1e-4 as a string: accepted as a number
+    assert cfg["optim"]["scheduler"] == "linear"
+    assert cfg["train"]["batch_size"] == 5  # the flag wins over the file
+    assert cfg["optim"]["betas"] == [0.8, 0.9]
+    assert cfg["options"]["alpaca.demo_seed"] == 5 and cfg["options"]["alpaca.demo_train_size"] == 7
+    assert cfg["data"]["format"] == "alpaca"
+    assert cfg["train"]["output_dir"].startswith("runs")
+
+
+def test_embedded_model_gets_the_formats_tuned_defaults(capsys):
+    from sftctl.plugin_manager import get_plugin_manager
+
+    fmt = get_plugin_manager(entry_points=False).dataset_formats()["alpaca"]
+    if fmt.demo_config is None:
+        pytest.skip("no tuned defaults file shipped")
+    tuned = yaml.safe_load(Path(fmt.demo_config).read_text())
+    cfg = resolved(["--plugin", "alpaca"], capsys)
+    for section, values in tuned.items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                assert cfg[section][k] == v or float(cfg[section][k]) == float(v), (section, k)
+    # with --model the tuned defaults of the tiny model are not applied
+    cfg2 = resolved(["--plugin", "alpaca", "--model", "org/name"], capsys)
+    assert cfg2["optim"]["lr"] == 2e-5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "optim.lrr=1"], "unknown key 'lrr' (did you mean 'lr'?)"),
+    (["--set", "train.batch_size=eight"], "train.batch_size: expected an integer"),
+    (["--set", "train.batch_size=0"], "below the minimum"),
+    (["--set", "nosection.x=1"], "unknown key 'nosection'"),
+    (["--set", "options.nope=1"], "unknown key 'nope'"),
+    (["--set", "optim.betas=[0.9]"], "optim.betas"),
+    (["--plugin", "nope"], "unknown plugin 'nope'; available: alpaca"),
+    (["--config", "/nonexistent/run.yaml"], "config file not found"),
+])
+def test_config_errors_are_named(argv, message, capsys):
+    rc = cli.main(["train", *argv, "--print-config"])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_file_typo_names_the_file(tmp_path, capsys):
+    y = tmp_path / "run.yaml"
+    y.write_text("train:\n  max_step: 3\n")
+    assert cli.main(["train", "--config", str(y), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert str(y) in err and "max_step" in err and "max_steps" in err
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_base(tmp_path_factory.mktemp("tiny"))
+
+
+GOOD = {"instruction": "Reverse the words.", "input": "red blue", "output": "blue red"}
+
+
+def train_on(tmp_path, tiny, data: Path, *extra) -> tuple[int, Path]:
+    out = tmp_path / "out"
+    rc = cli.main(["train", "--model", str(tiny), "--data", str(data), "--output-dir", str(out),
+                   "--max-steps", "2", "--no-eval", "--quiet", "--no-initial-eval", *extra])
+    return rc, out
+
+
+def assert_no_checkpoint(out: Path):
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
+
+
+BAD_CASES = {
+    "missing_field": ([GOOD, {"instruction": "x", "input": ""}, GOOD], None,
+                      ["record 1 (line 2)", "'output'", "missing"]),
+    "mistyped_field": ([GOOD, GOOD, {**GOOD, "output": 5}], None,
+                       ["record 2 (line 3)", "'output'", "expected a string, got int"]),
+    "mistyped_everywhere": ([{**GOOD, "instruction": ["a"]}] * 2, None,
+                            ["record 0 (line 1)", "'instruction'", "got list"]),
+    "empty_response": ([GOOD, {**GOOD, "output": "   "}], None,
+                       ["record 1 (line 2)", "'output'", "empty response"]),
+    "invalid_json_line": ([GOOD, GOOD, GOOD], {1: '{"instruction": "x", '},
+                          ["line 2", "invalid JSON"]),
+    "not_an_object": ([GOOD, GOOD], {1: "[1, 2]"}, ["line 2", "expected a JSON object"]),
+    "wrong_columns": ([{"prompt": "a", "completion": "b"}], None,
+                      ["record 0", "missing field 'instruction'", "columns ['prompt', "]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_records_stop_before_training(case, tmp_path, tiny, capsys):
+    records, raw, needles = BAD_CASES[case]
+    data = write_jsonl(tmp_path / f"{case}.jsonl", records, raw)
+    rc, out = train_on(tmp_path, tiny, data)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert str(data) in err
+    for n in needles:
+        assert n in err, (n, err)
+    assert_no_checkpoint(out)
+
+
+def test_empty_dataset(tmp_path, tiny, capsys):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n")
+    rc, out = train_on(tmp_path, tiny, data)
+    assert rc == 2 and "empty dataset" in capsys.readouterr().err
+    assert_no_checkpoint(out)
+
+
+def test_missing_data_file_and_model_path(tmp_path, tiny, capsys):
+    rc, out = train_on(tmp_path, tiny, tmp_path / "nope.jsonl")
+    assert rc == 2 and "data file not found" in capsys.readouterr().err
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    out = tmp_path / "o2"
+    rc = cli.main(["train", "--model", str(tmp_path / "no_model"), "--data", str(data),
+                   "--output-dir", str(out), "--quiet"])
+    assert rc == 2 and "model path not found" in capsys.readouterr().err
+    assert_no_checkpoint(out)
+
+
+def test_skip_invalid_counts_what_it_skipped(tmp_path, tiny):
+    good = alpaca_records(10)
+    recs = good[:4] + [{"instruction": "x"}] + good[4:8] + [{**GOOD, "output": 3}] + good[8:]
+    data = write_jsonl(tmp_path / "d.jsonl", recs + [GOOD], {len(recs): "{broken"})
+    rc, out = train_on(tmp_path, tiny, data, "--skip-invalid")
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["examples"]["skipped"] == 3 and s["examples"]["used"] == 10
+    msgs = s["examples_detail"]["train"]["skipped_messages"]
+    assert any("line 13" in m and "invalid JSON" in m for m in msgs), msgs
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_truncation_and_drops_are_counted(tmp_path, tiny):
+    long = {**GOOD, "input": " ".join(["blue"] * 400)}  # the response falls past max_seq_len
+    recs = alpaca_records(6) + [long, {**GOOD, "output": "red " * 200}]
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    rc, out = train_on(tmp_path, tiny, data, "--max-seq-len", "200")
+    assert rc == 0
+    ex = json.loads((out / "summary.json").read_text())["examples"]
+    assert ex == {"used": 7, "truncated": 1, "dropped": 1, "skipped": 0}
+
+
+def test_output_dir_with_a_run_is_refused_without_overwrite(tmp_path, tiny, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(8))
+    assert train_on(tmp_path, tiny, data)[0] == 0
+    rc, _ = train_on(tmp_path, tiny, data)
+    assert rc == 2 and "already holds a run" in capsys.readouterr().err
+    assert train_on(tmp_path, tiny, data, "--overwrite")[0] == 0
+
+
+def test_exit_code_of_the_real_process(tmp_path, tiny):
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD, {**GOOD, "output": ""}])
+    r = run_cli(["train", "--model", str(tiny), "--data", str(data), "--output-dir",
+                 str(tmp_path / "o"), "--quiet"], env=cli_env(tmp_path))
+    assert r.returncode == 2
+    assert "record 1 (line 2): field 'output': empty response" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------ plugins and doctor
+
+
+def test_plugins_json_lists_builtins(capsys):
+    assert cli.main(["plugins", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    names = {p["name"]: p for p in info["plugins"]}
+    assert {"alpaca", "optimizers", "schedulers", "metrics_jsonl"} <= set(names)
+    assert names["alpaca"]["dataset_formats"] == ["alpaca"]
+    assert {"adamw", "sgd"} <= set(names["optimizers"]["optimizers"])
+    assert set(names["schedulers"]["schedulers"]) == {"cosine", "linear", "constant"}
+
+
+def test_doctor_reports_the_extension_and_device(capsys):
+    assert cli.main(["doctor", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["extension"]["loaded"] is True
+    assert "CPU" in rep["extension"]["kernels"]["cross_entropy"]
+    assert rep["device"]["selected"] in ("cpu", "cuda")
+    assert rep["versions"]["torch"]
