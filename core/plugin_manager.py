@@ -148,16 +148,23 @@ class PluginManager(pluggy.PluginManager):
         try:
             self.check_pending()
         except pluggy.PluginValidationError as e:
-            raise PluginError(f"plugin {e.plugin!r}: {e}; hooks must be one of: "
-                              f"{', '.join(sorted(self.hook_names()))}") from None
+            name = self.get_name(e.plugin) or repr(e.plugin)
+            unknown = [n for n in self.hook_names(specified=False)
+                       if getattr(self.hook, n).spec is None and
+                       any(i.plugin is e.plugin for i in getattr(self.hook, n).get_hookimpls())]
+            raise PluginError(f"plugin {name!r} implements unknown hook(s) "
+                              f"{', '.join(unknown) or '?'} ({e}); the hooks are: "
+                              f"{', '.join(self.hook_names())}") from None
         for name, info in self.infos.items():
             plugin = self.get_plugin(name)
             info.hooks = sorted(impl_name for impl_name in self.hook_names()
                                 if any(i.plugin is plugin for i in
                                        getattr(self.hook, impl_name).get_hookimpls()))
 
-    def hook_names(self) -> list[str]:
-        return [n for n in dir(self.hook) if n.startswith("sftctl_")]
+    def hook_names(self, specified: bool = True) -> list[str]:
+        """Names of the ``sftctl_*`` hooks (only those with a spec unless ``specified=False``)."""
+        return sorted(n for n in dir(self.hook) if n.startswith("sftctl_") and
+                      (not specified or getattr(self.hook, n).spec is not None))
 
     def require(self, names: list[str]) -> None:
         """Every ``--plugin`` name must be loaded; an unknown one lists the available names."""
