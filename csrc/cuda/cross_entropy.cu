@@ -87,10 +87,10 @@ void prepare_kernel(const void* fn, int smem, bool nonportable) {
   done[key] = smem;
 }
 
-// Whether at least one cluster of this shape can be resident (cached per kernel and shape).
-bool cluster_fits(const void* fn, int csize, int threads, int smem) {
+// How many clusters of this shape can be resident at once (0: none; cached per kernel and shape).
+int max_active_clusters(const void* fn, int csize, int threads, int smem) {
   static std::mutex mu;
-  static std::map<std::tuple<const void*, int, int, int, int>, bool> cache;
+  static std::map<std::tuple<const void*, int, int, int, int>, int> cache;
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   auto key = std::make_tuple(fn, dev, csize, threads, smem);
@@ -111,36 +111,41 @@ bool cluster_fits(const void* fn, int csize, int threads, int smem) {
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   int n = 0;
-  const bool ok = cudaOccupancyMaxActiveClusters(&n, fn, &cfg) == cudaSuccess && n > 0;
+  if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) != cudaSuccess) n = 0;
   (void)cudaGetLastError();  // an unsupported shape is an answer here, not an error
   std::lock_guard<std::mutex> lock(mu);
-  cache[key] = ok;
-  return ok;
+  cache[key] = n;
+  return n;
 }
+
+enum class Kind { Global, Cluster, Persistent };
 
 struct Plan {
-  bool tma = false;
+  Kind kind = Kind::Global;
   int csize = 1;
   int vpc = 0;
-  int nchunk = 1;
+  int nchunk = 1;   // Cluster: bulk copies per slice; Persistent: pipeline stages
   int threads = 256;
+  int clusters = 0; // Persistent: resident clusters (the grid)
 };
 
-template <typename T, int THREADS, bool FULL, bool TMA>
-const void* kernel_ptr() {
-  return reinterpret_cast<const void*>(&ce_forward_kernel<T, THREADS, FULL, TMA>);
-}
-
-template <typename T, bool FULL>
-const void* pick_kernel(const Plan& plan) {
-  if (plan.threads == 512)
-    return plan.tma ? kernel_ptr<T, 512, FULL, true>() : kernel_ptr<T, 512, FULL, false>();
-  return plan.tma ? kernel_ptr<T, 256, FULL, true>() : kernel_ptr<T, 256, FULL, false>();
+template <typename T, int THREADS, bool FULL>
+const void* kernel_ptr(Kind kind) {
+  switch (kind) {
+    case Kind::Cluster:
+      return reinterpret_cast<const void*>(&ce_forward_kernel<T, THREADS, FULL, true>);
+    case Kind::Persistent:
+      return reinterpret_cast<const void*>(&ce_persistent_kernel<T, THREADS, FULL>);
+    default:
+      return reinterpret_cast<const void*>(&ce_forward_kernel<T, THREADS, FULL, false>);
+  }
 }
 
 template <typename T>
 const void* pick_kernel(const Plan& plan, bool full) {
-  return full ? pick_kernel<T, true>(plan) : pick_kernel<T, false>(plan);
+  if (plan.threads == 512)
+    return full ? kernel_ptr<T, 512, true>(plan.kind) : kernel_ptr<T, 512, false>(plan.kind);
+  return full ? kernel_ptr<T, 256, true>(plan.kind) : kernel_ptr<T, 256, false>(plan.kind);
 }
 
 const void* pick_kernel(const Plan& plan, DType dt, bool full) {
@@ -154,39 +159,49 @@ const void* pick_kernel(const Plan& plan, DType dt, bool full) {
 
 Plan make_plan(const CrossEntropyParams& p, bool full) {
   const DeviceInfo dev = device_info();
+  const char* force = std::getenv("SFTCTL_CE_KERNEL");
+  const std::string want = force ? force : "";
+  if (!want.empty() && want != "global" && want != "cluster" && want != "persistent")
+    throw std::runtime_error("SFTCTL_CE_KERNEL must be global, cluster or persistent");
+  const bool persistent = want == "persistent";
   Plan plan;
-  plan.threads = env_int("SFTCTL_CE_THREADS", 256);
+  plan.threads = env_int("SFTCTL_CE_THREADS", persistent ? 512 : 256);
   if (plan.threads != 256 && plan.threads != 512)
     throw std::runtime_error("SFTCTL_CE_THREADS must be 256 or 512");
-  const char* force = std::getenv("SFTCTL_CE_KERNEL");
-  const bool want_cluster = !(force && std::string(force) == "global");
-  if (force && *force && std::string(force) != "global" && std::string(force) != "cluster")
-    throw std::runtime_error("SFTCTL_CE_KERNEL must be cluster or global");
-  if (dev.major < 9 || !want_cluster) return plan;
+  if (dev.major < 9 || want == "global") return plan;
 
   const int64_t elt = static_cast<int64_t>(dtype_size(p.dtype));
   const int64_t nvec_max = std::max<int64_t>(1, p.vocab * elt / 16);  // body vectors, worst case
-  const int64_t slice_target = static_cast<int64_t>(env_int("SFTCTL_CE_SLICE_KB", 48)) * 1024 / 16;
+  const int64_t slice_target =
+      static_cast<int64_t>(env_int("SFTCTL_CE_SLICE_KB", persistent ? 64 : 48)) * 1024 / 16;
   const int64_t static_smem = 4096;  // barriers and reduction scratch, generous
   const int64_t cap_vec = (dev.smem_optin - static_smem) / 16;
   int64_t csize = (nvec_max + slice_target - 1) / slice_target;
   if (csize > 16) csize = 16;  // hardware limit (non-portable above 8)
   const int64_t vpc = (nvec_max + csize - 1) / csize;
   if (vpc > cap_vec) return plan;  // row too long for 16 CTAs of shared memory: global variant
-  plan.tma = true;
   plan.csize = static_cast<int>(csize);
   plan.vpc = static_cast<int>(vpc);
-  const int chunks_env = env_int("SFTCTL_CE_CHUNKS", 4);
-  plan.nchunk = static_cast<int>(std::min<int64_t>(
-      std::min(chunks_env, kMaxChunks), std::max<int64_t>(1, vpc / 256)));
+  if (persistent) {
+    plan.kind = Kind::Persistent;
+    const int fit = static_cast<int>(std::min<int64_t>(kMaxStages, cap_vec / vpc));
+    plan.nchunk = std::min(env_int("SFTCTL_CE_STAGES", 3), fit);
+    if (plan.nchunk < 2) plan.nchunk = fit;  // a single buffer still works, unpipelined
+  } else {
+    plan.kind = Kind::Cluster;
+    plan.nchunk = static_cast<int>(std::min<int64_t>(
+        std::min(env_int("SFTCTL_CE_CHUNKS", 4), kMaxChunks), std::max<int64_t>(1, vpc / 256)));
+  }
   const void* fn = pick_kernel(plan, p.dtype, full);
-  const int smem = plan.vpc * 16;
+  const int smem = plan.vpc * 16 * (persistent ? plan.nchunk : 1);
   prepare_kernel(fn, smem, plan.csize > 8);
-  if (!cluster_fits(fn, plan.csize, plan.threads, smem)) {
+  const int resident = max_active_clusters(fn, plan.csize, plan.threads, smem);
+  if (resident <= 0) {
     Plan fallback;
-    fallback.threads = plan.threads;
+    fallback.threads = persistent ? 256 : plan.threads;
     return fallback;
   }
+  plan.clusters = resident;
   return plan;
 }
 
@@ -218,30 +233,38 @@ void cross_entropy_forward(const CrossEntropyParams& p, void* stream_ptr) {
     const bool full = p.softcap != 0.f || p.label_smoothing != 0.f || p.correct != nullptr;
     const Plan plan = make_plan(p, full);
     const void* fn = pick_kernel(plan, p.dtype, full);
-    const int smem = plan.tma ? plan.vpc * 16 : 0;
+    const bool tma = plan.kind != Kind::Global;
+    const int smem = !tma ? 0 : plan.vpc * 16 * (plan.kind == Kind::Persistent ? plan.nchunk : 1);
     CeKernelArgs args;
     args.p = p;
     args.csize = plan.csize;
-    args.vpc = plan.tma ? plan.vpc : static_cast<int>(p.vocab);
+    args.vpc = tma ? plan.vpc : static_cast<int>(p.vocab);
     args.nchunk = plan.nchunk;
-    const int64_t max_rows = (int64_t{1} << 31) / plan.csize - 1;  // grid.x limit
-    for (int64_t r0 = 0; r0 < p.n_rows; r0 += max_rows) {
-      const int64_t rows = std::min(max_rows, p.n_rows - r0);
-      args.row_begin = r0;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = plan.csize;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    auto launch = [&](int64_t blocks) {
       cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(static_cast<unsigned>(rows * plan.csize), 1, 1);
+      cfg.gridDim = dim3(static_cast<unsigned>(blocks), 1, 1);
       cfg.blockDim = dim3(plan.threads, 1, 1);
       cfg.dynamicSmemBytes = smem;
       cfg.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = plan.csize;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
       cfg.attrs = attr;
-      cfg.numAttrs = plan.tma && plan.csize > 1 ? 1 : 0;
+      cfg.numAttrs = tma && plan.csize > 1 ? 1 : 0;
       void* kargs[] = {&args};
-      check(cudaLaunchKernelExC(&cfg, fn, kargs), "launch of ce_forward_kernel");
+      check(cudaLaunchKernelExC(&cfg, fn, kargs), "launch of the cross-entropy row kernel");
+    };
+    if (plan.kind == Kind::Persistent) {
+      args.row_begin = 0;  // one launch; each resident cluster strides over the rows
+      launch(std::min<int64_t>(plan.clusters, p.n_rows) * plan.csize);
+    } else {
+      const int64_t max_rows = (int64_t{1} << 31) / plan.csize - 1;  // grid.x limit
+      for (int64_t r0 = 0; r0 < p.n_rows; r0 += max_rows) {
+        args.row_begin = r0;
+        launch(std::min(max_rows, p.n_rows - r0) * plan.csize);
+      }
     }
   }
   if (p.reduction != Reduction::None) {

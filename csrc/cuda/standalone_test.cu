@@ -91,9 +91,12 @@ struct Case {
   }
 };
 
+static std::string g_kernel;  // --kernel: the variant for cases that do not force one
+
 static void set_env(const Case& c) {
-  if (c.kernel.empty()) unsetenv("SFTCTL_CE_KERNEL");
-  else setenv("SFTCTL_CE_KERNEL", c.kernel.c_str(), 1);
+  const std::string k = c.kernel.empty() ? g_kernel : c.kernel;
+  if (k.empty()) unsetenv("SFTCTL_CE_KERNEL");
+  else setenv("SFTCTL_CE_KERNEL", k.c_str(), 1);
   if (c.slice_kb) setenv("SFTCTL_CE_SLICE_KB", std::to_string(c.slice_kb).c_str(), 1);
   else unsetenv("SFTCTL_CE_SLICE_KB");
 }
@@ -604,17 +607,21 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
   std::printf("bench %s N=%lld V=%lld ignored=%.0f%%: D2D copy %.3f ms = %.2f TB/s, floor %.3f ms\n",
               dname(dt), (long long)N, (long long)V, ignore_frac * 100, copy_ms, bw / 1e12, floor_ms);
   struct Cfg { const char* kernel; int slice; int threads; int chunks; bool inplace; };
-  const Cfg cfgs[] = {{"cluster", 64, 512, 4, false}, {"cluster", 64, 256, 4, false},
-                      {"cluster", 32, 256, 4, false}, {"cluster", 32, 512, 4, false},
-                      {"cluster", 96, 512, 4, false}, {"cluster", 128, 512, 4, false},
-                      {"cluster", 64, 512, 1, false}, {"cluster", 64, 512, 8, false},
-                      {"cluster", 48, 256, 4, false},
-                      {"global", 0, 512, 1, false},   {"cluster", 64, 512, 4, true}};
+  // chunks = bulk copies per slice (cluster) or pipeline stages (persistent)
+  const Cfg cfgs[] = {{"cluster", 48, 256, 4, false},    {"cluster", 40, 256, 4, false},
+                      {"cluster", 56, 256, 4, false},    {"cluster", 64, 256, 4, false},
+                      {"persistent", 64, 512, 3, false}, {"persistent", 48, 512, 4, false},
+                      {"persistent", 32, 512, 6, false}, {"persistent", 72, 512, 3, false},
+                      {"persistent", 32, 256, 3, false}, {"persistent", 48, 256, 2, false},
+                      {"persistent", 24, 256, 4, false}, {"persistent", 100, 512, 2, false},
+                      {"global", 0, 512, 1, false},      {"cluster", 48, 256, 4, true},
+                      {"persistent", 64, 512, 3, true}};
   for (const Cfg& c : cfgs) {
     setenv("SFTCTL_CE_KERNEL", c.kernel, 1);
     if (c.slice) setenv("SFTCTL_CE_SLICE_KB", std::to_string(c.slice).c_str(), 1);
     setenv("SFTCTL_CE_THREADS", std::to_string(c.threads).c_str(), 1);
     setenv("SFTCTL_CE_CHUNKS", std::to_string(c.chunks).c_str(), 1);
+    setenv("SFTCTL_CE_STAGES", std::to_string(c.chunks).c_str(), 1);
     CrossEntropyParams p;
     p.logits_row_stride = V;
     p.targets = dt_;
@@ -630,13 +637,14 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
       p.grad = c.inplace ? logits[k] : grad;
       cuda::cross_entropy_forward(p, nullptr);
     }, 40);
-    std::printf("  kernel=%-7s slice=%3dKB threads=%d chunks=%d inplace=%d: %.3f ms = %.3fx floor (%.2f TB/s effective on read+write)\n",
+    std::printf("  kernel=%-10s slice=%3dKB threads=%d chunks/stages=%d inplace=%d: %.3f ms = %.3fx floor (%.2f TB/s effective on read+write)\n",
                 c.kernel, c.slice, c.threads, c.chunks, c.inplace, ms, ms / floor_ms, 2.0 * bytes / (ms * 1e-3) / 1e12);
   }
   unsetenv("SFTCTL_CE_KERNEL");
   unsetenv("SFTCTL_CE_SLICE_KB");
   unsetenv("SFTCTL_CE_THREADS");
   unsetenv("SFTCTL_CE_CHUNKS");
+  unsetenv("SFTCTL_CE_STAGES");
   for (void* l : logits) CK(cudaFree(l));
   CK(cudaFree(grad));
   CK(cudaFree(dt_));
@@ -650,7 +658,9 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--large")) large = true;
     else if (!std::strcmp(argv[i], "--bench")) do_bench = true;
+    else if (!std::strcmp(argv[i], "--kernel") && i + 1 < argc) g_kernel = argv[++i];
   }
+  if (!g_kernel.empty()) std::printf("kernel variant: %s\n", g_kernel.c_str());
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s (sm_%d%d, %d SMs, L2 %d MB)\n", prop.name, prop.major, prop.minor,

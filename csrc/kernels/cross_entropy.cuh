@@ -125,6 +125,303 @@ struct RowConst {
   float lse;
 };
 
+// ---------------------------------------------------------------------------------------------
+// Per-row geometry and the passes, shared by the three row kernels below.
+
+// One row as seen by CTA `rank` of its cluster: head | body of 16-byte vectors | tail.
+template <typename T>
+struct RowView {
+  const T* lrow;
+  T* grow;      // null when no gradient is wanted
+  int64_t row;
+  int64_t y;
+  int V;
+  int head;     // elements before the first 16-byte boundary of the logits row
+  int tail0;    // first element after the body
+  int v0, nv;   // this CTA's body vectors [v0, v0 + nv)
+  int yvec;     // body vector holding the target column, or -1
+  bool first, last, gvec;
+
+  __device__ __forceinline__ RowView(const CrossEntropyParams& p, int64_t r, int rank, int csize,
+                                     int vpc) {
+    constexpr int E = Vec<T>::kElems;
+    row = r;
+    V = static_cast<int>(p.vocab);
+    lrow = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
+    grow = p.grad ? static_cast<T*>(p.grad) + r * p.grad_row_stride : nullptr;
+    y = p.targets[r];
+    const uint32_t mis = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(lrow)) & 15u;
+    head = min(V, static_cast<int>(((16u - mis) & 15u) / sizeof(T)));
+    const int nvec = (V - head) / E;
+    tail0 = head + nvec * E;
+    v0 = min(rank * vpc, nvec);
+    nv = min(v0 + vpc, nvec) - v0;
+    yvec = (y >= head && y < tail0) ? static_cast<int>(y - head) / E : -1;
+    first = rank == 0;
+    last = rank == csize - 1;
+    gvec = grow != nullptr && (reinterpret_cast<uintptr_t>(grow + head) & 15u) == 0;
+  }
+  __device__ __forceinline__ const uint4* body() const {
+    return reinterpret_cast<const uint4*>(lrow + head) + v0;
+  }
+};
+
+template <typename T, int THREADS>
+__device__ __forceinline__ void zero_row(const CrossEntropyParams& p, const RowView<T>& rv) {
+  using VT = Vec<T>;
+  constexpr int E = VT::kElems;
+  const int tid = threadIdx.x;
+  if (rv.grow) {
+    if (rv.gvec) {
+      uint4* dst = reinterpret_cast<uint4*>(rv.grow + rv.head) + rv.v0;
+      for (int i = tid; i < rv.nv; i += THREADS) dst[i] = make_uint4(0u, 0u, 0u, 0u);
+    } else {
+      for (int i = tid; i < rv.nv * E; i += THREADS)
+        VT::store1(rv.grow + rv.head + rv.v0 * E + i, 0.f);
+    }
+    if (rv.first && tid < rv.head) VT::store1(rv.grow + tid, 0.f);
+    if (rv.last && tid < rv.V - rv.tail0) VT::store1(rv.grow + rv.tail0 + tid, 0.f);
+  }
+  if (rv.first && tid == 0) {
+    if (p.reduction == Reduction::None)
+      p.loss[rv.row] = 0.f;
+    else
+      p.workspace[kWsHeader + rv.row] = 0.f;
+    if (p.lse) p.lse[rv.row] = 0.f;
+    if (p.correct) p.correct[rv.row] = false;
+  }
+}
+
+struct Softcap {
+  bool on;
+  float cap, inv;
+};
+
+// Pass 1 over one scalar column (head/tail elements).
+template <bool FULL>
+__device__ __forceinline__ void take_scalar(RowPart<FULL>& st, float x, int col, int64_t y,
+                                            const Softcap& sc) {
+  if (FULL && sc.on) x = sc.cap * tanhf(x * sc.inv);
+  if (x > st.m) {
+    st.s = st.s * fast_exp2((st.m - x) * kLog2e);  // m = -inf: s is 0, 0 * 0 = 0
+    st.m = x;
+  }
+  st.s += fast_exp2((x - ((st.m == -INFINITY) ? 0.f : st.m)) * kLog2e);
+  if (col == y) {
+    st.zy = x;
+    st.has_zy = 1;
+  }
+  if (FULL) {
+    st.sumz += x;
+    if (x > st.best) {
+      st.best = x;
+      st.bidx = col;
+    }
+  }
+}
+
+// Pass 1 over one 16-byte vector (body vector index v of the row).
+template <typename T, bool FULL>
+__device__ __forceinline__ void take_vec(RowPart<FULL>& st, const uint4& u, int v,
+                                         const RowView<T>& rv, const Softcap& sc) {
+  constexpr int E = Vec<T>::kElems;
+  float x[E];
+  Vec<T>::unpack(u, x);
+  if (FULL && sc.on) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = sc.cap * tanhf(x[e] * sc.inv);
+  }
+  float vm = x[0];
+#pragma unroll
+  for (int e = 1; e < E; ++e) vm = fmaxf(vm, x[e]);
+  if (vm > st.m) {
+    st.s = st.s * fast_exp2((st.m - vm) * kLog2e);
+    st.m = vm;
+  }
+  // m = -inf here means every value so far is -inf: shift by 0 so exp2(-inf) = 0, not NaN.
+  const float sh = (st.m == -INFINITY) ? 0.f : st.m;
+  float acc = 0.f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc += fast_exp2((x[e] - sh) * kLog2e);
+  st.s += acc;
+  const int col0 = rv.head + v * E;
+  if (v == rv.yvec) {
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+      if (col0 + e == rv.y) st.zy = x[e];
+    st.has_zy = 1;
+  }
+  if (FULL) {
+    float zs = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      zs += x[e];
+      if (x[e] > st.best) {
+        st.best = x[e];
+        st.bidx = col0 + e;
+      }
+    }
+    st.sumz += zs;
+  }
+}
+
+// Head and tail columns, pass 1 (thread 0 of the first / last CTA).
+template <typename T, bool FULL>
+__device__ __forceinline__ void take_edges(RowPart<FULL>& st, const RowView<T>& rv,
+                                           const Softcap& sc) {
+  if (threadIdx.x != 0) return;
+  if (rv.first)
+    for (int j = 0; j < rv.head; ++j) take_scalar(st, Vec<T>::load1(rv.lrow + j), j, rv.y, sc);
+  if (rv.last)
+    for (int j = rv.tail0; j < rv.V; ++j)
+      take_scalar(st, Vec<T>::load1(rv.lrow + j), j, rv.y, sc);
+}
+
+// Warp shuffles, then the warps in order; the CTA's partial ends up in thread 0.
+template <int THREADS, bool FULL>
+__device__ __forceinline__ RowPart<FULL> block_reduce(RowPart<FULL> st,
+                                                      RowPart<FULL>* warp_parts) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) merge_shfl(st, off);
+  if ((threadIdx.x & 31) == 0) warp_parts[threadIdx.x >> 5] = st;
+  __syncthreads();
+  RowPart<FULL> c = warp_parts[0];
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int w = 1; w < THREADS / 32; ++w) merge(c, warp_parts[w]);
+  }
+  return c;
+}
+
+// Row constants and the row's outputs from the merged partial (thread 0 of each CTA).
+template <typename T, bool FULL>
+__device__ __forceinline__ RowConst finish_row(const CrossEntropyParams& p, const RowView<T>& rv,
+                                               const RowPart<FULL>& r) {
+  RowConst rc;
+  const float ln_s = logf(r.s);  // s >= 1: the max term contributes exp(0)
+  rc.m = r.m;
+  rc.log2s = log2f(r.s);
+  rc.lse = r.m + ln_s;
+  const float eps = FULL ? p.label_smoothing : 0.f;
+  // (m - z_y) + log s: the difference of two logits is exact, no large lse is rounded first
+  float loss = (r.m - r.zy) + ln_s;
+  if (FULL && eps != 0.f)
+    loss = (1.f - eps) * loss + eps * ((r.m - r.sumz / static_cast<float>(rv.V)) + ln_s);
+  if (p.z_loss != 0.f) loss += p.z_loss * rc.lse * rc.lse;
+  if (rv.first) {
+    if (p.reduction == Reduction::None)
+      p.loss[rv.row] = loss;
+    else
+      p.workspace[kWsHeader + rv.row] = loss;
+    if (p.lse) p.lse[rv.row] = rc.lse;
+    // A NaN logit makes lse NaN (like torch) and the row never counts as correct.
+    if (p.correct) p.correct[rv.row] = FULL && r.bidx == rv.y && !isnan(rc.lse);
+  }
+  return rc;
+}
+
+struct GradCoef {
+  float m, log2s;  // p_j = exp2((z_j - m) log2(e) - log2(s))
+  float c1, c0;    // g_j = p_j c1 + c0 (- cy at the target), times the softcap derivative
+  float cy;
+};
+
+__device__ __forceinline__ GradCoef grad_coef(const CrossEntropyParams& p, const RowConst& rc,
+                                              float scale, bool full, int V) {
+  GradCoef k;
+  const float eps = full ? p.label_smoothing : 0.f;
+  k.m = rc.m;
+  k.log2s = rc.log2s;
+  k.c1 = scale * (1.f + 2.f * p.z_loss * rc.lse);
+  k.c0 = -scale * eps / static_cast<float>(V);
+  k.cy = scale * (1.f - eps);
+  return k;
+}
+
+template <bool FULL>
+__device__ __forceinline__ float grad_scalar(float raw, int col, int64_t y, const GradCoef& k,
+                                             const Softcap& sc) {
+  float x = raw, d = 1.f;
+  if (FULL && sc.on) {
+    const float t = tanhf(raw * sc.inv);
+    x = sc.cap * t;
+    d = 1.f - t * t;
+  }
+  float g = fmaf(fast_exp2(fmaf(x - k.m, kLog2e, -k.log2s)), k.c1, k.c0);
+  if (col == y) g -= k.cy;
+  return g * d;
+}
+
+// Pass 2 over this CTA's body vectors [lo, hi) read from `src` (shared memory or the global row).
+template <typename T, int THREADS, bool FULL>
+__device__ __forceinline__ void grad_body(const RowView<T>& rv, const uint4* src, int lo, int hi,
+                                          const GradCoef& k, const Softcap& sc) {
+  using VT = Vec<T>;
+  constexpr int E = VT::kElems;
+  uint4* gdst = reinterpret_cast<uint4*>(rv.grow + rv.head) + rv.v0;
+#pragma unroll 2
+  for (int i = lo + threadIdx.x; i < hi; i += THREADS) {
+    const uint4 u = src[i];
+    float x[E], g[E];
+    VT::unpack(u, x);
+    if (FULL && sc.on) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float t = tanhf(x[e] * sc.inv);
+        g[e] = fmaf(fast_exp2(fmaf(sc.cap * t - k.m, kLog2e, -k.log2s)), k.c1, k.c0);
+        x[e] = 1.f - t * t;  // reuse x as the softcap derivative
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        g[e] = fmaf(fast_exp2(fmaf(x[e] - k.m, kLog2e, -k.log2s)), k.c1, k.c0);
+    }
+    if (rv.v0 + i == rv.yvec) {
+      const int col0 = rv.head + (rv.v0 + i) * E;
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if (col0 + e == rv.y) g[e] -= k.cy;
+    }
+    if (FULL && sc.on) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) g[e] *= x[e];
+    }
+    if (rv.gvec) {
+      gdst[i] = VT::pack(g);
+    } else {
+      T* d = rv.grow + rv.head + (rv.v0 + i) * E;
+#pragma unroll
+      for (int e = 0; e < E; ++e) VT::store1(d + e, g[e]);
+    }
+  }
+}
+
+template <typename T, bool FULL>
+__device__ __forceinline__ void grad_edges(const RowView<T>& rv, const GradCoef& k,
+                                           const Softcap& sc) {
+  using VT = Vec<T>;
+  if (threadIdx.x != 0) return;
+  if (rv.first)
+    for (int j = 0; j < rv.head; ++j)
+      VT::store1(rv.grow + j, grad_scalar<FULL>(VT::load1(rv.lrow + j), j, rv.y, k, sc));
+  if (rv.last)
+    for (int j = rv.tail0; j < rv.V; ++j)
+      VT::store1(rv.grow + j, grad_scalar<FULL>(VT::load1(rv.lrow + j), j, rv.y, k, sc));
+}
+
+__device__ __forceinline__ Softcap make_softcap(const CrossEntropyParams& p, bool full) {
+  Softcap sc;
+  sc.on = full && p.softcap > 0.f;
+  sc.cap = p.softcap;
+  sc.inv = sc.on ? 1.f / p.softcap : 0.f;
+  return sc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 1 (one cluster per row): each CTA bulk-copies its slice into shared memory in a few
+// chunks, reduces, exchanges partials over DSMEM, writes its slice's gradient. With TMA = false
+// it is the portable one-CTA-per-row kernel that reads the row from global memory twice.
+
 // Register budget: 256 threads x 3 CTAs or 512 x 2 per SM (the shared-memory plan's occupancy).
 template <int THREADS>
 constexpr int ce_min_blocks() {
@@ -134,63 +431,24 @@ constexpr int ce_min_blocks() {
 template <typename T, int THREADS, bool FULL, bool TMA>
 __global__ void __launch_bounds__(THREADS, ce_min_blocks<THREADS>())
     ce_forward_kernel(const CeKernelArgs a) {
-  using VT = Vec<T>;
-  constexpr int E = VT::kElems;
-  constexpr int kWarps = THREADS / 32;
   extern __shared__ __align__(128) uint4 slice[];  // TMA: this CTA's slice of the row
   __shared__ uint64_t bars[kMaxChunks];
-  __shared__ RowPart<FULL> warp_parts[kWarps];
+  __shared__ RowPart<FULL> warp_parts[THREADS / 32];
   __shared__ RowPart<FULL> cta_part;  // read by the other CTAs of the cluster
   __shared__ RowConst row_const;
 
   const CrossEntropyParams& p = a.p;
   const int tid = threadIdx.x;
   const int rank = TMA ? static_cast<int>(cluster_ctarank()) : 0;
-  const int64_t row = a.row_begin + blockIdx.x / a.csize;
-  const int V = static_cast<int>(p.vocab);
-  const T* lrow = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
-  T* grow = p.grad ? static_cast<T*>(p.grad) + row * p.grad_row_stride : nullptr;
-  const int64_t y = p.targets[row];
-
-  // head | body of 16-byte vectors | tail
-  const int head = min(V, static_cast<int>(((16u - (static_cast<uint32_t>(
-                                                       reinterpret_cast<uintptr_t>(lrow)) & 15u)) &
-                                            15u) / sizeof(T)));
-  const int nvec = (V - head) / E;
-  const int tail0 = head + nvec * E;
-  const int v0 = min(rank * a.vpc, nvec);
-  const int v1 = min(v0 + a.vpc, nvec);
-  const int nv = v1 - v0;
-  const bool first = rank == 0;
-  const bool last = rank == a.csize - 1;
-  const bool gvec = grow != nullptr &&
-                    (reinterpret_cast<uintptr_t>(grow + head) & 15u) == 0;
-  const uint4* gbody = reinterpret_cast<const uint4*>(lrow + head) + v0;  // this CTA's vectors
-
-  if (y == p.ignore_index) {
-    // Zero gradient row; the row's logits are never read.
-    if (grow) {
-      if (gvec) {
-        uint4* dst = reinterpret_cast<uint4*>(grow + head) + v0;
-        for (int i = tid; i < nv; i += THREADS) dst[i] = make_uint4(0u, 0u, 0u, 0u);
-      } else {
-        for (int i = tid; i < nv * E; i += THREADS) VT::store1(grow + head + v0 * E + i, 0.f);
-      }
-      if (first && tid < head) VT::store1(grow + tid, 0.f);
-      if (last && tid < V - tail0) VT::store1(grow + tail0 + tid, 0.f);
-    }
-    if (first && tid == 0) {
-      if (p.reduction == Reduction::None)
-        p.loss[row] = 0.f;
-      else
-        p.workspace[kWsHeader + row] = 0.f;
-      if (p.lse) p.lse[row] = 0.f;
-      if (p.correct) p.correct[row] = false;
-    }
+  const RowView<T> rv(p, a.row_begin + blockIdx.x / a.csize, rank, a.csize, a.vpc);
+  if (rv.y == p.ignore_index) {  // zero gradient row; the logits are never read
+    zero_row<T, THREADS>(p, rv);
     return;
   }
+  const uint4* gbody = rv.body();
 
   // ---- start the loads of this CTA's slice (sm_90: copy engine into shared memory)
+  const int nv = rv.nv;
   const int per_chunk = TMA ? (nv + a.nchunk - 1) / a.nchunk : nv;
   const int nchunk = TMA ? a.nchunk : 1;
   if (TMA) {
@@ -207,100 +465,25 @@ __global__ void __launch_bounds__(THREADS, ce_min_blocks<THREADS>())
     }
     __syncthreads();  // barriers initialised before anyone waits on them
   }
-  const float scale = (grow != nullptr) ? p.workspace[0] : 0.f;  // from the prep kernel
-
-  const bool softcap_on = FULL && p.softcap > 0.f;
-  const float cap = p.softcap;
-  const float inv_cap = softcap_on ? 1.f / p.softcap : 0.f;
-  const int yvec = (y >= head && y < tail0) ? static_cast<int>(y - head) / E : -1;
+  const float scale = (rv.grow != nullptr) ? p.workspace[0] : 0.f;  // from the prep kernel
+  const Softcap sc = make_softcap(p, FULL);
+  const uint4* src = TMA ? slice : gbody;
 
   // ---- pass 1: online max / sum over this CTA's columns
   RowPart<FULL> st;
   st.init();
-  auto take_scalar = [&](float x, int col) {
-    if (softcap_on) x = cap * tanhf(x * inv_cap);
-    if (x > st.m) {
-      st.s = st.s * fast_exp2((st.m - x) * kLog2e);  // m = -inf: s is 0, 0 * 0 = 0
-      st.m = x;
-    }
-    st.s += fast_exp2((x - ((st.m == -INFINITY) ? 0.f : st.m)) * kLog2e);
-    if (col == y) {
-      st.zy = x;
-      st.has_zy = 1;
-    }
-    if (FULL) {
-      st.sumz += x;
-      if (x > st.best) {
-        st.best = x;
-        st.bidx = col;
-      }
-    }
-  };
-  if (tid == 0) {
-    if (first)
-      for (int j = 0; j < head; ++j) take_scalar(VT::load1(lrow + j), j);
-    if (last)
-      for (int j = tail0; j < V; ++j) take_scalar(VT::load1(lrow + j), j);
-  }
+  take_edges(st, rv, sc);
   for (int k = 0; k < nchunk; ++k) {
     const int lo = k * per_chunk, hi = min(lo + per_chunk, nv);
     if (hi <= lo) break;
     if (TMA) mbar_wait(&bars[k], 0);
 #pragma unroll 2
-    for (int i = lo + tid; i < hi; i += THREADS) {
-      const uint4 u = TMA ? slice[i] : gbody[i];
-      float x[E];
-      VT::unpack(u, x);
-      if (softcap_on) {
-#pragma unroll
-        for (int e = 0; e < E; ++e) x[e] = cap * tanhf(x[e] * inv_cap);
-      }
-      float vm = x[0];
-#pragma unroll
-      for (int e = 1; e < E; ++e) vm = fmaxf(vm, x[e]);
-      if (vm > st.m) {
-        st.s = st.s * fast_exp2((st.m - vm) * kLog2e);
-        st.m = vm;
-      }
-      // m = -inf here means every value so far is -inf: shift by 0 so exp2(-inf) = 0, not NaN.
-      const float sh = (st.m == -INFINITY) ? 0.f : st.m;
-      float acc = 0.f;
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc += fast_exp2((x[e] - sh) * kLog2e);
-      st.s += acc;
-      const int col0 = head + (v0 + i) * E;
-      if (v0 + i == yvec) {
-#pragma unroll
-        for (int e = 0; e < E; ++e)
-          if (col0 + e == y) st.zy = x[e];
-        st.has_zy = 1;
-      }
-      if (FULL) {
-        float zs = 0.f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          zs += x[e];
-          if (x[e] > st.best) {
-            st.best = x[e];
-            st.bidx = col0 + e;
-          }
-        }
-        st.sumz += zs;
-      }
-    }
+    for (int i = lo + tid; i < hi; i += THREADS) take_vec(st, src[i], rv.v0 + i, rv, sc);
   }
 
-  // ---- reduce: warp, then warps in order, then cluster ranks in order
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) merge_shfl(st, off);
-  if ((tid & 31) == 0) warp_parts[tid >> 5] = st;
-  __syncthreads();
-  if (tid == 0) {
-    RowPart<FULL> c = warp_parts[0];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) merge(c, warp_parts[w]);
-    cta_part = c;
-  }
+  // ---- reduce: warp, warps in order, cluster ranks in order
+  st = block_reduce<THREADS>(st, warp_parts);
+  if (tid == 0) cta_part = st;
   if (TMA && a.csize > 1) {
     cluster_arrive();  // release: thread 0's cta_part becomes visible to the cluster
     cluster_wait();
@@ -311,94 +494,116 @@ __global__ void __launch_bounds__(THREADS, ce_min_blocks<THREADS>())
       r = *cluster_map(&cta_part, 0);
       for (int k = 1; k < a.csize; ++k) merge(r, *cluster_map(&cta_part, k));
     }
-    RowConst rc;
-    const float ln_s = logf(r.s);  // s >= 1: the max term contributes exp(0)
-    rc.m = r.m;
-    rc.log2s = log2f(r.s);
-    rc.lse = r.m + ln_s;
-    const float eps = FULL ? p.label_smoothing : 0.f;
-    // (m - z_y) + log s: the difference of two logits is exact, no large lse is rounded first
-    float loss = (r.m - r.zy) + ln_s;
-    if (FULL && eps != 0.f)
-      loss = (1.f - eps) * loss + eps * ((r.m - r.sumz / static_cast<float>(V)) + ln_s);
-    if (p.z_loss != 0.f) loss += p.z_loss * rc.lse * rc.lse;
-    row_const = rc;
-    if (first) {
-      if (p.reduction == Reduction::None)
-        p.loss[row] = loss;
-      else
-        p.workspace[kWsHeader + row] = loss;
-      if (p.lse) p.lse[row] = rc.lse;
-      // A NaN logit makes lse NaN (like torch) and the row never counts as correct.
-      if (p.correct) p.correct[row] = FULL && r.bidx == y && !isnan(rc.lse);
-    }
+    row_const = finish_row(p, rv, r);
   }
   __syncthreads();
   // Peers may still read cta_part: arrive now, wait before exiting (keeps our smem alive).
   if (TMA && a.csize > 1) cluster_arrive();
 
   // ---- pass 2: gradient from the shared-memory copy (global re-read in the fallback variant)
-  if (grow) {
-    const float lse = row_const.lse, rm = row_const.m, log2s = row_const.log2s;
-    const float eps = FULL ? p.label_smoothing : 0.f;
-    const float c1 = scale * (1.f + 2.f * p.z_loss * lse);
-    const float c0 = -scale * eps / static_cast<float>(V);
-    const float cy = scale * (1.f - eps);
-    auto grad_of = [&](float raw, int col) {
-      float x = raw, d = 1.f;
-      if (softcap_on) {
-        const float t = tanhf(raw * inv_cap);
-        x = cap * t;
-        d = 1.f - t * t;
-      }
-      float g = fmaf(fast_exp2(fmaf(x - rm, kLog2e, -log2s)), c1, c0);
-      if (col == y) g -= cy;
-      return g * d;
-    };
-    if (tid == 0) {
-      if (first)
-        for (int j = 0; j < head; ++j) VT::store1(grow + j, grad_of(VT::load1(lrow + j), j));
-      if (last)
-        for (int j = tail0; j < V; ++j) VT::store1(grow + j, grad_of(VT::load1(lrow + j), j));
-    }
-    uint4* gdst = reinterpret_cast<uint4*>(grow + head) + v0;
-#pragma unroll 2
-    for (int i = tid; i < nv; i += THREADS) {
-      const uint4 u = TMA ? slice[i] : gbody[i];
-      float x[E], g[E];
-      VT::unpack(u, x);
-      if (softcap_on) {
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const float t = tanhf(x[e] * inv_cap);
-          g[e] = fmaf(fast_exp2(fmaf(cap * t - rm, kLog2e, -log2s)), c1, c0);
-          x[e] = 1.f - t * t;  // reuse x as the softcap derivative
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < E; ++e)
-          g[e] = fmaf(fast_exp2(fmaf(x[e] - rm, kLog2e, -log2s)), c1, c0);
-      }
-      if (v0 + i == yvec) {
-        const int col0 = head + (v0 + i) * E;
-#pragma unroll
-        for (int e = 0; e < E; ++e)
-          if (col0 + e == y) g[e] -= cy;
-      }
-      if (softcap_on) {
-#pragma unroll
-        for (int e = 0; e < E; ++e) g[e] *= x[e];
-      }
-      if (gvec) {
-        gdst[i] = VT::pack(g);
-      } else {
-        T* d = grow + head + (v0 + i) * E;
-#pragma unroll
-        for (int e = 0; e < E; ++e) VT::store1(d + e, g[e]);
-      }
-    }
+  if (rv.grow) {
+    const GradCoef k = grad_coef(p, row_const, scale, FULL, rv.V);
+    grad_edges<T, FULL>(rv, k, sc);
+    grad_body<T, THREADS, FULL>(rv, src, 0, nv, k, sc);
   }
   if (TMA && a.csize > 1) cluster_wait();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 2 (sm_90, persistent, software-pipelined): a grid of as many clusters as fit the GPU;
+// cluster c handles rows c, c + G, c + 2G, ... in lockstep. Each CTA keeps `stages` slice
+// buffers in shared memory: while it reduces and writes the gradient of one row, the copy engine
+// is already loading its slices of the next stages - 1 rows, so HBM reads never pause for the
+// math or the cluster barrier. Ignored rows issue no load at all. A buffer is refilled only
+// after a __syncthreads that follows the last read of it. The CTA partial is double-buffered by
+// row parity: a peer may start the next row before this CTA has read the current partials, but
+// cannot pass that row's cluster barrier before this CTA has.
+constexpr int kMaxStages = 8;
+
+template <typename T, int THREADS, bool FULL>
+__global__ void __launch_bounds__(THREADS, 1) ce_persistent_kernel(const CeKernelArgs a) {
+  extern __shared__ __align__(128) uint4 smem[];  // stages x vpc vectors
+  __shared__ uint64_t full[kMaxStages];
+  __shared__ RowPart<FULL> warp_parts[THREADS / 32];
+  __shared__ RowPart<FULL> cta_part[2];
+  __shared__ RowConst row_const;
+
+  const CrossEntropyParams& p = a.p;
+  const int tid = threadIdx.x;
+  const int rank = static_cast<int>(cluster_ctarank());
+  const int64_t cid = blockIdx.x / a.csize;
+  const int64_t nclusters = gridDim.x / a.csize;
+  const int stages = a.nchunk;  // the persistent kernel reuses nchunk as its stage count
+  const int64_t rows = p.n_rows - a.row_begin;
+  const int64_t nslots = cid < rows ? (rows - cid + nclusters - 1) / nclusters : 0;
+  auto row_of = [&](int64_t i) { return a.row_begin + cid + i * nclusters; };
+
+  if (tid == 0) {
+    for (int s = 0; s < stages; ++s) mbar_init(&full[s], 1);
+    mbar_fence_init();
+  }
+  __syncthreads();
+  // Thread 0 issues the copy of slot i into stage i % stages (nothing for an ignored row).
+  auto issue = [&](int64_t i) {
+    const RowView<T> rv(p, row_of(i), rank, a.csize, a.vpc);
+    if (rv.y == p.ignore_index || rv.nv == 0) return;
+    uint64_t* bar = &full[i % stages];
+    const uint32_t bytes = static_cast<uint32_t>(rv.nv) * 16u;
+    mbar_arrive_expect_tx(bar, bytes);
+    bulk_copy_g2s(smem + (i % stages) * static_cast<int64_t>(a.vpc), rv.body(), bytes, bar);
+  };
+  if (tid == 0)
+    for (int64_t i = 0; i < (nslots < stages ? nslots : stages); ++i) issue(i);
+
+  const float scale = p.grad ? p.workspace[0] : 0.f;
+  const Softcap sc = make_softcap(p, FULL);
+  uint32_t phase = 0;  // bit s: parity of the next completion of stage s
+  int pslot = 0;
+  for (int64_t i = 0; i < nslots; ++i) {
+    const int s = static_cast<int>(i % stages);
+    const RowView<T> rv(p, row_of(i), rank, a.csize, a.vpc);
+    if (rv.y == p.ignore_index) {
+      zero_row<T, THREADS>(p, rv);
+    } else {
+      const uint4* buf = smem + s * static_cast<int64_t>(a.vpc);
+      if (rv.nv > 0) {
+        mbar_wait(&full[s], (phase >> s) & 1u);
+        phase ^= 1u << s;
+      }
+      RowPart<FULL> st;
+      st.init();
+      take_edges(st, rv, sc);
+#pragma unroll 2
+      for (int j = tid; j < rv.nv; j += THREADS) take_vec(st, buf[j], rv.v0 + j, rv, sc);
+      st = block_reduce<THREADS>(st, warp_parts);
+      if (tid == 0) cta_part[pslot] = st;
+      if (a.csize > 1) {
+        cluster_arrive();
+        cluster_wait();
+      }
+      if (tid == 0) {
+        RowPart<FULL> r = cta_part[pslot];
+        if (a.csize > 1) {
+          r = *cluster_map(&cta_part[pslot], 0);
+          for (int k = 1; k < a.csize; ++k) merge(r, *cluster_map(&cta_part[pslot], k));
+        }
+        row_const = finish_row(p, rv, r);
+      }
+      __syncthreads();
+      if (rv.grow) {
+        const GradCoef k = grad_coef(p, row_const, scale, FULL, rv.V);
+        grad_edges<T, FULL>(rv, k, sc);
+        grad_body<T, THREADS, FULL>(rv, buf, 0, rv.nv, k, sc);
+      }
+      pslot ^= 1;
+    }
+    __syncthreads();  // stage s fully read (and row_const consumed) before it is reused
+    if (tid == 0 && i + stages < nslots) issue(i + stages);
+  }
+  if (a.csize > 1) {  // keep this CTA's partials alive until every peer has read them
+    cluster_arrive();
+    cluster_wait();
+  }
 }
 
 // Counts the non-ignored targets, checks them, and fixes the gradient scale and the divisor of
