@@ -9,8 +9,8 @@ Design choices
   the softmax at hand, so backward is free). The registered autograd formula saves that gradient
   and, in backward, ``scale_grad_`` multiplies it by ``grad_output / grad_scale`` in place, which
   is a no-op (no pass, no host sync) in the common case ``loss.backward()`` or when the loss scale
-  was passed up front as ``grad_scale``. Consequence: the saved gradient is consumed, so a second
-  backward through the same call (``retain_graph=True``) is refused with an error.
+  was passed up front as ``grad_scale``. A repeated backward through the same call
+  (``retain_graph=True``) is still right: it rescales out of place from the first call's factor.
 - The gradient is computed only when it can be needed (grad mode on and logits requiring grad).
 - ``inplace_backward=True`` is the memory mode: the gradient overwrites the logits during forward,
   so no second N x V buffer exists. It *consumes the logits*: after the call they hold the
@@ -89,11 +89,39 @@ def _sft_labels_fake(input_ids, loss_mask, prompt_lengths, attention_mask, posit
 # ---------------------------------------------------------------- autograd
 
 
+def _apply_grad_output(ctx, buf, grad_output, grad_scale):
+    """Gradient for this backward call from the fused buffer ``buf``.
+
+    First call: ``scale_grad_`` in place (a no-op when grad_output == grad_scale), no copy.
+    A later call through the same graph (retain_graph, gradcheck) finds ``buf`` already scaled by
+    the first grad_output g1 and returns ``buf * (g / g1)`` out of place, leaving ``buf`` as it
+    is; rows whose g1 was 0 were zeroed and cannot be recovered, which is an error.
+    """
+    if grad_output is None:
+        grad_output = torch.zeros((), dtype=torch.float32, device=buf.device)
+    grad_output = grad_output.float()
+    if ctx.first_grad_output is None:
+        torch.ops.sftctl.scale_grad_(buf, grad_output, grad_scale)
+        ctx.first_grad_output = grad_output.detach().clone()
+        return buf
+    g1 = ctx.first_grad_output
+    lost = (g1 == 0) & (grad_output != 0)
+    if bool(lost.any()):  # rare path (a repeated backward); the host sync is acceptable here
+        raise RuntimeError(
+            "sftctl cross_entropy: a repeated backward through the same call needs rows whose "
+            "first grad_output was 0; the fused gradient was scaled in place by that 0. Run the "
+            "forward again instead of reusing the graph.")
+    ratio = torch.where(g1 == 0, torch.zeros_like(g1), grad_output / torch.where(g1 == 0, 1.0, g1))
+    if ratio.dim() == 1:
+        ratio = ratio[:, None]  # [N, 1]: per-row factor (reduction none)
+    return (buf.float() * ratio).to(buf.dtype)
+
+
 def _ce_setup_context(ctx, inputs, output):
     grad_scale = inputs[3]
     grad_logits = output[3]
     ctx.has_grad_scale = grad_scale is not None
-    ctx.consumed = False
+    ctx.first_grad_output = None
     if ctx.has_grad_scale:
         ctx.save_for_backward(grad_logits, grad_scale)
     else:
@@ -101,12 +129,6 @@ def _ce_setup_context(ctx, inputs, output):
 
 
 def _ce_backward(ctx, grad_loss, grad_lse, grad_correct, grad_grad):
-    if ctx.consumed:
-        raise RuntimeError(
-            "sftctl.ops.cross_entropy: backward ran twice through the same call; the saved "
-            "gradient is rescaled in place and cannot be reused (call the loss again instead of "
-            "retain_graph=True)")
-    ctx.consumed = True
     saved = ctx.saved_tensors
     grad_logits = saved[0]
     grad_scale = saved[1] if ctx.has_grad_scale else None
@@ -115,10 +137,7 @@ def _ce_backward(ctx, grad_loss, grad_lse, grad_correct, grad_grad):
             "sftctl::cross_entropy was called with compute_grad=False, so it has no gradient to "
             "return; call it with compute_grad=True (sftctl.ops.cross_entropy decides this from "
             "logits.requires_grad and grad mode)")
-    if grad_loss is None:
-        grad_loss = torch.zeros((), dtype=torch.float32, device=grad_logits.device)
-    torch.ops.sftctl.scale_grad_(grad_logits, grad_loss, grad_scale)
-    return (grad_logits,) + (None,) * 11
+    return (_apply_grad_output(ctx, grad_logits, grad_loss, grad_scale),) + (None,) * 11
 
 
 torch.library.register_autograd("sftctl::cross_entropy", _ce_backward,
@@ -135,23 +154,17 @@ class _CrossEntropyInplace(torch.autograd.Function):
             logits, targets, normalizer, grad_scale, ignore_index, reduction, label_smoothing,
             z_loss, softcap, return_lse, return_accuracy)
         ctx.has_grad_scale = grad_scale is not None
-        ctx.consumed = False
+        ctx.first_grad_output = None
         ctx.save_for_backward(logits, *((grad_scale,) if grad_scale is not None else ()))
         ctx.mark_non_differentiable(lse, correct)
         return loss, lse, correct
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_correct):
-        if ctx.consumed:
-            raise RuntimeError(
-                "sftctl.ops.cross_entropy(inplace_backward=True): backward ran twice through the "
-                "same call; the gradient lives in the consumed logits and cannot be reused")
-        ctx.consumed = True
         saved = ctx.saved_tensors
         grad = saved[0]  # the logits buffer, now holding the gradient
         grad_scale = saved[1] if ctx.has_grad_scale else None
-        torch.ops.sftctl.scale_grad_(grad, grad_loss, grad_scale)
-        return (grad,) + (None,) * 10
+        return (_apply_grad_output(ctx, grad, grad_loss, grad_scale),) + (None,) * 10
 
 
 # ---------------------------------------------------------------- public API

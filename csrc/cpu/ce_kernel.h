@@ -23,8 +23,8 @@
 //   exp(-inf - -inf) = NaN; a NaN logit makes the row's lse NaN (like torch).
 // - Argmax (token accuracy) costs one scalar compare per block: the first block that raised the
 //   running max to its final value holds the first argmax; only that block is re-scanned.
-// - The target element's gradient is written by a scalar fix-up after the vector sweep, with the
-//   same float operations as the vector lanes plus the one-hot term.
+// - The target element's gradient is rewritten by a scalar fix-up after the vector sweep, in
+//   double from z_y and lse (p_y - 1 cancels badly in fp32 when the model is confident).
 #pragma once
 
 #ifndef CPU_CAPABILITY
@@ -218,14 +218,12 @@ double ce_row(const CrossEntropyParams& p, const RowCtx& c, int64_t i, float* zb
     const double coef = (1.0 + 2.0 * static_cast<double>(c.z_loss) * lse) * c.scale;
     const float c0 = static_cast<float>(static_cast<double>(c.scale) * eps / static_cast<double>(V));
     const Vec vc0(c0);
-    float fy = 0.f;
     for (int64_t blk = 0; blk < c.n_blocks; ++blk) {
       const int64_t j0 = blk * kBlock;
       const int64_t len = std::min(kBlock, V - j0);
       const float f = bmax[blk] == ninf
                           ? 0.f
                           : static_cast<float>(std::exp(static_cast<double>(bmax[blk]) - lse) * coef);
-      if (y >= j0 && y < j0 + len) fy = f;
       const Vec vf(f);
       const float* eb = ebuf + j0;
       for (int64_t j = 0; j < len; j += kPair) {
@@ -241,12 +239,16 @@ double ce_row(const CrossEntropyParams& p, const RowCtx& c, int64_t i, float* zb
         Io<T>::store(g + j0 + j, n, a, b);
       }
     }
-    float gy = ebuf[y] * fy - c0 - static_cast<float>(static_cast<double>(c.scale) * (1.0 - eps));
+    // Target element in double from z_y and lse: p_y * coef - (1 - eps) cancels when p_y -> 1,
+    // and fp32 would leave an error of ~1e-7 of the terms instead of the result.
+    const double py = std::exp(static_cast<double>(zy) - lse);
+    double gy = (py * (1.0 + 2.0 * static_cast<double>(c.z_loss) * lse) - (1.0 - eps) -
+                 eps / static_cast<double>(V)) * static_cast<double>(c.scale);
     if constexpr (kCap) {
-      const float ty = zbuf[y] / c.softcap;
-      gy = gy * (1.f - ty * ty);
+      const double ty = static_cast<double>(zy) / static_cast<double>(c.softcap);
+      gy *= 1.0 - ty * ty;
     }
-    g[y] = static_cast<T>(gy);
+    g[y] = static_cast<T>(static_cast<float>(gy));
   }
   return loss;
 }
