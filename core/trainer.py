@@ -135,6 +135,8 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.config
         formats = self.pm.dataset_formats()
+        if cfg.data.format is None:  # the CLI resolves it; API users get the default format
+            cfg.data.format = "alpaca"
         if cfg.data.format not in formats:
             raise ConfigError(f"data.format: unknown dataset format {cfg.data.format!r}; "
                               f"registered: {', '.join(sorted(formats))}")
