@@ -484,7 +484,8 @@ def _fmt_value(key: str, v: Any) -> str:
     if key == "tokens_per_s" and _num(v) is not None:
         return f"{_num(v):,.0f}"
     if isinstance(v, dict):
-        return ", ".join(f"{k}: {_fmt_value(k, x)}" for k, x in v.items()) or "–"
+        return ", ".join(f"{k}: {_fmt_value(k, x)}" for k, x in v.items()
+                         if x not in ([], {}, None)) or "–"
     if isinstance(v, (list, tuple)):
         return ", ".join(_fmt_value(key, x) for x in v) or "–"
     if isinstance(v, float):
@@ -492,16 +493,24 @@ def _fmt_value(key: str, v: Any) -> str:
     return _fmt(v)
 
 
-def summary_items(report: dict) -> list[tuple[str, str]]:
+def summary_items(report: dict) -> list[tuple[str, list[str]]]:
+    """(label, lines) for the run summary; a dict of dicts (e.g. per-split counts) gets one line
+    per entry."""
     run = report.get("run") or {}
     items, seen = [], set()
+
+    def lines(key: str, v: Any) -> list[str]:
+        if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+            return [f"{k}: {_fmt_value(key, x)}" for k, x in v.items()]
+        return [_fmt_value(key, v)]
+
     for key, label in _SUMMARY_KEYS:
         if key in run:
-            items.append((label, _fmt_value(key, run[key])))
+            items.append((label, lines(key, run[key])))
             seen.add(key)
     for key, v in run.items():
         if key not in seen and key != "benchmarks":
-            items.append((key.replace("_", " "), _fmt_value(key, v)))
+            items.append((key.replace("_", " "), lines(key, v)))
     return items
 
 
@@ -530,7 +539,8 @@ def render_markdown(report: dict) -> str:
     L += ["## Run summary", ""]
     items = summary_items(report)
     if items:
-        L += ["| | |", "|---|---|"] + [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in items]
+        L += ["| | |", "|---|---|"] + [f"| {_md_cell(k)} | {'<br>'.join(map(_md_cell, v))} |"
+                                       for k, v in items]
     else:
         L.append("No run summary (summary.json missing).")
     L.append("")

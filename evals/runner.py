@@ -143,6 +143,7 @@ def _run_worker(label: str, ref: str, specs: list[BenchmarkSpec], eval_dir: Path
                 options: EvalOptions) -> dict:
     model_dir = eval_dir / label
     model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "model_info.json").unlink(missing_ok=True)
     for spec in specs:  # stale results of an earlier evaluation must not be picked up
         task_dir = model_dir / spec.name
         if task_dir.is_dir():
@@ -153,22 +154,24 @@ def _run_worker(label: str, ref: str, specs: list[BenchmarkSpec], eval_dir: Path
            "specs": [s.to_dict() for s in specs], "options": asdict(options)}
     job_path = model_dir / "job.json"
     job_path.write_text(json.dumps(job, indent=2), encoding="utf-8")
-    log_path = model_dir / "lm_eval.log"
+    log_path = model_dir / "lm_eval.log"      # the worker's logging (lm-eval, transformers)
+    out_path = model_dir / "worker_output.log"  # its terminal output when quiet
     env = {**os.environ, **OFFLINE_ENV}
     if options.quiet:
         env["TQDM_DISABLE"] = "1"
     cmd = [sys.executable, "-m", "sftctl.evals.runner", "--worker", str(job_path)]
     t0 = time.time()
     rc: int | str
-    with log_path.open("w", encoding="utf-8") as log:
-        try:
-            proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=log if options.quiet else None,
-                                  stderr=log if options.quiet else None,
-                                  timeout=options.timeout_s, check=False)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = f"timeout after {options.timeout_s} s"
+    out = out_path.open("w", encoding="utf-8") if options.quiet else None
+    try:
+        proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                              timeout=options.timeout_s, check=False)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = f"timeout after {options.timeout_s} s"
+    finally:
+        if out is not None:
+            out.close()
     runs: dict[str, Any] = {}
     model_info_path = model_dir / "model_info.json"
     if model_info_path.is_file():
@@ -409,6 +412,7 @@ def worker_main(job_path: str) -> int:
     out_dir = Path(job["out_dir"])
     opts = EvalOptions(**job["options"])
     specs = [BenchmarkSpec.from_dict(d) for d in job["specs"]]
+    (out_dir / "lm_eval.log").write_text("", encoding="utf-8")
     _setup_worker_logging(out_dir / "lm_eval.log")
 
     def say(msg: str) -> None:

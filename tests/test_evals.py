@@ -276,3 +276,24 @@ def test_html_renders_in_headless_chromium(run, tmp_path):
     result = json.loads(m.group(1).replace("&quot;", '"'))
     assert result == {"images": 3, "loaded": 3, "rows": 4, "tableVisible": True, "errors": []}
     shutil.copy(shot, run["dir"] / "report_screenshot.png")  # kept for a person to look at
+
+
+def test_eval_command_records_an_unloadable_base_and_still_scores_the_checkpoint(run, tmp_path):
+    out = tmp_path / "eval_out"
+    env = {**os.environ, "SFTCTL_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sftctl", "eval", str(run["dir"] / "model"),
+         "--base", str(tmp_path / "no_such_model"), "--tasks", EXACT_MATCH_TASK,
+         "--limit", "3", "--output-dir", str(out), "--quiet"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == EXIT_BENCHMARK_FAILED, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    (err,) = report["benchmarks"]["errors"]
+    assert err["model"] == "base" and "cannot load model" in err["error"]
+    assert "no_such_model" in err["error"] and "offline" in err["error"]
+    row = _table(report, EXACT_MATCH_TASK, "exact_match")
+    assert row["status"] == {"base": "error", "sft": "ok"} and row["delta"] is None
+    lm = json.loads(next((out / "eval" / "sft" / EXACT_MATCH_TASK).glob("results_*.json")).read_text())
+    assert lm["n-samples"][EXACT_MATCH_TASK]["effective"] == 3
+    assert row["sft"] == lm["results"][EXACT_MATCH_TASK]["exact_match,none"]
+    assert (out / "eval" / "sft" / "worker_output.log").is_file()  # --quiet: output to the log
