@@ -211,3 +211,28 @@ def test_grad_accum_run_equals_big_batch_run(base, tmp_path):
         losses.append([m["loss"] for m in read_metrics(out) if m["kind"] == "train"])
     assert len(losses[0]) == 4
     assert np.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6), losses
+
+
+@pytest.mark.parametrize("extra", [
+    ["--precision", "bf16"], ["--precision", "fp16"], ["--gradient-checkpointing"],
+    ["--optimizer", "sgd", "--lr", "0.1"], ["--optimizer", "adafactor"],
+    ["--optimizer", "adam", "--scheduler", "linear", "--warmup-ratio", "0.5"],
+    ["--packing", "--batch-size", "2", "--scheduler", "constant", "--eval-every", "2"],
+    ["--epochs", "2", "--val-fraction", "0.2"],
+])
+def test_training_options_reach_a_complete_checkpoint(base, tmp_path, extra):
+    from sftctl.trainer import checkpoint_complete
+
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(20))
+    out = tmp_path / "run"
+    args = ["train", "--model", str(base), "--data", str(data), "--output-dir", str(out),
+            "--batch-size", "4", "--lr", "1e-3", "--no-eval", "--quiet", *extra]
+    if "--epochs" not in extra:
+        args += ["--max-steps", "3"]
+    assert cli.main(args) == 0
+    m = read_metrics(out)
+    losses = [x["loss"] for x in m if x["kind"] == "train"]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert checkpoint_complete(out / "model")
+    if "--epochs" in extra:  # 16 training examples / batch 4 = 4 steps per epoch
+        assert len(losses) == 8 and m[-1]["kind"] == "val"
