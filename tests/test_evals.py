@@ -278,19 +278,25 @@ def test_html_renders_in_headless_chromium(run, tmp_path):
     shutil.copy(shot, run["dir"] / "report_screenshot.png")  # kept for a person to look at
 
 
-def test_eval_command_records_an_unloadable_base_and_still_scores_the_checkpoint(run, tmp_path):
+def test_eval_command_records_unavailable_models_and_data_and_still_scores(run, tmp_path):
+    """`sftctl eval` with a base model that cannot be loaded and a standard lm-eval task whose
+    data set is not in the (private, empty) cache: both are reported, the rest is scored."""
     out = tmp_path / "eval_out"
-    env = {**os.environ, "SFTCTL_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    env = {**os.environ, "SFTCTL_DISABLE_PLUGIN_AUTOLOAD": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "empty_cache"), "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(
         [sys.executable, "-m", "sftctl", "eval", str(run["dir"] / "model"),
-         "--base", str(tmp_path / "no_such_model"), "--tasks", EXACT_MATCH_TASK,
+         "--base", str(tmp_path / "no_such_model"), "--tasks", EXACT_MATCH_TASK, "lambada_openai",
          "--limit", "3", "--output-dir", str(out), "--quiet"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == EXIT_BENCHMARK_FAILED, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    (err,) = report["benchmarks"]["errors"]
-    assert err["model"] == "base" and "cannot load model" in err["error"]
-    assert "no_such_model" in err["error"] and "offline" in err["error"]
+    errors = {(e["model"], e["task"]): e["error"] for e in report["benchmarks"]["errors"]}
+    assert set(errors) == {("base", EXACT_MATCH_TASK), ("base", "lambada_openai"),
+                           ("sft", "lambada_openai")}
+    assert "cannot load model" in errors[("base", EXACT_MATCH_TASK)]
+    assert "no_such_model" in errors[("base", EXACT_MATCH_TASK)]
+    assert "not in the local Hugging Face cache" in errors[("sft", "lambada_openai")]
     row = _table(report, EXACT_MATCH_TASK, "exact_match")
     assert row["status"] == {"base": "error", "sft": "ok"} and row["delta"] is None
     lm = json.loads(next((out / "eval" / "sft" / EXACT_MATCH_TASK).glob("results_*.json")).read_text())
