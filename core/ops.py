@@ -120,6 +120,10 @@ def _apply_grad_output(ctx, buf, grad_output, grad_scale):
 def _ce_setup_context(ctx, inputs, output):
     grad_scale = inputs[3]
     grad_logits = output[3]
+    # Only the loss is differentiable; without this, autograd would materialize a zero N x V
+    # gradient for the unused grad_logits output on every backward.
+    ctx.mark_non_differentiable(output[1], output[2], grad_logits)
+    ctx.set_materialize_grads(False)
     ctx.has_grad_scale = grad_scale is not None
     ctx.first_grad_output = None
     if ctx.has_grad_scale:
@@ -157,6 +161,7 @@ class _CrossEntropyInplace(torch.autograd.Function):
         ctx.first_grad_output = None
         ctx.save_for_backward(logits, *((grad_scale,) if grad_scale is not None else ()))
         ctx.mark_non_differentiable(lse, correct)
+        ctx.set_materialize_grads(False)
         return loss, lse, correct
 
     @staticmethod
