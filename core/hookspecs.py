@@ -53,10 +53,14 @@ def sftctl_register_schedulers(register):
 
 @hookspec
 def sftctl_register_benchmarks(register, config):
-    """Register post-training benchmarks: ``register(BenchmarkSpec(name, prepare, ...))``.
+    """Register post-training benchmarks: ``register(BenchmarkSpec(name, include_path, ...))``
+    (``sftctl.evals.spec.BenchmarkSpec``: an lm-eval task name and the absolute folder of its
+    task YAML; ``include_path=None`` for a task lm-eval ships).
 
-    Called after the run config is known (``config`` is the ``RunConfig``), so a plugin can
-    register benchmarks that depend on it (e.g. a held-out split of its demo data).
+    Called once per run during setup, with the run config (``config.train.output_dir`` is set,
+    so task files can be written under ``OUTPUT_DIR/eval``). The benchmarks of the plugins named
+    with ``--plugin`` (or those named by ``--tasks``) are recorded in summary.json and run by
+    ``sftctl.evals`` on the base model and the SFT checkpoint after training.
     """
 
 
@@ -105,7 +109,9 @@ def sftctl_train_start(trainer):
 def sftctl_step_end(trainer, step, metrics):
     """An optimizer step finished. ``metrics``: the dict written to metrics.jsonl for this step
     (keys ``kind``, ``step``, ``epoch``, ``loss``, ``lr``, ``tokens``, ``tokens_total``,
-    ``tokens_per_s``, ``grad_norm``, ``time``); called every ``--log-every`` steps."""
+    ``tokens_per_s``, ``grad_norm``, ``time``); called every ``--log-every`` steps.
+    ``trainer.request_stop(reason)`` ends training after this step (validation and the final
+    save still happen)."""
 
 
 @hookspec
@@ -132,6 +138,8 @@ def sftctl_after_train(trainer, summary):
 
 @hookspec
 def sftctl_report_sections(run_dir, report):
-    """Add sections to the benchmark report. ``run_dir``: the run directory (``Path``);
-    ``report``: the report dict built so far. Return a list of sections, each a dict with
-    ``title`` and ``markdown`` (and optionally ``html``), or ``None``."""
+    """Add sections to the benchmark report (called by ``sftctl.evals`` when it writes the
+    report). ``run_dir``: the run directory (``Path``); ``report``: the report dict built so far
+    (read-only). Return a section or a list of sections, each a dict with ``title`` and
+    ``markdown`` (and optionally ``html``), or ``None``. A failing implementation is recorded
+    in the report's warnings; the other sections still appear."""

@@ -120,11 +120,16 @@ class Trainer:
         self.data: PreparedData | None = None
         self.base_model: str | None = None
         self.extras: dict[str, Any] = {}  # per-run storage for plugins
+        self.stop_reason: str | None = None  # set by request_stop (e.g. an early-stopping plugin)
         self._t0 = time.time()
 
     @property
     def is_main(self) -> bool:
         return self.strategy.is_main
+
+    def request_stop(self, reason: str) -> None:
+        """End training after the current step (then validate and save as usual)."""
+        self.stop_reason = reason
 
     @property
     def unwrapped_model(self):
@@ -443,6 +448,9 @@ class Trainer:
             if self.val_plan is not None and cfg.eval.every and st.step % cfg.eval.every == 0 \
                     and st.step < self.total_steps:
                 self.evaluate()
+            if self.stop_reason is not None:
+                log.info("stopping at step %d: %s", st.step, self.stop_reason)
+                break
         bar.close()
         if self.val_plan is not None and not (st.history and st.history[-1]["kind"] == "val"
                                               and st.history[-1]["step"] == st.step):
@@ -523,6 +531,7 @@ class Trainer:
             else None,
             "val_loss": val_hist[-1]["val_loss"] if val_hist else None,
             "val_ppl": val_hist[-1]["val_ppl"] if val_hist else None,
+            "stopped_early": self.stop_reason,
             "plugins": list(cfg.plugins),
             "versions": versions(),
             "benchmarks": [b.to_dict() for b in self.benchmarks],
