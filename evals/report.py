@@ -204,14 +204,17 @@ def _plots(train: list[dict], val: list[dict], table: list[dict],
         ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         out["lr.png"] = png(fig)
+    who_list = [w for w in ("base", "sft") if any(w in r for r in table)]
     bars = [r for r in table if r["metric"] == primary.get(r["task"])
-            and (r["base"] is not None or r["sft"] is not None)]
+            and any(r.get(w) is not None for w in who_list)]
     if bars:
         import numpy as np
         fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(bars) + 2), 3.4))
         x = np.arange(len(bars))
-        w = 0.38
-        for off, who, color in ((-w / 2, "base", "#a0a0a0"), (w / 2, "sft", "#4c72b0")):
+        w = 0.76 / len(who_list)
+        colors = {"base": "#a0a0a0", "sft": "#4c72b0"}
+        for k, who in enumerate(who_list):
+            off, color = (k - (len(who_list) - 1) / 2) * w, colors[who]
             vals = [r[who] if r[who] is not None else 0.0 for r in bars]
             errs = [r[f"{who}_stderr"] or 0.0 for r in bars]
             rects = ax.bar(x + off, vals, w, yerr=errs, capsize=3, color=color,
@@ -223,9 +226,10 @@ def _plots(train: list[dict], val: list[dict], table: list[dict],
                             ha="center", va="bottom", fontsize=8, xytext=(0, 2),
                             textcoords="offset points")
         ax.set_xticks(x, [f"{r['task']}\n{r['metric']}" for r in bars], fontsize=8)
-        top = max([1.0] + [(r[k] or 0) + (r[k + "_stderr"] or 0) for r in bars for k in ("base", "sft")])
+        top = max([1.0] + [(r[k] or 0) + (r[k + "_stderr"] or 0) for r in bars for k in who_list])
         ax.set_ylim(0, top * 1.15)
-        ax.set_title("Base vs SFT (primary metric, ± lm-eval stderr)")
+        ax.set_title(("Base vs SFT" if len(who_list) == 2 else "SFT checkpoint")
+                     + " (primary metric, ± lm-eval stderr)")
         ax.legend(loc="upper left", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         out["benchmarks.png"] = png(fig)

@@ -303,3 +303,23 @@ def test_eval_command_records_unavailable_models_and_data_and_still_scores(run, 
     assert lm["n-samples"][EXACT_MATCH_TASK]["effective"] == 3
     assert row["sft"] == lm["results"][EXACT_MATCH_TASK]["exact_match,none"]
     assert (out / "eval" / "sft" / "worker_output.log").is_file()  # --quiet: output to the log
+
+
+def test_checkpoint_only_evaluation_reports_without_a_base(run, tmp_path):
+    import dataclasses
+
+    from sftctl.evals.report import write_report
+    from sftctl.evals.runner import EvalOptions, evaluate_models
+
+    summary = json.loads((run["dir"] / "summary.json").read_text())
+    spec = next(BenchmarkSpec.from_dict(d) for d in summary["benchmarks"]
+                if d["name"] == EXACT_MATCH_TASK)
+    manifest = evaluate_models({"sft": str(run["dir"] / "model")},
+                               [dataclasses.replace(spec, limit=2)], tmp_path,
+                               EvalOptions(quiet=True))
+    assert manifest["runs"]["sft"][EXACT_MATCH_TASK]["status"] == "ok"
+    report = json.loads(write_report(tmp_path)["json"].read_text())
+    (row,) = report["benchmarks"]["table"]
+    assert "base" not in row and row["delta"] is None and row["sft"] is not None
+    assert report["benchmarks"]["labels"] == ["sft"] and "benchmarks" in report["plots"]
+    assert all(set(s["responses"]) == {"sft"} for s in report["samples"])
