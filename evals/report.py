@@ -549,7 +549,8 @@ def render_markdown(report: dict) -> str:
         L.append("No run summary (summary.json missing).")
     L.append("")
     bench = report.get("benchmarks")
-    L += ["## Benchmarks: base vs SFT", ""]
+    both = bool(bench) and "base" in bench["labels"] and "sft" in bench["labels"]
+    L += ["## Benchmarks: base vs SFT" if both or not bench else "## Benchmarks", ""]
     if not bench:
         L.append("No benchmark results.")
     else:
