@@ -489,6 +489,35 @@ class Trainer:
                      metrics["val_ppl"])
         return metrics
 
+    # --------------------------------------------------------------------------- resumability
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue this run exactly: model, optimizer, scheduler, grad
+        scaler, every RNG and the counters/history. Tensors and plain types only, so it
+        round-trips through ``torch.save`` / ``torch.load(weights_only=True)``."""
+        return {
+            "model": self.unwrapped_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "state": self.state.state_dict(),
+            "world_size": self.strategy.world_size,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore a ``state_dict`` into a trainer that ran ``setup()`` with the same config."""
+        if sd.get("world_size", 1) != self.strategy.world_size:
+            raise TrainingError(f"the state was saved with world size {sd.get('world_size')}, "
+                                f"this run has {self.strategy.world_size}")
+        self.unwrapped_model.load_state_dict(sd["model"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.scheduler.load_state_dict(sd["scheduler"])
+        self.scaler.load_state_dict(sd["scaler"])
+        self.state = TrainState()
+        self.state.load_state_dict(sd["state"])
+        ckpt.set_rng_state(sd["rng"])
+
     # -------------------------------------------------------------------------------- finish
 
     def summary(self) -> dict:
