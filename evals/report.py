@@ -710,18 +710,35 @@ def render_html(report: dict, assets: dict[str, bytes]) -> str:
         fmt=_fmt, pm=_pm, delta=_delta_str)
 
 
+def _json_safe(x: Any, path: str, bad: list[str]) -> Any:
+    """NaN/inf are not JSON: they become null and their places are listed."""
+    if isinstance(x, float) and not math.isfinite(x):
+        bad.append(path)
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v, f"{path}.{k}", bad) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v, f"{path}[{i}]", bad) for i, v in enumerate(x)]
+    return x
+
+
 def write_report(run_dir: str | Path, pm: Any = None) -> dict[str, Path]:
     """Build the report from ``run_dir`` and write report.json/.md/.html and report_assets/."""
     run_dir = Path(run_dir).resolve()
     report, assets = build_report(run_dir, pm=pm)
+    bad: list[str] = []
+    report = _json_safe(report, "report", bad)
+    if bad:
+        report["warnings"].append(f"{len(bad)} non-finite number(s) written as null: "
+                                  + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
     asset_dir = run_dir / ASSETS
     asset_dir.mkdir(exist_ok=True)
     for name, data in assets.items():
         (asset_dir / name).write_bytes(data)
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md",
              "html": run_dir / "report.html"}
-    paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
-                             encoding="utf-8")
+    paths["json"].write_text(
+        json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
     paths["md"].write_text(render_markdown(report) + "\n", encoding="utf-8")
     paths["html"].write_text(render_html(report, assets), encoding="utf-8")
     return paths

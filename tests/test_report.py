@@ -151,9 +151,13 @@ def test_report_without_evaluation_warns_and_counts_bad_metric_lines(tmp_path):
         json.dumps({"kind": "val", "step": 2, "val_loss": 1.7, "val_ppl": 5.5}),
         json.dumps({"kind": "train", "loss": 1.0}),  # no step
     ])
-    (tmp_path / "summary.json").write_text(json.dumps({"model": "m", "steps": 2}))
+    (tmp_path / "summary.json").write_text(json.dumps({"model": "m", "steps": 2,
+                                                       "val_loss": float("nan")}))
     paths = write_report(tmp_path)
-    report = json.loads(paths["json"].read_text())
+    report = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert report["run"]["val_loss"] is None
+    assert any("1 non-finite number(s) written as null: report.run.val_loss" in w
+               for w in report["warnings"])
     assert report["benchmarks"] is None and report["samples"] == []
     assert report["training"]["train_points"] == 2 and report["training"]["val_points"] == 1
     assert any("2 unreadable line(s) skipped (lines 2, 5)" in w for w in report["warnings"])
