@@ -342,6 +342,18 @@ def _check_segments(segs, fmt: DatasetFormat) -> list[Segment]:
     return list(segs)
 
 
+TOKENIZE_VERSION = 1  # bump when the token layout below changes
+
+
+def _sftctl_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("sftctl")
+    except Exception:
+        return "unknown"
+
+
 class _Tokenize:
     """The ``datasets.map`` function (a class so that it pickles for worker processes and hashes
     stably for the datasets cache)."""
@@ -355,6 +367,9 @@ class _Tokenize:
         self.train_on_prompt = train_on_prompt
         self.bos = special_prefix(tokenizer)
         self.eos = tokenizer.eos_token_id
+        # part of the datasets cache fingerprint: an sftctl upgrade that changes tokenization
+        # must not reuse tables cached by an older version (the class is pickled by reference)
+        self.pipeline_version = (TOKENIZE_VERSION, _sftctl_version())
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         n = len(indices)
