@@ -314,6 +314,34 @@ def test_exit_code_of_the_real_process(tmp_path, tiny):
     assert "Traceback" not in r.stderr
 
 
+def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, tiny, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(tiny, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = next(k for k in weights if k.endswith("norm.weight"))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(8))
+    out = tmp_path / "out"
+    rc = cli.main(["train", "--model", str(broken), "--data", str(data), "--output-dir",
+                   str(out), "--max-steps", "2", "--no-eval", "--quiet", "--no-initial-eval"])
+    assert rc == 1
+    assert "step 1: non-finite loss" in capsys.readouterr().err
+    assert_no_checkpoint(out)
+
+
+def test_torchrun_world_size_is_refused_clearly(tmp_path, tiny, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(8))
+    rc, out = train_on(tmp_path, tiny, data)
+    assert rc == 2 and "WORLD_SIZE=2" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------ plugins and doctor
 
 
