@@ -8,14 +8,18 @@ Design choices
   bytes written over the time of a large ``copy_``) is measured first and gives each shape's floor
   = (one read of the logits + one write of the gradient) / copy bandwidth.
 - Variants, each timed as one training step's loss part (forward, then backward to the logits):
-  sftctl (public API, functional mode), sftctl memory mode (the two ops its autograd Function
+  sftctl (public API, functional mode; optionally other kernel plans through the SFTCTL_CE_*
+  knobs), sftctl memory mode (the two ops its autograd Function
   runs: ``cross_entropy_`` then ``scale_grad_``, which is a no-op for grad_output 1), Liger's
   ``LigerCrossEntropyLoss`` (if importable), ``torch.compile`` of the fp32 cross-entropy,
   ``F.cross_entropy`` on the bf16 logits, and DeepSpeed-Chat's ``logits.float()`` +
   ``F.cross_entropy``.
+- Each step ends with the gradient w.r.t. the logits in hand (``torch.autograd.grad``), which is
+  what the lm_head backward consumes; ``.backward()`` on a leaf would add AccumulateGrad's copy.
 - Timing: CUDA events around each step, median of ``--reps`` after warm-up; inputs rotate among
   two sets so no step finds its logits in L2. Memory: peak allocated during one step minus what
-  was allocated before it (so a produced gradient buffer counts, as in the issue's anchors).
+  was allocated before it, with no earlier gradient alive (so the produced gradient buffer
+  counts, as in the issue's anchors).
 - Accuracy: each variant's loss against a float64 reference of the same bf16 values.
 """
 
@@ -36,6 +40,15 @@ import torch.nn.functional as F
 GiB = 1024**3
 
 
+def backward(loss, x):
+    """Gradient of the loss w.r.t. the logits, as the lm_head backward would consume it.
+
+    torch.autograd.grad instead of loss.backward(): the logits here are a leaf standing in for
+    the lm_head output, and AccumulateGrad would add a copy that no training step pays.
+    """
+    return torch.autograd.grad(loss, x)[0]
+
+
 def timed(step, reps, warmup=3):
     for k in range(warmup):
         step(k)
@@ -51,7 +64,8 @@ def timed(step, reps, warmup=3):
     return statistics.median(ms), ms
 
 
-def peak_extra(step):
+def peak_extra(step, reset):
+    reset()  # drop every gradient left from earlier steps, so none is counted as freed
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -83,48 +97,46 @@ def reference_loss(logits, targets, chunk=1024):
     return total / count
 
 
-def with_kernel(fn, kernel):
-    """Run fn with SFTCTL_CE_KERNEL set (the launcher reads it at every call)."""
-    if not kernel:
-        return fn
-
+def with_env(fn, env):
+    """Run fn with extra environment (the launcher reads its SFTCTL_CE_* knobs at every call)."""
     def wrapped(*args):
-        old = os.environ.get("SFTCTL_CE_KERNEL")
-        os.environ["SFTCTL_CE_KERNEL"] = kernel
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             return fn(*args)
         finally:
-            if old is None:
-                del os.environ["SFTCTL_CE_KERNEL"]
-            else:
-                os.environ["SFTCTL_CE_KERNEL"] = old
+            for k, v in old.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
     return wrapped
 
 
-def make_variants(names, kernels):
+def make_variants(names, env_variants):
     from sftctl import ops
 
     variants = {}
 
     def sftctl_step(x, t):
         loss = ops.cross_entropy(x, t)
-        loss.backward()
-        return loss
+        return loss, backward(loss, x)
 
     def sftctl_memory_step(x, t, _one=[]):
         # What ops.cross_entropy(..., inplace_backward=True) runs: the gradient overwrites x in
         # forward; backward is scale_grad_ with grad_output 1, a device-side no-op.
         if not _one:
             _one.append(torch.ones((), device="cuda"))
-        loss, _, _ = torch.ops.sftctl.cross_entropy_(x.detach(), t, None, None, -100, 1, 0.0, 0.0,
-                                                      0.0, False, False)
-        torch.ops.sftctl.scale_grad_(x.detach(), _one[0], None)
-        return loss
+        loss, _, _ = torch.ops.sftctl.cross_entropy_(x, t, None, None, -100, 1, 0.0, 0.0, 0.0,
+                                                      False, False)
+        torch.ops.sftctl.scale_grad_(x, _one[0], None)
+        return loss, x
 
     variants["sftctl"] = (sftctl_step, True)
     variants["sftctl memory mode"] = (sftctl_memory_step, False)
-    for k in kernels:  # other row-kernel variants of the same op, for the notes
-        variants[f"sftctl [SFTCTL_CE_KERNEL={k}]"] = (with_kernel(sftctl_step, k), True)
+    for spec in env_variants:  # other plans of the same op (kernel variant, slice size), for the notes
+        env = dict(kv.split("=", 1) for kv in spec.split(","))
+        variants[f"sftctl [{spec}]"] = (with_env(sftctl_step, env), True)
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
 
@@ -132,8 +144,7 @@ def make_variants(names, kernels):
 
         def liger_step(x, t):
             loss = liger(x, t)
-            loss.backward()
-            return loss
+            return loss, backward(loss, x)
 
         variants["liger-kernel LigerCrossEntropyLoss"] = (liger_step, True)
     except Exception as e:  # noqa: BLE001 - reported, not hidden
@@ -144,18 +155,15 @@ def make_variants(names, kernels):
 
     def compile_step(x, t):
         loss = compiled(x, t)
-        loss.backward()
-        return loss
+        return loss, backward(loss, x)
 
     def bf16_step(x, t):
         loss = F.cross_entropy(x, t, ignore_index=-100)
-        loss.backward()
-        return loss
+        return loss, backward(loss, x)
 
     def deepspeed_step(x, t):
         loss = F.cross_entropy(x.float(), t, ignore_index=-100)
-        loss.backward()
-        return loss
+        return loss, backward(loss, x)
 
     variants["torch.compile fp32 cross_entropy"] = (compile_step, True)
     variants["F.cross_entropy on bf16"] = (bf16_step, True)
@@ -179,18 +187,22 @@ def bench_shape(n, v, variants, bw, reps, ignore_frac=0.3, seed=0):
     rows = []
     for name, (fn, needs_leaf) in variants.items():
         leaves = [(x.detach().clone().requires_grad_(needs_leaf), t) for x, t in sets]
+        grads = [None] * len(leaves)  # the last gradient of each input set, kept like .grad
 
-        def step(k, leaves=leaves, fn=fn):
+        def step(k, leaves=leaves, fn=fn, grads=grads):
             x, t = leaves[k % len(leaves)]
-            if needs_leaf:
-                x.grad = None
-            return fn(x, t)
+            grads[k % len(leaves)] = None
+            loss, grads[k % len(leaves)] = fn(x, t)
+            return loss
+
+        def reset(grads=grads):
+            grads[:] = [None] * len(grads)
 
         try:
             first = step(0)
-            err = abs(float(first) - ref) / abs(ref)
+            err = abs(float(first.detach()) - ref) / abs(ref)
             ms, all_ms = timed(step, reps)
-            extra = peak_extra(step)
+            extra = peak_extra(step, reset)
         except torch.OutOfMemoryError as e:
             print(f"{name} N={n} V={v}: out of memory ({e})", file=sys.stderr)
             rows.append({"variant": name, "error": "out of memory"})
@@ -245,8 +257,9 @@ def main():
     ap.add_argument("--shapes", default="8192x128256,8192x32000,8192x151936,8192x262144,"
                                         "16384x128256")
     ap.add_argument("--variants", default="", help="comma-separated substrings to keep")
-    ap.add_argument("--kernels", default="",
-                    help="extra SFTCTL_CE_KERNEL values to time sftctl with (e.g. persistent)")
+    ap.add_argument("--sftctl-env", default="",
+                    help="extra sftctl plans to time, ';'-separated, each KEY=VAL[,KEY=VAL] of "
+                         "SFTCTL_CE_* knobs (e.g. 'SFTCTL_CE_SLICE_KB=48;SFTCTL_CE_KERNEL=global')")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_cuda_ce.py needs a CUDA device")
@@ -255,7 +268,7 @@ def main():
     dev = torch.cuda.get_device_name()
     print(f"{dev}: D2D copy {bw / 1e12:.2f} TB/s ({copy_ms:.3f} ms for 4 GiB)", flush=True)
     variants = make_variants([s for s in args.variants.split(",") if s],
-                             [k for k in args.kernels.split(",") if k])
+                             [k for k in args.sftctl_env.split(";") if k])
     result = {"device": dev, "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "cuda": torch.version.cuda,
               "python": platform.python_version(), "copy_bytes_per_s": bw,
@@ -267,15 +280,16 @@ def main():
         result["liger_kernel"] = version("liger-kernel")
     except Exception:  # noqa: BLE001
         result["liger_kernel"] = None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for spec in args.shapes.split(","):
         n, v = (int(x) for x in spec.split("x"))
         print(f"N={n} V={v}", flush=True)
         result["shapes"].append(bench_shape(n, v, variants, bw, args.reps))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_cuda_ce.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    (out / "bench_cuda_ce.md").write_text(md + "\n")
+        # written after every shape, so a run cut short still leaves its numbers
+        (out / "bench_cuda_ce.json").write_text(json.dumps(result, indent=1))
+        md = markdown(result)
+        (out / "bench_cuda_ce.md").write_text(md + "\n")
     print(md)
 
 

@@ -8,9 +8,10 @@
 //   allocation, so the sequence can be captured in a CUDA graph.
 // - Row kernel selection (decided from shape and device only, so a given call always takes the
 //   same path and gives the same bits): on sm_90 the cluster/shared-memory kernel, with the
-//   smallest cluster whose per-CTA slice fits the slice budget (64 KB by default: three CTAs per
-//   SM, so one CTA's loads overlap another's gradient stores); elsewhere, or when no cluster
-//   shape fits, the one-CTA-per-row kernel that re-reads the row from L2.
+//   smallest cluster whose per-CTA slice fits the slice budget (64 KB by default: three CTAs of
+//   256 threads per SM, so one CTA's loads overlap the math and gradient stores of the others;
+//   see bench/NOTES_cuda.md for the measured alternatives); elsewhere, or when no cluster shape
+//   fits, the one-CTA-per-row kernel that re-reads the row from L2.
 // - SFTCTL_CE_SLICE_KB, SFTCTL_CE_THREADS (256|512), SFTCTL_CE_CHUNKS and SFTCTL_CE_KERNEL
 //   (cluster|global) override the plan; they exist for bench/ and the tests, not for users.
 #include <cuda_runtime.h>
@@ -118,15 +119,14 @@ int max_active_clusters(const void* fn, int csize, int threads, int smem) {
   return n;
 }
 
-enum class Kind { Global, Cluster, Persistent };
+enum class Kind { Global, Cluster };
 
 struct Plan {
   Kind kind = Kind::Global;
   int csize = 1;
   int vpc = 0;
-  int nchunk = 1;   // Cluster: bulk copies per slice; Persistent: pipeline stages
+  int nchunk = 1;  // bulk copies per slice
   int threads = 256;
-  int clusters = 0; // Persistent: resident clusters (the grid)
 };
 
 template <typename T, int THREADS, bool FULL>
@@ -134,8 +134,6 @@ const void* kernel_ptr(Kind kind) {
   switch (kind) {
     case Kind::Cluster:
       return reinterpret_cast<const void*>(&ce_forward_kernel<T, THREADS, FULL, true>);
-    case Kind::Persistent:
-      return reinterpret_cast<const void*>(&ce_persistent_kernel<T, THREADS, FULL>);
     default:
       return reinterpret_cast<const void*>(&ce_forward_kernel<T, THREADS, FULL, false>);
   }
@@ -161,11 +159,10 @@ Plan make_plan(const CrossEntropyParams& p, bool full) {
   const DeviceInfo dev = device_info();
   const char* force = std::getenv("SFTCTL_CE_KERNEL");
   const std::string want = force ? force : "";
-  if (!want.empty() && want != "global" && want != "cluster" && want != "persistent")
-    throw std::runtime_error("SFTCTL_CE_KERNEL must be global, cluster or persistent");
-  const bool persistent = want == "persistent";
+  if (!want.empty() && want != "global" && want != "cluster")
+    throw std::runtime_error("SFTCTL_CE_KERNEL must be global or cluster");
   Plan plan;
-  plan.threads = env_int("SFTCTL_CE_THREADS", persistent ? 512 : 256);
+  plan.threads = env_int("SFTCTL_CE_THREADS", 256);
   if (plan.threads != 256 && plan.threads != 512)
     throw std::runtime_error("SFTCTL_CE_THREADS must be 256 or 512");
   if (dev.major < 9 || want == "global") return plan;
@@ -173,7 +170,7 @@ Plan make_plan(const CrossEntropyParams& p, bool full) {
   const int64_t elt = static_cast<int64_t>(dtype_size(p.dtype));
   const int64_t nvec_max = std::max<int64_t>(1, p.vocab * elt / 16);  // body vectors, worst case
   const int64_t slice_target =
-      static_cast<int64_t>(env_int("SFTCTL_CE_SLICE_KB", persistent ? 64 : 48)) * 1024 / 16;
+      static_cast<int64_t>(env_int("SFTCTL_CE_SLICE_KB", 64)) * 1024 / 16;
   const int64_t static_smem = 4096;  // barriers and reduction scratch, generous
   const int64_t cap_vec = (dev.smem_optin - static_smem) / 16;
   int64_t csize = (nvec_max + slice_target - 1) / slice_target;
@@ -182,26 +179,17 @@ Plan make_plan(const CrossEntropyParams& p, bool full) {
   if (vpc > cap_vec) return plan;  // row too long for 16 CTAs of shared memory: global variant
   plan.csize = static_cast<int>(csize);
   plan.vpc = static_cast<int>(vpc);
-  if (persistent) {
-    plan.kind = Kind::Persistent;
-    const int fit = static_cast<int>(std::min<int64_t>(kMaxStages, cap_vec / vpc));
-    plan.nchunk = std::min(env_int("SFTCTL_CE_STAGES", 3), fit);
-    if (plan.nchunk < 2) plan.nchunk = fit;  // a single buffer still works, unpipelined
-  } else {
-    plan.kind = Kind::Cluster;
-    plan.nchunk = static_cast<int>(std::min<int64_t>(
-        std::min(env_int("SFTCTL_CE_CHUNKS", 4), kMaxChunks), std::max<int64_t>(1, vpc / 256)));
-  }
+  plan.kind = Kind::Cluster;
+  plan.nchunk = static_cast<int>(std::min<int64_t>(
+      std::min(env_int("SFTCTL_CE_CHUNKS", 4), kMaxChunks), std::max<int64_t>(1, vpc / 256)));
   const void* fn = pick_kernel(plan, p.dtype, full);
-  const int smem = plan.vpc * 16 * (persistent ? plan.nchunk : 1);
+  const int smem = plan.vpc * 16;
   prepare_kernel(fn, smem, plan.csize > 8);
-  const int resident = max_active_clusters(fn, plan.csize, plan.threads, smem);
-  if (resident <= 0) {
-    Plan fallback;
-    fallback.threads = persistent ? 256 : plan.threads;
+  if (max_active_clusters(fn, plan.csize, plan.threads, smem) <= 0) {
+    Plan fallback;  // no cluster of this shape fits next to the rest of the GPU's state
+    fallback.threads = plan.threads;
     return fallback;
   }
-  plan.clusters = resident;
   return plan;
 }
 
@@ -233,8 +221,8 @@ void cross_entropy_forward(const CrossEntropyParams& p, void* stream_ptr) {
     const bool full = p.softcap != 0.f || p.label_smoothing != 0.f || p.correct != nullptr;
     const Plan plan = make_plan(p, full);
     const void* fn = pick_kernel(plan, p.dtype, full);
-    const bool tma = plan.kind != Kind::Global;
-    const int smem = !tma ? 0 : plan.vpc * 16 * (plan.kind == Kind::Persistent ? plan.nchunk : 1);
+    const bool tma = plan.kind == Kind::Cluster;
+    const int smem = tma ? plan.vpc * 16 : 0;
     CeKernelArgs args;
     args.p = p;
     args.csize = plan.csize;
@@ -256,15 +244,10 @@ void cross_entropy_forward(const CrossEntropyParams& p, void* stream_ptr) {
       void* kargs[] = {&args};
       check(cudaLaunchKernelExC(&cfg, fn, kargs), "launch of the cross-entropy row kernel");
     };
-    if (plan.kind == Kind::Persistent) {
-      args.row_begin = 0;  // one launch; each resident cluster strides over the rows
-      launch(std::min<int64_t>(plan.clusters, p.n_rows) * plan.csize);
-    } else {
-      const int64_t max_rows = (int64_t{1} << 31) / plan.csize - 1;  // grid.x limit
-      for (int64_t r0 = 0; r0 < p.n_rows; r0 += max_rows) {
-        args.row_begin = r0;
-        launch(std::min(max_rows, p.n_rows - r0) * plan.csize);
-      }
+    const int64_t max_rows = (int64_t{1} << 31) / plan.csize - 1;  // grid.x limit
+    for (int64_t r0 = 0; r0 < p.n_rows; r0 += max_rows) {
+      args.row_begin = r0;
+      launch(std::min(max_rows, p.n_rows - r0) * plan.csize);
     }
   }
   if (p.reduction != Reduction::None) {
@@ -284,7 +267,11 @@ void launch_scale_grad(void* grad, int64_t n_rows, int64_t vocab, int64_t row_st
                    ((row_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0);
   const int64_t chunks = (vocab + chunk - 1) / chunk;
   if (chunks > 0x7fffffff) throw std::runtime_error("sftctl CUDA scale_grad: vocab too large");
-  dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(std::min<int64_t>(n_rows, 65535)));
+  // About 8 blocks per SM in all (rows are grid-strided): enough to stream a rescale at full
+  // bandwidth, and few enough that the usual no-op (grad_output == grad_scale) costs microseconds.
+  const int64_t row_blocks = std::max<int64_t>(
+      1, std::min<int64_t>({n_rows, 65535, (8 * device_info().sms + chunks - 1) / chunks}));
+  dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(row_blocks));
   scale_grad_kernel<T, kThreads, kUnroll><<<grid, kThreads, 0, stream>>>(
       static_cast<T*>(grad), n_rows, vocab, row_stride, grad_output, per_row, grad_scale, vec);
   check(cudaGetLastError(), "launch of scale_grad_kernel");

@@ -607,21 +607,16 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
   std::printf("bench %s N=%lld V=%lld ignored=%.0f%%: D2D copy %.3f ms = %.2f TB/s, floor %.3f ms\n",
               dname(dt), (long long)N, (long long)V, ignore_frac * 100, copy_ms, bw / 1e12, floor_ms);
   struct Cfg { const char* kernel; int slice; int threads; int chunks; bool inplace; };
-  // chunks = bulk copies per slice (cluster) or pipeline stages (persistent)
-  const Cfg cfgs[] = {{"cluster", 48, 256, 4, false},    {"cluster", 40, 256, 4, false},
-                      {"cluster", 56, 256, 4, false},    {"cluster", 64, 256, 4, false},
-                      {"persistent", 64, 512, 3, false}, {"persistent", 48, 512, 4, false},
-                      {"persistent", 32, 512, 6, false}, {"persistent", 72, 512, 3, false},
-                      {"persistent", 32, 256, 3, false}, {"persistent", 48, 256, 2, false},
-                      {"persistent", 24, 256, 4, false}, {"persistent", 100, 512, 2, false},
-                      {"global", 0, 512, 1, false},      {"cluster", 48, 256, 4, true},
-                      {"persistent", 64, 512, 3, true}};
+  // chunks = bulk copies per slice
+  const Cfg cfgs[] = {{"cluster", 64, 256, 4, false}, {"cluster", 48, 256, 4, false},
+                      {"cluster", 64, 512, 4, false}, {"cluster", 64, 256, 1, false},
+                      {"cluster", 96, 256, 4, false}, {"global", 0, 256, 1, false},
+                      {"global", 0, 512, 1, false},   {"cluster", 64, 256, 4, true}};
   for (const Cfg& c : cfgs) {
     setenv("SFTCTL_CE_KERNEL", c.kernel, 1);
     if (c.slice) setenv("SFTCTL_CE_SLICE_KB", std::to_string(c.slice).c_str(), 1);
     setenv("SFTCTL_CE_THREADS", std::to_string(c.threads).c_str(), 1);
     setenv("SFTCTL_CE_CHUNKS", std::to_string(c.chunks).c_str(), 1);
-    setenv("SFTCTL_CE_STAGES", std::to_string(c.chunks).c_str(), 1);
     CrossEntropyParams p;
     p.logits_row_stride = V;
     p.targets = dt_;
@@ -637,14 +632,13 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
       p.grad = c.inplace ? logits[k] : grad;
       cuda::cross_entropy_forward(p, nullptr);
     }, 40);
-    std::printf("  kernel=%-10s slice=%3dKB threads=%d chunks/stages=%d inplace=%d: %.3f ms = %.3fx floor (%.2f TB/s effective on read+write)\n",
+    std::printf("  kernel=%-7s slice=%3dKB threads=%d chunks=%d inplace=%d: %.3f ms = %.3fx floor (%.2f TB/s effective on read+write)\n",
                 c.kernel, c.slice, c.threads, c.chunks, c.inplace, ms, ms / floor_ms, 2.0 * bytes / (ms * 1e-3) / 1e12);
   }
   unsetenv("SFTCTL_CE_KERNEL");
   unsetenv("SFTCTL_CE_SLICE_KB");
   unsetenv("SFTCTL_CE_THREADS");
   unsetenv("SFTCTL_CE_CHUNKS");
-  unsetenv("SFTCTL_CE_STAGES");
   for (void* l : logits) CK(cudaFree(l));
   CK(cudaFree(grad));
   CK(cudaFree(dt_));

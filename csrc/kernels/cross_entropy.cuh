@@ -126,7 +126,7 @@ struct RowConst {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Per-row geometry and the passes, shared by the three row kernels below.
+// Per-row geometry and the passes, shared by both variants of the row kernel below.
 
 // One row as seen by CTA `rank` of its cluster: head | body of 16-byte vectors | tail.
 template <typename T>
@@ -507,103 +507,6 @@ __global__ void __launch_bounds__(THREADS, ce_min_blocks<THREADS>())
     grad_body<T, THREADS, FULL>(rv, src, 0, nv, k, sc);
   }
   if (TMA && a.csize > 1) cluster_wait();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Kernel 2 (sm_90, persistent, software-pipelined): a grid of as many clusters as fit the GPU;
-// cluster c handles rows c, c + G, c + 2G, ... in lockstep. Each CTA keeps `stages` slice
-// buffers in shared memory: while it reduces and writes the gradient of one row, the copy engine
-// is already loading its slices of the next stages - 1 rows, so HBM reads never pause for the
-// math or the cluster barrier. Ignored rows issue no load at all. A buffer is refilled only
-// after a __syncthreads that follows the last read of it. The CTA partial is double-buffered by
-// row parity: a peer may start the next row before this CTA has read the current partials, but
-// cannot pass that row's cluster barrier before this CTA has.
-constexpr int kMaxStages = 8;
-
-template <typename T, int THREADS, bool FULL>
-__global__ void __launch_bounds__(THREADS, 1) ce_persistent_kernel(const CeKernelArgs a) {
-  extern __shared__ __align__(128) uint4 smem[];  // stages x vpc vectors
-  __shared__ uint64_t full[kMaxStages];
-  __shared__ RowPart<FULL> warp_parts[THREADS / 32];
-  __shared__ RowPart<FULL> cta_part[2];
-  __shared__ RowConst row_const;
-
-  const CrossEntropyParams& p = a.p;
-  const int tid = threadIdx.x;
-  const int rank = static_cast<int>(cluster_ctarank());
-  const int64_t cid = blockIdx.x / a.csize;
-  const int64_t nclusters = gridDim.x / a.csize;
-  const int stages = a.nchunk;  // the persistent kernel reuses nchunk as its stage count
-  const int64_t rows = p.n_rows - a.row_begin;
-  const int64_t nslots = cid < rows ? (rows - cid + nclusters - 1) / nclusters : 0;
-  auto row_of = [&](int64_t i) { return a.row_begin + cid + i * nclusters; };
-
-  if (tid == 0) {
-    for (int s = 0; s < stages; ++s) mbar_init(&full[s], 1);
-    mbar_fence_init();
-  }
-  __syncthreads();
-  // Thread 0 issues the copy of slot i into stage i % stages (nothing for an ignored row).
-  auto issue = [&](int64_t i) {
-    const RowView<T> rv(p, row_of(i), rank, a.csize, a.vpc);
-    if (rv.y == p.ignore_index || rv.nv == 0) return;
-    uint64_t* bar = &full[i % stages];
-    const uint32_t bytes = static_cast<uint32_t>(rv.nv) * 16u;
-    mbar_arrive_expect_tx(bar, bytes);
-    bulk_copy_g2s(smem + (i % stages) * static_cast<int64_t>(a.vpc), rv.body(), bytes, bar);
-  };
-  if (tid == 0)
-    for (int64_t i = 0; i < (nslots < stages ? nslots : stages); ++i) issue(i);
-
-  const float scale = p.grad ? p.workspace[0] : 0.f;
-  const Softcap sc = make_softcap(p, FULL);
-  uint32_t phase = 0;  // bit s: parity of the next completion of stage s
-  int pslot = 0;
-  for (int64_t i = 0; i < nslots; ++i) {
-    const int s = static_cast<int>(i % stages);
-    const RowView<T> rv(p, row_of(i), rank, a.csize, a.vpc);
-    if (rv.y == p.ignore_index) {
-      zero_row<T, THREADS>(p, rv);
-    } else {
-      const uint4* buf = smem + s * static_cast<int64_t>(a.vpc);
-      if (rv.nv > 0) {
-        mbar_wait(&full[s], (phase >> s) & 1u);
-        phase ^= 1u << s;
-      }
-      RowPart<FULL> st;
-      st.init();
-      take_edges(st, rv, sc);
-#pragma unroll 2
-      for (int j = tid; j < rv.nv; j += THREADS) take_vec(st, buf[j], rv.v0 + j, rv, sc);
-      st = block_reduce<THREADS>(st, warp_parts);
-      if (tid == 0) cta_part[pslot] = st;
-      if (a.csize > 1) {
-        cluster_arrive();
-        cluster_wait();
-      }
-      if (tid == 0) {
-        RowPart<FULL> r = cta_part[pslot];
-        if (a.csize > 1) {
-          r = *cluster_map(&cta_part[pslot], 0);
-          for (int k = 1; k < a.csize; ++k) merge(r, *cluster_map(&cta_part[pslot], k));
-        }
-        row_const = finish_row(p, rv, r);
-      }
-      __syncthreads();
-      if (rv.grow) {
-        const GradCoef k = grad_coef(p, row_const, scale, FULL, rv.V);
-        grad_edges<T, FULL>(rv, k, sc);
-        grad_body<T, THREADS, FULL>(rv, buf, 0, rv.nv, k, sc);
-      }
-      pslot ^= 1;
-    }
-    __syncthreads();  // stage s fully read (and row_const consumed) before it is reused
-    if (tid == 0 && i + stages < nslots) issue(i + stages);
-  }
-  if (a.csize > 1) {  // keep this CTA's partials alive until every peer has read them
-    cluster_arrive();
-    cluster_wait();
-  }
 }
 
 // Counts the non-ignored targets, checks them, and fixes the gradient scale and the divisor of
