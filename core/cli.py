@@ -155,9 +155,10 @@ def build_train_parser(sub, options: dict) -> argparse.ArgumentParser:
         "train", help="fine-tune a causal LM (SFT)",
         description="Fine-tune a Hugging Face causal LM on instruction data. With no --model and "
                     "no --data it trains sftctl's embedded tiny Llama on the demo data of the "
-                    "--plugin format (e.g. `sftctl train --plugin alpaca`).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else
-        argparse.HelpFormatter)
+                    "--plugin format (e.g. `sftctl train --plugin alpaca`); the defaults shown "
+                    "are then replaced by the format's tuned defaults (see --print-config). "
+                    "Every option is also a key of the YAML config, shown in brackets.",
+        formatter_class=argparse.HelpFormatter)
     p.add_argument("--config", metavar="RUN.YAML",
                    help="YAML config (sections model, data, optim, train, eval, plugins, "
                         "options); flags override it")

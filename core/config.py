@@ -105,7 +105,7 @@ class DataConfig:
         help="Skip invalid records (counted in the summary) instead of stopping with an error.")
     num_proc: int | None = _f(
         None, flag="--num-proc", minimum=1,
-        help="Processes for tokenization (datasets.map). Default: 1 below 20k records, else "
+        help="Processes for tokenization (datasets.map). Default: 1 below 50k records, else "
              "min(8, CPU count).")
     max_examples: int | None = _f(None, flag="--max-examples", minimum=1,
                                   help="Use at most this many training records (after loading).")
