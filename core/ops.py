@@ -224,6 +224,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
             float(z_loss), cap, bool(return_lse), bool(return_accuracy))
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     if inplace_backward and need_grad:
+        if logits.is_leaf:
+            raise ValueError(
+                "inplace_backward=True overwrites logits with their gradient, but logits is a "
+                "leaf tensor that requires grad (a parameter?); pass the non-leaf output of the "
+                "model's head, or use inplace_backward=False")
         # reshape of contiguous logits is a view, so the gradient lands in the caller's buffer;
         # if reshape had to copy, the copy is consumed instead (still correct, not memory-lean).
         loss, lse, correct = _CrossEntropyInplace.apply(flat_logits, *args)

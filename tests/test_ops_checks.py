@@ -401,6 +401,16 @@ def test_bad_input_names_the_argument(case, pattern):
         torch.ops.sftctl.cross_entropy_(a["logits"].clone(), *args[1:-1])
 
 
+def test_memory_mode_refuses_a_leaf():
+    x = torch.randn(3, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="inplace_backward=True overwrites logits"):
+        ops.cross_entropy(x, torch.zeros(3, dtype=torch.long), inplace_backward=True)
+    before = x.detach().clone()
+    with torch.no_grad():  # nothing to consume without grad: the functional op runs
+        ops.cross_entropy(x, torch.zeros(3, dtype=torch.long), inplace_backward=True)
+    assert torch.equal(x.detach(), before)
+
+
 def test_bad_input_scale_grad_and_python_api():
     g = torch.zeros(4, 10)
     with pytest.raises(RuntimeError, match=r"grad_output must be 0-dim \(mean/sum\) or \[N\]"):
