@@ -130,7 +130,8 @@ def evaluate_models(models: dict[str, str], specs: list[BenchmarkSpec], out_dir:
         ref = str(Path(ref).expanduser().resolve()) if _is_local_model(str(ref)) else str(ref)
         manifest["models"][label] = {"path": ref, "local": _is_local_model(ref)}
         if not options.quiet:
-            print(f"[sftctl eval] model {i}/{len(models)}: {label} = {ref}", file=sys.stderr, flush=True)
+            print(f"[sftctl eval] model {i}/{len(models)}: {label} = {ref}", file=sys.stderr,
+                  flush=True)
         manifest["runs"][label] = _run_worker(label, ref, specs, eval_dir, options)
         manifest["models"][label].update(manifest["runs"][label].pop("_model", {}))
     (eval_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -302,8 +303,13 @@ def run_post_train(run_dir: str | Path, cfg: Any = None, pm: Any = None) -> int:
     if not tasks:
         print("[sftctl eval] no benchmark registered (no enabled plugin provides one): nothing "
               "to evaluate; the report has no benchmark table", file=sys.stderr)
-    else:
+        return finish_report(run_dir, pm, manifest, options)
+    try:
         manifest = evaluate_models(models, tasks, run_dir, options)
+    except ValueError as e:  # a broken registration: the trained run itself stays complete
+        print(f"[sftctl eval] cannot evaluate: {e}", file=sys.stderr)
+        rc = finish_report(run_dir, pm, None, options)
+        return rc if rc != EXIT_OK else EXIT_BENCHMARK_FAILED
     return finish_report(run_dir, pm, manifest, options)
 
 

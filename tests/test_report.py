@@ -192,3 +192,15 @@ def test_plugin_report_sections_through_the_plugin_manager(tmp_path):
     html = write_report(tmp_path, pm=pm)["html"].read_text()
     assert "<td>rows</td>" in html and "<p id='raw'>ok</p>" in html
     assert "Data audit" in (tmp_path / "report.md").read_text()
+
+
+def test_post_train_with_a_broken_registration_keeps_the_run_and_says_why(tmp_path, capsys):
+    from sftctl.evals.runner import EXIT_BENCHMARK_FAILED, run_post_train
+
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "model": "m", "benchmarks": [{"name": "gone", "include_path": str(tmp_path / "nowhere"),
+                                      "plugin": "p"}]}))
+    assert run_post_train(tmp_path) == EXIT_BENCHMARK_FAILED
+    err = capsys.readouterr().err
+    assert "cannot evaluate: benchmark 'gone' (plugin 'p'): task folder" in err
+    assert (tmp_path / "report.html").is_file()  # the report still says what there is
