@@ -27,6 +27,13 @@ REGEN = os.environ.get("SFTCTL_REGEN_GOLDEN") == "1"
 RTOL = 2e-4  # thread count and kernel ISA may change fp32 rounding; the curve must not move
 
 
+
+@pytest.fixture(autouse=True)
+def no_installed_plugins(monkeypatch):
+    """Installed third-party plugins stay out of these tests (the plugin tests opt in)."""
+    monkeypatch.setenv("SFTCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.delenv("SFTCTL_PLUGINS", raising=False)
+
 def curve(run_dir: Path) -> dict:
     m = read_metrics(run_dir)
     return {"train_loss": [x["loss"] for x in m if x["kind"] == "train"],

@@ -21,6 +21,13 @@ from sftctl_testutil import alpaca_records, build_tiny_base, read_metrics, write
 torch.set_num_threads(1)
 
 
+
+@pytest.fixture(autouse=True)
+def no_installed_plugins(monkeypatch):
+    """Installed third-party plugins stay out of these tests (the plugin tests opt in)."""
+    monkeypatch.setenv("SFTCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.delenv("SFTCTL_PLUGINS", raising=False)
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return build_tiny_base(tmp_path_factory.mktemp("tiny_base"))
