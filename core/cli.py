@@ -278,7 +278,6 @@ def cmd_train(args, pm, options) -> int:
     if args.print_config:
         print(C.dump_yaml(cfg), end="")
         return EXIT_OK
-    pm.hook.sftctl_configure.call_historic(kwargs=dict(config=cfg, pm=pm))
     world_size_from_env()
     trainer = Trainer(cfg, pm)
     if trainer.is_main:

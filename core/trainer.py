@@ -122,6 +122,8 @@ class Trainer:
         self.extras: dict[str, Any] = {}  # per-run storage for plugins
         self.stop_reason: str | None = None  # set by request_stop (e.g. an early-stopping plugin)
         self._t0 = time.time()
+        # historic: plugins registered later still see it; a plugin may reject the config here
+        pm.hook.sftctl_configure.call_historic(kwargs=dict(config=config, pm=pm))
 
     @property
     def is_main(self) -> bool:
