@@ -375,6 +375,12 @@ def doctor_report() -> dict:
         ext["backends"] = sorted({k for ks in kernels.values() for k in ks})
     except Exception as e:
         ext["error"] = f"{type(e).__name__}: {e}"
+    try:
+        from . import extension_info
+
+        ext["info"] = extension_info()  # CPU kernel ISA, whether CUDA kernels were compiled
+    except Exception:
+        pass
     rep["extension"] = ext
     dev: dict = {"cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
@@ -402,11 +408,15 @@ def cmd_doctor(args, pm, options) -> int:
     else:
         print("versions:")
         for k, v in rep["versions"].items():
-            print(f"    {k}: {v or 'not installed'}")
+            print(f"    {k}: {v or ('none (CPU build of torch)' if k == 'cuda' else 'not installed')}")
         e = rep["extension"]
         if e["loaded"]:
             print(f"extension sftctl._C: loaded ({e['path']})")
-            print(f"    kernels: {', '.join(e['backends']) or 'none'}")
+            info = e.get("info") or {}
+            cpu_isa = f" (CPU kernels: {info['cpu_capability']})" if info.get("cpu_capability") \
+                else ""
+            print(f"    kernels: {', '.join(e['backends']) or 'none'}{cpu_isa}; CUDA kernels "
+                  f"compiled: {'yes' if info.get('cuda_compiled') else 'no'}")
             for op, ks in e["kernels"].items():
                 print(f"    {op}: {', '.join(ks) or 'no kernel'}")
         else:
