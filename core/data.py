@@ -119,8 +119,9 @@ def resolve_source(spec: str) -> Source:
         raise DataError(f"{p}: a directory but not one written by datasets' save_to_disk (no "
                         f"dataset_info.json/state.json/dataset_dict.json; contains {files}); "
                         "pass the data files themselves")
-    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] \
-        or Path(spec).suffix.lower() in FILE_BUILDERS or not _HUB_ID.match(spec)
+    # not on disk: a hub id is "name" or "owner/name"; anything path-like is a missing file
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or \
+        Path(spec).suffix.lower() in FILE_BUILDERS or not _HUB_ID.match(spec)
     if looks_like_path:
         raise DataError(f"data file not found: {spec}")
     return Source(spec, "hub")
