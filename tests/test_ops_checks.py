@@ -143,7 +143,8 @@ def test_compile_fullgraph_memory_mode(device):
 # -------------------------------------------------------------------------------- hypothesis
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("SFTCTL_HYPOTHESIS_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(n=st.integers(1, 24), v=st.integers(1, 700), dtype=st.sampled_from(DTYPES),
        seed=st.integers(0, 2**16), ignore_p=st.sampled_from([0.0, 0.3, 1.0]),
        reduction=st.sampled_from(["mean", "sum", "none"]),
@@ -499,7 +500,8 @@ def test_sft_labels_hand_written():
     assert labels.dtype == n.dtype == torch.int64 and n.dim() == 0
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=int(os.environ.get("SFTCTL_HYPOTHESIS_EXAMPLES", "60")), deadline=None,
+          derandomize=True)
 @given(data=st.data(), pad_side=st.sampled_from(["right", "left"]),
        mode=st.sampled_from(["prompt_lengths", "loss_mask", "position_ids", "document_ids",
                              "both_packed"]))
