@@ -580,6 +580,7 @@ __global__ void __launch_bounds__(THREADS)
   constexpr int E = VT::kElems;
   constexpr int64_t kChunk = static_cast<int64_t>(THREADS) * E * UNROLL;
   const float gs = grad_scale ? *grad_scale : 1.f;
+  if (!per_row && grad_output[0] == gs) return;  // the usual case: one load, no row loop
   for (int64_t row = blockIdx.y; row < n_rows; row += gridDim.y) {
     const float go = per_row ? grad_output[row] : grad_output[0];
     if (go == gs) continue;
