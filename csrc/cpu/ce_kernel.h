@@ -101,7 +101,7 @@ inline float cap_scalar(float x, float c) {
 struct RowCtx {
   int64_t vocab, n_blocks, ignore_index;
   float softcap, eps, z_loss, scale;
-  bool want_grad, want_argmax;
+  bool want_grad;
 };
 
 // Processes row i; zbuf/ebuf are round_up(V, kPair) floats (ebuf == zbuf without softcap),
@@ -288,7 +288,6 @@ void ce_rows(const CrossEntropyParams& p, float scale, double* row_loss) {
   c.z_loss = p.z_loss;
   c.scale = scale;
   c.want_grad = p.grad != nullptr;
-  c.want_argmax = p.correct != nullptr;
   switch (p.dtype) {
     case DType::Float32:
       ce_rows_dtype<float>(p, c, row_loss);
