@@ -155,6 +155,9 @@ class TrainConfig:
                              "supported, else fp32.")
     device: str = _f("auto", flag="--device",
                      help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N.")
+    threads: int | None = _f(None, flag="--threads", minimum=1,
+                             help="CPU threads for torch (default: torch's choice, one per core). "
+                                  "On a shared machine fewer threads avoid contention.")
     loss_impl: str = _f("fused", flag="--loss-impl", choices=("fused", "torch"),
                         help="fused: sftctl's compiled cross-entropy and label op (default); "
                              "torch: the plain PyTorch reference path.")

@@ -164,6 +164,8 @@ class Trainer:
                                   f"which failed to load ({type(e).__name__}: {e}); rebuild it "
                                   "(pip install --no-build-isolation -e .) or pass --loss-impl "
                                   "torch") from None
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         self.device = self.strategy.device(cfg.train.device)
         self.precision, self.amp_dtype = _autocast_dtype(cfg.train.precision, self.device)
         if self.precision == "bf16" and self.device.type == "cuda" and \
