@@ -8,8 +8,9 @@ Design choices
   matter what the trainer left behind, and the worker's environment carries the offline switches
   (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``, ``TRANSFORMERS_OFFLINE``) from its first line,
   before any Hugging Face import. A crashed or killed worker loses nothing already finished.
-- Inside a worker the model is loaded once through lm-eval's registry (the ``hf`` model, what
-  ``simple_evaluate(model="hf", model_args=...)`` builds) and every benchmark is a separate
+- Inside a worker the model is loaded once as lm-eval's ``hf`` model (what
+  ``simple_evaluate(model="hf", model_args=...)`` builds, with one tokenization fix for
+  log-likelihood requests, see :func:`_hf_model_class`) and every benchmark is a separate
   ``simple_evaluate`` call in its own ``try``: one failing benchmark is recorded with its error and
   traceback, and the others still run. The exit status says whether any benchmark failed.
 - Task lookup is offline and cheap: a ``TaskManager`` over the plugins' include paths with
@@ -400,6 +401,32 @@ def _fmt_metrics(results: dict, task: str) -> str:
     return " ".join(parts)
 
 
+def _hf_model_class():
+    """lm-eval's ``hf`` model with one change in how a log-likelihood request is tokenized.
+
+    lm-eval moves the context's trailing whitespace into the continuation before tokenizing
+    (``_encode_pair``), then splits the whole sequence at the length of the re-tokenized context.
+    When a tokenizer has tokens that contain that whitespace (sftctl's demo tokenizer has a single
+    token for ``"\n\n### Response:\n"``), the split lands inside the prompt and the scored
+    continuation loses tokens or is empty. Here the context is kept whole whenever its tokens are
+    a prefix of the tokens of context + continuation (the continuation then gets exactly the
+    tokens the model was trained to produce); otherwise lm-eval's own rule applies unchanged.
+    Contexts without trailing whitespace tokenize identically under both rules.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class SftctlHFLM(HFLM):
+        def _encode_pair(self, context: str, continuation: str):
+            if context and context != context.rstrip() and self.backend == "causal":
+                whole = self.tok_encode(context + continuation)
+                ctx = self.tok_encode(context)
+                if len(ctx) < len(whole) and whole[:len(ctx)] == ctx:
+                    return ctx, whole[len(ctx):]
+            return super()._encode_pair(context, continuation)
+
+    return SftctlHFLM
+
+
 def _quiet_git_hash() -> str | None:
     try:
         out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
@@ -431,7 +458,6 @@ def worker_main(job_path: str) -> int:
 
     import lm_eval
     import lm_eval.evaluator
-    from lm_eval.api.registry import get_model
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
 
@@ -443,7 +469,7 @@ def worker_main(job_path: str) -> int:
     model_args = {"pretrained": model_ref, "dtype": dtype, "trust_remote_code": False}
     t0 = time.time()
     try:
-        lm = get_model("hf").create_from_arg_obj(
+        lm = _hf_model_class().create_from_arg_obj(
             model_args, {"batch_size": opts.batch_size, "device": device, "max_batch_size": None})
     except Exception as exc:
         tb = traceback.format_exc()
@@ -457,6 +483,7 @@ def worker_main(job_path: str) -> int:
         return 1
     (out_dir / "model_info.json").write_text(json.dumps({
         "model_args": model_args, "device": device, "batch_size": opts.batch_size,
+        "lm_eval_model": "hf (sftctl: context kept whole at a clean token boundary)",
         "load_time_s": round(time.time() - t0, 3),
         "num_parameters": getattr(lm, "_model", None) and sum(
             p.numel() for p in lm._model.parameters()),

@@ -30,15 +30,16 @@ from sftctl.evals.spec import BenchmarkSpec  # noqa: E402
 
 N_HELDOUT = 12
 BROKEN = "broken_task"
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32}
+STEPS = 100
 
 
 def _train_tiny(model, tok, records, steps: int, metrics_path: Path) -> None:
     """Full-batch SFT steps on prompt -> response (loss on the response only). A test fixture,
     not the product trainer: it only has to make the checkpoint answer its held-out prompts."""
     torch.manual_seed(0)
-    lr0 = 2e-2
+    lr0 = 5e-3
     opt = torch.optim.AdamW(model.parameters(), lr=lr0, weight_decay=0.0)
     pairs = [(tok(demo_data.format_prompt(r)).input_ids,
               tok(r["output"]).input_ids + [tok.eos_token_id]) for r in records]
@@ -82,7 +83,8 @@ def _broken_task(work_dir: Path, data: Path) -> BenchmarkSpec:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalrun")
-    os.environ.setdefault("HF_DATASETS_CACHE", str(root / "hf_datasets_cache"))
+    mp = pytest.MonkeyPatch()  # lm-eval's json data sets are cached privately, then forgotten
+    mp.setenv("HF_DATASETS_CACHE", str(root / "hf_datasets_cache"))
     run_dir = root / "run"
     _, heldout = demo_data.default_splits(seed=0, n_train=0, n_heldout=N_HELDOUT)
     corpus = demo_data.generate(300, seed=5) + heldout
@@ -90,7 +92,7 @@ def run(tmp_path_factory):
     base = demo_model.build_model(tok, seed=0, overrides=TINY)
     base.save_pretrained(run_dir / "base")
     tok.save_pretrained(run_dir / "base")
-    _train_tiny(base, tok, heldout, steps=40, metrics_path=run_dir / "metrics.jsonl")
+    _train_tiny(base, tok, heldout, steps=STEPS, metrics_path=run_dir / "metrics.jsonl")
     base.save_pretrained(run_dir / "model")  # now fine-tuned
     tok.save_pretrained(run_dir / "model")
     heldout_path = demo_data.write_jsonl(heldout, run_dir / "eval" / "alpaca_heldout.jsonl")
@@ -100,14 +102,15 @@ def run(tmp_path_factory):
     summary = {"model": "tiny llama (test)", "base_model": str(run_dir / "base"),
                "data": ["demo"], "examples": {"used": N_HELDOUT, "truncated": 0, "dropped": 0,
                                               "skipped": 0},
-               "steps": 40, "tokens": 1234, "wall_time_s": 12.5, "tokens_per_s": 98.7,
+               "steps": STEPS, "tokens": 1234, "wall_time_s": 12.5, "tokens_per_s": 98.7,
                "peak_memory_bytes": 123456789, "loss_kernel": "torch", "device": "cpu",
                "versions": {"torch": torch.__version__},
                "benchmarks": [s.to_dict() for s in specs]}
     (run_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     rc = run_post_train(run_dir)
     report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
-    return {"dir": run_dir, "rc": rc, "report": report, "heldout": heldout}
+    yield {"dir": run_dir, "rc": rc, "report": report, "heldout": heldout}
+    mp.undo()
 
 
 def _table(report, task, metric):
@@ -184,7 +187,7 @@ def test_report_summary_and_training_sections(run):
     assert report["run"]["examples"] == {"used": N_HELDOUT, "truncated": 0, "dropped": 0,
                                          "skipped": 0}
     tr = report["training"]
-    assert tr["train_points"] == 40 and tr["val_points"] == 4
+    assert tr["train_points"] == STEPS and tr["val_points"] == STEPS // 10
     assert tr["final_train_loss"] < tr["first_train_loss"]
     assert set(report["plots"]) == {"loss", "lr", "benchmarks"}
     for rel in report["plots"].values():
@@ -323,3 +326,24 @@ def test_checkpoint_only_evaluation_reports_without_a_base(run, tmp_path):
     assert "base" not in row and row["delta"] is None and row["sft"] is not None
     assert report["benchmarks"]["labels"] == ["sft"] and "benchmarks" in report["plots"]
     assert all(set(s["responses"]) == {"sft"} for s in report["samples"])
+
+
+def test_loglikelihood_scores_exactly_the_response_tokens(run):
+    """The worker's lm-eval model keeps the prompt whole when its tokens are a prefix of
+    prompt + response, so the scored continuation is exactly the trained response tokens."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from sftctl.evals.runner import _hf_model_class
+
+    model_dir = str(run["dir"] / "model")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lm = _hf_model_class()(pretrained=model_dir, device="cpu", batch_size=1, dtype="float32")
+    for rec in run["heldout"][:4]:
+        prompt, out = demo_data.format_prompt(rec), rec["output"]
+        ctx, cont = lm._encode_pair(prompt, out)
+        assert ctx == tok(prompt).input_ids and cont == tok(out).input_ids
+        if "\n\n### Response:\n" in tok.get_vocab() or "ĊĊ###ĠResponse:Ċ" in tok.get_vocab():
+            # lm-eval's own rule moves the prompt's final newline into the continuation and
+            # splits inside the template token: the scored tokens are not the response's
+            assert HFLM._encode_pair(lm, prompt, out)[1] != cont
