@@ -34,6 +34,17 @@ def _errors():
     return ConfigError, ModelError
 
 
+def _positive_int(text: str) -> int:
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def add_eval_parser(subparsers) -> Any:
     p = subparsers.add_parser(
         "eval", help="benchmark a checkpoint (and its base model) with lm-eval; write the report",
@@ -52,9 +63,9 @@ def add_eval_parser(subparsers) -> Any:
                         "CHECKPOINT-eval)")
     p.add_argument("--plugin", action="append", default=[], metavar="NAME",
                    help="also take the benchmarks this plugin registers (repeatable)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="evaluate at most N documents per benchmark")
-    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
                    help="lm-eval batch size (default 16)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--dtype", default=None,
