@@ -178,6 +178,7 @@ class Trainer:
         self.data = prepare_data(cfg, self.format, self.tokenizer, self.pm)
         self._log_data()
         self.model = self._load_model(model_src)
+        self._check_lengths()
         self.model = self.strategy.wrap_model(self.model)
 
         self.plan = BatchPlan(self.data.train.lengths, cfg.train.batch_size, cfg.data.max_seq_len,
@@ -283,6 +284,22 @@ class Trainer:
                     gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         return model.to(self.device)
+
+    def _check_lengths(self) -> None:
+        """A sequence longer than the model's positions would fail deep inside the model (learned
+        positions) or silently degrade (RoPE): refuse it before training."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if not limit:
+            return
+        longest = self.config.data.max_seq_len if self.config.data.packing else \
+            int(max(self.data.train.lengths.max(),
+                    self.data.val.lengths.max() if self.data.val is not None else 0))
+        if longest > limit:
+            what = "packed rows of --max-seq-len" if self.config.data.packing else \
+                "the longest example"
+            raise ConfigError(f"data.max_seq_len: {what} has {longest} tokens but the model "
+                              f"supports {limit} positions (max_position_embeddings); lower "
+                              f"--max-seq-len to {limit} or less")
 
     def _param_groups(self) -> list[dict]:
         decay, no_decay = [], []

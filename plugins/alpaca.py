@@ -29,7 +29,14 @@ from sftctl.registry import DatasetFormat, RecordError, Segment
 log = logging.getLogger("sftctl")
 
 FORMAT = "alpaca"
-DEFAULTS_YAML = Path(__file__).resolve().parent.parent / "configs" / "alpaca_default.yaml"
+
+
+def _defaults_yaml() -> Path | None:
+    """sftctl/configs/alpaca_default.yaml (package data of ``sftctl``, wherever it is installed)."""
+    from importlib.resources import files
+
+    p = files("sftctl") / "configs" / "alpaca_default.yaml"
+    return Path(str(p)) if p.is_file() else None
 
 
 def _text(record, name: str, *, required: bool) -> str:
@@ -93,7 +100,7 @@ def sftctl_register_dataset_formats(register):
         description="Stanford Alpaca: instruction, optional input, output (prompt template "
                     "with and without input)",
         demo_data=demo_data,
-        demo_config=str(DEFAULTS_YAML) if DEFAULTS_YAML.is_file() else None,
+        demo_config=str(_defaults_yaml()) if _defaults_yaml() else None,
     ))
 
 

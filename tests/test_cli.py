@@ -304,6 +304,13 @@ def test_truncation_and_drops_are_counted(tmp_path, tiny):
     assert ex == {"used": 7, "truncated": 1, "dropped": 1, "skipped": 0}
 
 
+def test_sequences_longer_than_the_models_positions_are_refused(tmp_path, tiny, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(8))
+    rc, out = train_on(tmp_path, tiny, data, "--packing", "--max-seq-len", "512")
+    assert rc == 2 and "supports 256 positions" in capsys.readouterr().err
+    assert_no_checkpoint(out)
+
+
 def test_output_dir_with_a_run_is_refused_without_overwrite(tmp_path, tiny, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(8))
     assert train_on(tmp_path, tiny, data)[0] == 0

@@ -226,7 +226,8 @@ def test_grad_accum_run_equals_big_batch_run(base, tmp_path):
     ["--precision", "bf16"], ["--precision", "fp16"], ["--gradient-checkpointing"],
     ["--optimizer", "sgd", "--lr", "0.1"], ["--optimizer", "adafactor"],
     ["--optimizer", "adam", "--scheduler", "linear", "--warmup-ratio", "0.5"],
-    ["--packing", "--batch-size", "2", "--scheduler", "constant", "--eval-every", "2"],
+    ["--packing", "--max-seq-len", "256", "--batch-size", "2", "--scheduler", "constant",
+     "--eval-every", "2"],
     ["--epochs", "2", "--val-fraction", "0.2"],
 ])
 def test_training_options_reach_a_complete_checkpoint(base, tmp_path, extra):
