@@ -102,10 +102,12 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_hf_model(model, tokenizer, path: Path, *, config_yaml: str, summary: dict) -> None:
-    """Write a standard HF model directory (call inside ``atomic_directory``)."""
+def save_hf_model(model, tokenizer, path: Path, *, config_yaml: str, summary: dict,
+                  state_dict: dict | None = None) -> None:
+    """Write a standard HF model directory (call inside ``atomic_directory``); ``state_dict``:
+    full weights gathered from shards (FSDP) instead of the model's own."""
     path = Path(path)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     gen = getattr(model, "generation_config", None)
     if gen is not None and not (path / "generation_config.json").exists():

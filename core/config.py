@@ -158,6 +158,10 @@ class TrainConfig:
     threads: int | None = _f(None, flag="--threads", minimum=1,
                              help="CPU threads for torch (default: torch's choice, one per core). "
                                   "On a shared machine fewer threads avoid contention.")
+    strategy: str = _f("auto", flag="--strategy", choices=("auto", "none", "ddp", "fsdp"),
+                       help="Multi-process strategy under torchrun: ddp, or fsdp (FSDP2, sharded "
+                            "per transformer block); none: one process. auto: none when "
+                            "WORLD_SIZE is 1, else ddp. See docs/distributed.md.")
     loss_impl: str = _f("fused", flag="--loss-impl", choices=("fused", "torch"),
                         help="fused: sftctl's compiled cross-entropy and label op (default); "
                              "torch: the plain PyTorch reference path.")

@@ -175,11 +175,12 @@ class Trainer:
 
         model_src = self._model_source()
         self.tokenizer = self._load_tokenizer(cfg.model.tokenizer or model_src)
-        self.data = prepare_data(cfg, self.format, self.tokenizer, self.pm)
+        with self.strategy.main_first():  # rank 0 fills the tokenization cache, the rest read it
+            self.data = prepare_data(cfg, self.format, self.tokenizer, self.pm)
         self._log_data()
         self.model = self._load_model(model_src)
         self._check_lengths()
-        self.model = self.strategy.wrap_model(self.model)
+        self.model = self.strategy.wrap_model(self.model, self.amp_dtype)
 
         self.plan = BatchPlan(self.data.train.lengths, cfg.train.batch_size, cfg.data.max_seq_len,
                               cfg.data.packing, cfg.train.seed, shuffle=True,
@@ -395,17 +396,25 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = self.strategy.clip_grad_norm_(params, clip)  # global over ranks
         lr = self.optimizer.param_groups[0]["lr"]
         log_now = (self.state.step + 1) % cfg.train.log_every == 0 or \
             self.state.step + 1 == self.total_steps
         metrics = None
+        tokens = sum(mb.num_tokens for mb in micro)  # this rank's
         if log_now:
+            step_tokens, tokens_total = tokens, self.state.tokens_total + tokens
+            if self.strategy.world_size > 1:  # each rank holds its share of the step's loss
+                sums = self.strategy.all_reduce_sum(torch.tensor(
+                    [float(loss_sum), tokens, tokens_total], dtype=torch.float64,
+                    device=self.device))  # [3]
+                loss_sum, step_tokens, tokens_total = sums[0], int(sums[1]), int(sums[2])
             loss_v, gn_v = float(loss_sum), float(grad_norm)
             if not math.isfinite(loss_v) or (not math.isfinite(gn_v) and not scaling):
                 raise TrainingError(f"step {self.state.step + 1}: non-finite loss ({loss_v}) or "
                                     f"gradient norm ({gn_v}); the step was not applied")
-            metrics = {"loss": loss_v, "grad_norm": gn_v, "trainable": int(normalizer)}
+            metrics = {"loss": loss_v, "grad_norm": gn_v, "trainable": int(normalizer),
+                       "step_tokens": step_tokens, "tokens_all_ranks": tokens_total}
         if scaling:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -416,7 +425,6 @@ class Trainer:
         if self.device.type == "cuda" and log_now:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        tokens = sum(mb.num_tokens for mb in micro)
         out = {"tokens": tokens, "examples": sum(mb.num_examples for mb in micro), "time": dt,
                "lr": lr}
         if metrics:
@@ -457,9 +465,10 @@ class Trainer:
                 st.trainable_total += m["trainable"]
                 metrics = {"kind": "train", "step": st.step,
                            "epoch": round(st.epoch + st.micro_in_epoch / len(epoch_batches), 4),
-                           "loss": m["loss"], "lr": m["lr"], "tokens": m["tokens"],
-                           "trainable_tokens": m["trainable"], "tokens_total": st.tokens_total,
-                           "tokens_per_s": m["tokens"] / max(m["time"], 1e-9),
+                           "loss": m["loss"], "lr": m["lr"], "tokens": m["step_tokens"],
+                           "trainable_tokens": m["trainable"],
+                           "tokens_total": m["tokens_all_ranks"],
+                           "tokens_per_s": m["step_tokens"] / max(m["time"], 1e-9),
                            "grad_norm": m["grad_norm"], "time": round(time.time() - self._t0, 3)}
                 st.history.append(metrics)
                 self.pm.hook.sftctl_step_end(trainer=self, step=st.step, metrics=metrics)
@@ -562,11 +571,12 @@ class Trainer:
             "steps": st.step,
             "epochs": round(st.epoch + (st.micro_in_epoch / max(self.plan.num_batches(st.epoch),
                                                                 1)), 4),
-            "tokens": st.tokens_total * self.strategy.world_size,
+            "tokens": getattr(self, "_tokens_all_ranks", st.tokens_total),
             "trainable_tokens": st.trainable_total,
             "wall_time_s": round(time.time() - self._t0, 3),
             "train_time_s": round(st.train_time_s, 3),
-            "tokens_per_s": st.tokens_total * self.strategy.world_size / max(st.train_time_s, 1e-9),
+            "tokens_per_s": getattr(self, "_tokens_all_ranks", st.tokens_total) /
+            max(st.train_time_s, 1e-9),
             "peak_memory_bytes": mem,
             "peak_memory_kind": mem_kind,
             "loss_kernel": self.loss_kernel,
@@ -589,13 +599,17 @@ class Trainer:
 
     def finish(self) -> dict:
         """Save the final model atomically, then summary.json; return the summary."""
+        if self.strategy.world_size > 1:  # exact input-token count over all ranks
+            self._tokens_all_ranks = int(self.strategy.all_reduce_sum(torch.tensor(
+                self.state.tokens_total, dtype=torch.long, device=self.device)))
         summary = self.summary()
         model = self.unwrapped_model
         model.config.use_cache = True
+        full = self.strategy.full_state_dict(self.model)  # every rank: FSDP gathers the shards
         if self.is_main:
             with ckpt.atomic_directory(self.out_dir / "model") as tmp:
                 ckpt.save_hf_model(model, self.tokenizer, tmp, config_yaml=dump_yaml(self.config),
-                                   summary=summary)
+                                   summary=summary, state_dict=full)
                 self.pm.hook.sftctl_save(trainer=self, path=tmp)
         self.strategy.barrier()
         self.pm.hook.sftctl_after_train(trainer=self, summary=summary)
