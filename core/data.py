@@ -540,7 +540,9 @@ class BatchPlan:
     A micro-batch is a list of rows; a row is a list of example indices (one example when not
     packing). The global plan holds ``batch_size * world_size`` rows per micro-batch; rank r
     trains on rows ``[r * batch_size, (r + 1) * batch_size)`` of each, so the examples of one
-    optimizer step are the same whatever the world size.
+    optimizer step are the same whatever the world size. The epoch's last micro-batch is split
+    as evenly as possible; when it has fewer rows than ranks, the ranks left without a row get a
+    ``FillerRow`` (no example is dropped, and every rank runs the same number of steps).
     """
 
     lengths: np.ndarray
@@ -551,7 +553,6 @@ class BatchPlan:
     shuffle: bool = True
     world_size: int = 1
     rank: int = 0
-    dropped_tail_batches: int = 0
 
     def order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -568,12 +569,7 @@ class BatchPlan:
     def global_batches(self, epoch: int) -> list[list[list[int]]]:
         rows = self.rows(epoch)
         per = self.batch_size * self.world_size
-        batches = [rows[i:i + per] for i in range(0, len(rows), per)]
-        if self.world_size > 1 and batches and len(batches[-1]) < self.world_size:
-            # every rank needs at least one row; the short tail is dropped and counted
-            self.dropped_tail_batches += 1
-            batches.pop()
-        return batches
+        return [rows[i:i + per] for i in range(0, len(rows), per)]
 
     def batches(self, epoch: int) -> list[list[list[int]]]:
         """This rank's micro-batches for ``epoch``."""
@@ -584,6 +580,9 @@ class BatchPlan:
                 continue
             # split the (possibly short) last batch as evenly as possible
             k, r = divmod(len(b), self.world_size)
+            if k == 0 and self.rank >= r:  # no row left for this rank in the tail batch
+                out.append([FillerRow(b[0])])
+                continue
             start = self.rank * k + min(self.rank, r)
             out.append(b[start:start + k + (1 if self.rank < r else 0)])
         return out
@@ -592,9 +591,15 @@ class BatchPlan:
         if not self.packing:
             n = len(self.lengths)
             per = self.batch_size * self.world_size
-            full, rem = divmod(n, per)
-            return full + (1 if rem and (self.world_size == 1 or rem >= self.world_size) else 0)
+            return -(-n // per)
         return len(self.global_batches(epoch))
+
+
+class FillerRow(list):
+    """A copy of a real row for a rank that has none in the epoch's last micro-batch: the rank
+    still runs forward/backward (the collectives of DDP/FSDP need every rank), but ``collate``
+    masks all its targets, so it adds nothing to the loss or the gradient and is counted as
+    neither an example nor a token."""
 
 
 def pack_first_fit(order: Iterable[int], lengths: np.ndarray, capacity: int,
@@ -664,7 +669,7 @@ def collate(split: TokenizedSplit, rows: list[list[int]], *, pad_id: int, packin
         for d, i in enumerate(row):
             ids, m = fetched[i]
             ids_r.extend(ids)
-            m_r.extend(m)
+            m_r.extend([0] * len(m) if isinstance(row, FillerRow) else m)
             p_r.extend(range(len(ids)))
             d_r.extend([d] * len(ids))
         seqs.append(ids_r), masks.append(m_r), pos.append(p_r), docs.append(d_r)
@@ -685,10 +690,13 @@ def collate(split: TokenizedSplit, rows: list[list[int]], *, pad_id: int, packin
         # derived from position ids keeps real tokens from attending to it
         position_ids[b, n:] = torch.arange(T - n)
         document_ids[b, :n] = torch.tensor(docs[b])
-    num_tokens = sum(len(s) for s in seqs)
+    real = [not isinstance(row, FillerRow) for row in rows]
+    num_tokens = sum(len(s) for s, keep in zip(seqs, real) if keep)
+    num_examples = sum(len(row) for row, keep in zip(rows, real) if keep)
     if packing:
-        return Batch(input_ids, loss_mask, None, position_ids, document_ids, num_tokens, len(flat))
-    return Batch(input_ids, loss_mask, attn, None, None, num_tokens, len(flat))
+        return Batch(input_ids, loss_mask, None, position_ids, document_ids, num_tokens,
+                     num_examples)
+    return Batch(input_ids, loss_mask, attn, None, None, num_tokens, num_examples)
 
 
 # --------------------------------------------------------------------------- building the data
