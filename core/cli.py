@@ -14,7 +14,9 @@ Design choices
 - Exit codes: 0 only when training finished and the final checkpoint is complete (and the
   post-training evaluation, when it runs, succeeded); 2 for invalid input (config, data, plugins,
   model path), reported before any training step; 1 for a failure during training; otherwise
-  the evaluation's own status. Errors are one message naming the file, record and field.
+  the evaluation's own status; 75 when SIGTERM/SIGINT stopped training after saving a
+  resumable checkpoint (see docs/reliability.md). Errors are one message naming the file,
+  record and field.
 - Output: logging on stderr through tqdm (bars are not broken by log lines); ``--quiet`` keeps
   warnings only and hides the bars; ranks other than 0 only report errors.
 """
@@ -38,6 +40,7 @@ from .errors import ConfigError, SftctlError
 log = logging.getLogger("sftctl")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: a checkpoint was saved, run again with --resume
 
 
 # ------------------------------------------------------------------------------------- logging
@@ -122,6 +125,9 @@ def add_config_arguments(p: argparse.ArgumentParser, options: dict) -> dict[str,
             g.add_argument(flag, action=kind, help=help_, **kw)
         elif kind == "append":
             g.add_argument(flag, action="append", type=base, metavar=metavar,
+                           help=help_, **kw)
+        elif kind == "optional":  # --flag [VALUE]; bare flag means the const
+            g.add_argument(flag, nargs="?", const="latest", type=base, metavar=metavar,
                            help=help_, **kw)
         elif kind == "nargs":
             g.add_argument(flag, nargs="+", type=base, metavar=metavar,
@@ -236,7 +242,8 @@ def resolve_config(args: argparse.Namespace, pm, options: dict) -> C.RunConfig:
         layers.append((path, C.load_yaml(path)))
     layers.append((file_name, {k: v for k, v in file_layer.items() if k != "plugins"}))
     layers.append(("command line", {k: v for k, v in cli.items() if k != "plugins"}))
-    if not (get(cli, "train.output_dir") or get(file_layer, "train.output_dir")):
+    if not (get(cli, "train.output_dir") or get(file_layer, "train.output_dir")) and \
+            not (get(cli, "train.resume") or get(file_layer, "train.resume")):  # resume.py picks it
         stamp = time.strftime("%Y%m%d-%H%M%S")
         layers.append(("defaults", {"train": {"output_dir": str(Path("runs") / stamp)}}))
     return C.build_config(layers, options)
@@ -249,16 +256,24 @@ def _prepare_output_dir(cfg: C.RunConfig) -> Path:
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: {out} exists and is not a directory")
-    markers = [m for m in ("model", "summary.json", "metrics.jsonl") if (out / m).exists()]
-    if markers and not cfg.train.overwrite:
+    markers = [m for m in ("model", "summary.json", "metrics.jsonl", "checkpoints")
+               if (out / m).exists()]
+    if markers and not cfg.train.overwrite and not cfg.train.resume:
         raise ConfigError(f"train.output_dir: {out} already holds a run ({', '.join(markers)}); "
-                          "choose another --output-dir or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+                          "choose another --output-dir, pass --resume to continue it or "
+                          "--overwrite to start again")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from .resume import describe_os_error
+
+        raise ConfigError(f"train.output_dir: cannot create {out}: {describe_os_error(e)}") \
+            from None
     if cfg.train.overwrite:
         import shutil
 
         for m in ("model", "summary.json", "metrics.jsonl", "eval", "report.json", "report.md",
-                  "report.html", "report_assets"):
+                  "report.html", "report_assets", "checkpoints"):
             p = out / m
             if p.is_dir():
                 shutil.rmtree(p)
@@ -270,6 +285,7 @@ def _prepare_output_dir(cfg: C.RunConfig) -> Path:
 def cmd_train(args, pm, options) -> int:
     from .checkpoint import write_text
     from .distributed import world_size_from_env
+    from .resume import prepare_resume
     from .trainer import Trainer, checkpoint_complete
 
     cfg = resolve_config(args, pm, options)
@@ -279,13 +295,26 @@ def cmd_train(args, pm, options) -> int:
         print(C.dump_yaml(cfg), end="")
         return EXIT_OK
     world_size_from_env()
+    prepare_resume(cfg)  # --resume: output dir of PATH, --overwrite conflict, finished run
     trainer = Trainer(cfg, pm)
     if trainer.is_main:
         out = _prepare_output_dir(cfg)
-        write_text(out / "config.yaml", C.dump_yaml(cfg))
+        try:
+            write_text(out / "config.yaml", C.dump_yaml(cfg))
+        except OSError as e:
+            from .resume import describe_os_error
+
+            raise ConfigError(f"train.output_dir: cannot write {out / 'config.yaml'}: "
+                              f"{describe_os_error(e)}") from None
         log.info("run directory: %s", out.resolve())
     trainer.setup()
-    summary = trainer.train()
+    with trainer.checkpointer.preemption:  # SIGTERM/SIGINT: checkpoint at the step boundary
+        summary = trainer.train()
+    if trainer.checkpointer.preemption.requested:  # the signal came after the last step
+        log.warning("%s received after the last step: the final model is complete; the "
+                    "post-training evaluation is skipped (run `sftctl eval` for it)",
+                    trainer.checkpointer.preemption.requested)
+        return EXIT_PREEMPTED
     out = Path(cfg.train.output_dir)
     if trainer.is_main and not checkpoint_complete(out / "model"):
         log.error("the final checkpoint in %s is incomplete", out / "model")

@@ -171,6 +171,28 @@ class TrainConfig:
                      help="No progress bars and only warnings on stderr.")
     overwrite: bool = _f(False, flag="--overwrite", cli="store_true",
                          help="Allow an output directory that already holds a run.")
+    save_every: int = _f(
+        0, flag="--save-every", minimum=0,
+        help="Save a resumable checkpoint (weights, optimizer, scheduler, RNGs, data position) "
+             "every N optimizer steps to OUTPUT_DIR/checkpoints/step-N, atomically (0: only on "
+             "SIGTERM/SIGINT). See docs/reliability.md.")
+    keep_last: int = _f(2, flag="--keep-last", minimum=0,
+                        help="Keep the newest K complete checkpoints; older ones are deleted "
+                             "only after a new one is complete (0: keep all).")
+    resume: str | None = _f(
+        None, flag="--resume", cli="optional", metavar="PATH|latest",
+        help="Continue an interrupted run exactly: 'latest' (the default when the flag has no "
+             "value) takes the newest complete checkpoint of --output-dir and starts fresh if "
+             "there is none; PATH is a checkpoint or a run directory. Use the interrupted run's "
+             "options.")
+    on_nonfinite: str = _f(
+        "stop", flag="--on-nonfinite", choices=("stop", "skip"),
+        help="A step with a non-finite loss or gradient norm is never applied. stop: end the run "
+             "with an error naming the step (nothing is saved); skip: skip such steps, count "
+             "them, and stop after --max-nonfinite-in-a-row.")
+    max_nonfinite_in_a_row: int = _f(
+        5, flag="--max-nonfinite-in-a-row", minimum=1,
+        help="With --on-nonfinite skip: stop after this many skipped steps in a row.")
 
 
 @dataclass

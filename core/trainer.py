@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import guards
 from .config import RunConfig, dump_yaml
 from .data import BatchPlan, PreparedData, collate, prepare_data
 from .distributed import Strategy, select_strategy
@@ -59,6 +60,9 @@ class TrainState:
     examples_total: int = 0
     train_time_s: float = 0.0     # wall time spent in training steps (over resumes)
     history: list[dict] = field(default_factory=list)
+    nonfinite_skipped: int = 0    # steps not applied because of a non-finite loss/grad norm
+    nonfinite_in_a_row: int = 0
+    nonfinite_last_step: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +210,16 @@ class Trainer:
                  self.base_model, self.device, self.precision,
                  sum(p.numel() for p in self.unwrapped_model.parameters()), self.total_steps,
                  self.warmup_steps, self.loss_kernel)
+        # reliability (resume.py, guards.py): periodic/preemption checkpoints, --resume, and the
+        # non-finite guard (built after the restore: it reads the restored counters)
+        from .resume import Checkpointer
+
+        faults = guards.parse_faults()
+        if faults:
+            log.warning("SFTCTL_FAULT is set (test fault injection): %s", faults)
+        self.checkpointer = Checkpointer(self, faults=faults)
+        self.checkpointer.restore()
+        self.guard = guards.NonFiniteGuard(self, faults=faults)
 
     def _model_source(self) -> str:
         cfg = self.config
@@ -409,17 +423,24 @@ class Trainer:
                     [float(loss_sum), tokens, tokens_total], dtype=torch.float64,
                     device=self.device))  # [3]
                 loss_sum, step_tokens, tokens_total = sums[0], int(sums[1]), int(sums[2])
+        # non-finite guard (guards.py): raises (stop) or returns False (skip) before the update;
+        # on CUDA it reads its flag only where the loss is read anyway (log_now)
+        apply = self.guard.check(loss_sum, grad_norm, self.state.step + 1, sync=log_now)
+        if log_now:
             loss_v, gn_v = float(loss_sum), float(grad_norm)
-            if not math.isfinite(loss_v) or (not math.isfinite(gn_v) and not scaling):
-                raise TrainingError(f"step {self.state.step + 1}: non-finite loss ({loss_v}) or "
-                                    f"gradient norm ({gn_v}); the step was not applied")
             metrics = {"loss": loss_v, "grad_norm": gn_v, "trainable": int(normalizer),
                        "step_tokens": step_tokens, "tokens_all_ranks": tokens_total}
-        if scaling:
+            if self.guard.skipped_now:
+                metrics["skipped_nonfinite"] = True
+        if not apply:
+            if scaling:
+                self.scaler.update()  # its inf check ran in unscale_; the scale backs off
+        elif scaling:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            self.optimizer.step()
+            with self.guard.masked_update(self.optimizer):
+                self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda" and log_now:
@@ -470,6 +491,8 @@ class Trainer:
                            "tokens_total": m["tokens_all_ranks"],
                            "tokens_per_s": m["step_tokens"] / max(m["time"], 1e-9),
                            "grad_norm": m["grad_norm"], "time": round(time.time() - self._t0, 3)}
+                if m.get("skipped_nonfinite"):
+                    metrics["skipped_nonfinite"] = True
                 st.history.append(metrics)
                 self.pm.hook.sftctl_step_end(trainer=self, step=st.step, metrics=metrics)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
@@ -478,6 +501,7 @@ class Trainer:
             if self.val_plan is not None and cfg.eval.every and st.step % cfg.eval.every == 0 \
                     and st.step < self.total_steps:
                 self.evaluate()
+            self.checkpointer.step_end()  # periodic save; preemption: save and raise
             if self.stop_reason is not None:
                 log.info("stopping at step %d: %s", st.step, self.stop_reason)
                 break
@@ -592,6 +616,8 @@ class Trainer:
             "val_loss": val_hist[-1]["val_loss"] if val_hist else None,
             "val_ppl": val_hist[-1]["val_ppl"] if val_hist else None,
             "stopped_early": self.stop_reason,
+            "nonfinite_skipped": st.nonfinite_skipped,
+            "resumed_from": self.extras.get("resumed_from"),
             "plugins": list(cfg.plugins),
             "versions": versions(),
             "benchmarks": [b.to_dict() for b in self.benchmarks],
@@ -602,12 +628,14 @@ class Trainer:
         if self.strategy.world_size > 1:  # exact input-token count over all ranks
             self._tokens_all_ranks = int(self.strategy.all_reduce_sum(torch.tensor(
                 self.state.tokens_total, dtype=torch.long, device=self.device)))
+        self.guard.sync(self.state.step)  # never save past an unread non-finite step
         summary = self.summary()
         model = self.unwrapped_model
         model.config.use_cache = True
         full = self.strategy.full_state_dict(self.model)  # every rank: FSDP gathers the shards
         if self.is_main:
-            with ckpt.atomic_directory(self.out_dir / "model") as tmp:
+            with self.checkpointer.wrap_disk_errors(f"the final model {self.out_dir / 'model'}"), \
+                    ckpt.atomic_directory(self.out_dir / "model") as tmp:
                 ckpt.save_hf_model(model, self.tokenizer, tmp, config_yaml=dump_yaml(self.config),
                                    summary=summary, state_dict=full)
                 self.pm.hook.sftctl_save(trainer=self, path=tmp)

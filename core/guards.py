@@ -1,0 +1,305 @@
+"""Run guards: non-finite loss/gradient detection, preemption signals, and test fault injection.
+
+Design choices
+- Non-finite guard. Each optimizer step computes, on the device, ``bad = not isfinite(loss) or
+  not isfinite(grad_norm)`` (the loss only under fp16, where a non-finite gradient is the grad
+  scaler's normal overflow signal). What happens next depends on where reading that flag is free:
+  * ``host`` mode (CPU, where a read is not a device sync; or CUDA with an optimizer that cannot
+    skip an update on the device): the flag is read every step; a bad step is never applied:
+    ``stop`` raises ``TrainingError`` naming the step before ``optimizer.step``; ``skip`` does
+    not call ``optimizer.step`` (weights and optimizer state unchanged), counts the step, and
+    stops after ``max_nonfinite_in_a_row`` in a row. This is what torch's own GradScaler does
+    for such optimizers (it reads its inf flag every step).
+  * ``device`` mode (CUDA with an optimizer that takes ``found_inf``, as torch's fused
+    Adam/AdamW/SGD do; the built-in ``adamw`` is fused on CUDA): the flag goes to the
+    optimizer as ``found_inf``, so the fused kernel leaves weights, moments and step count
+    untouched on a bad step without any host sync. Counters live on the device and are read
+    only where the trainer syncs anyway: at ``--log-every`` boundaries (where the loss and
+    grad norm are read for logging) and before every checkpoint. Under ``stop`` the mask is
+    sticky (every update after the first bad step is masked too), so when the flag is read
+    the weights are still those from before the first bad step; the error names that step.
+    Under fp16 the grad scaler already skips the bad step (a non-finite loss gives non-finite
+    gradients); the guard counts and stops at the next read.
+  Chosen over "read the grad norm synced for logging" alone because that lets a NaN update
+  through on every step between two logging boundaries.
+- Preemption: SIGTERM/SIGINT only set a flag (handlers do no I/O); the trainer saves a
+  checkpoint at the next step boundary and exits with ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL:
+  "try again later"). A second signal exits at once with 128 + the signal number; an atomic
+  save interrupted that way leaves the previous checkpoint intact.
+- Fault injection for the reliability tests: ``SFTCTL_FAULT`` holds comma-separated
+  ``name[:arg]`` items, read once when the trainer is set up and logged as a warning. Only this
+  module and the checkpoint writer act on them; unknown names are a ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+
+from .errors import ConfigError, TrainingError
+
+log = logging.getLogger("sftctl")
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: temporary failure, run again (with --resume)
+
+FAULTS = {
+    "nan_at_step": "multiply the logits of training step N by NaN",
+    "slow_steps": "sleep SECONDS after every training step (gives a test time to send signals)",
+    "save_before_rename": "SIGKILL the process after a checkpoint is written, before its rename "
+                          "(optionally only at step N)",
+    "save_before_marker": "SIGKILL the process after the rename, before the completion marker "
+                          "(optionally only at step N)",
+    "save_enospc": "fail a checkpoint write with ENOSPC halfway through (optionally at step N)",
+}
+
+
+class Preempted(TrainingError):
+    """Training stopped on SIGTERM/SIGINT after saving a resumable checkpoint."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+def parse_faults(spec: str | None = None) -> dict[str, str]:
+    """``"nan_at_step:3,slow_steps:0.2"`` -> ``{"nan_at_step": "3", "slow_steps": "0.2"}``."""
+    spec = os.environ.get("SFTCTL_FAULT", "") if spec is None else spec
+    out: dict[str, str] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, arg = item.partition(":")
+        if name not in FAULTS:
+            raise ConfigError(f"SFTCTL_FAULT: unknown fault {name!r}; known: "
+                              f"{', '.join(sorted(FAULTS))}")
+        out[name] = arg
+    return out
+
+
+def fault_at(faults: dict[str, str], name: str, step: int) -> bool:
+    """Whether fault ``name`` fires at ``step`` (no argument: at every step)."""
+    if name not in faults:
+        return False
+    arg = faults[name]
+    try:
+        return not arg or int(arg) == step
+    except ValueError:
+        raise ConfigError(f"SFTCTL_FAULT: {name}:{arg}: expected a step number") from None
+
+
+def kill_self() -> None:
+    """What a crash or ``kill -9`` does: no cleanup, no atexit, no flush."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)  # not reached
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+
+class NonFiniteGuard:
+    """Decides whether an optimizer step is applied; see the module docstring."""
+
+    def __init__(self, trainer, *, faults: dict[str, str] | None = None):
+        cfg = trainer.config.train
+        self.trainer = trainer
+        self.policy = cfg.on_nonfinite
+        self.limit = cfg.max_nonfinite_in_a_row
+        self.device = trainer.device
+        self.scaling = trainer.scaler.is_enabled()
+        can_mask = bool(getattr(trainer.optimizer, "_step_supports_amp_scaling", False))
+        if self.device.type != "cuda":
+            self.mode = "host"
+        elif self.scaling or can_mask:
+            self.mode = "device"
+        else:
+            self.mode = "host"
+            log.info("non-finite guard: optimizer %s cannot skip an update on the device; its "
+                     "flag is read every step (one host sync per step, as GradScaler does)",
+                     type(trainer.optimizer).__name__)
+        self.skipped_now = False  # the current step was skipped (known on the host)
+        self._found_inf: torch.Tensor | None = None
+        self._reset_device_counters()
+        self._hook = None
+        faults = faults or {}
+        if "nan_at_step" in faults:
+            self._install_nan_fault(faults)
+
+    # -- device-side counters (device mode); read and folded into TrainState by ``sync``
+    def _reset_device_counters(self) -> None:
+        z = lambda dt: torch.zeros((), dtype=dt, device=self.device)  # noqa: E731
+        self._poisoned = z(torch.float32)   # stop: 1 from the first bad step on
+        self._count = z(torch.float32)      # skip: bad steps since the last read
+        self._first = z(torch.long)         # first bad step since the last read (0: none)
+        self._last = z(torch.long)          # last bad step since the last read
+        run = float(self.trainer.state.nonfinite_in_a_row)
+        self._run = torch.full((), run, dtype=torch.float32, device=self.device)
+        self._max_run = self._run.clone()
+        self._pending = False
+
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, sync: bool) -> bool:
+        """Call after clipping, before the optimizer step. Returns False when the host knows
+        the step must not be applied (skip); raises ``TrainingError`` when the run must stop.
+        ``sync``: the caller reads the loss on the host at this step anyway."""
+        finite = torch.isfinite(loss)
+        if not self.scaling:
+            finite = finite & torch.isfinite(grad_norm)
+        self.skipped_now = False
+        self._found_inf = None
+        if self.mode == "host":
+            if bool(finite):
+                self.trainer.state.nonfinite_in_a_row = 0
+                return True
+            self._on_bad_host(step, float(loss), float(grad_norm))
+            self.skipped_now = True
+            return False
+        bad = ~finite                                   # 0-dim bool, stays on the device
+        badf = bad.to(torch.float32)
+        self._first = torch.where((self._first == 0) & bad, step, self._first)
+        self._last = torch.where(bad, step, self._last)
+        if self.policy == "stop":
+            self._poisoned = torch.maximum(self._poisoned, badf)
+            self._found_inf = self._poisoned
+        else:
+            self._count = self._count + badf
+            self._run = (self._run + 1.0) * badf
+            self._max_run = torch.maximum(self._max_run, self._run)
+            self._found_inf = badf
+        self._pending = True
+        if sync:
+            self.skipped_now = bool(bad)  # read with the loss: no extra sync
+            self.sync(step)
+        return True
+
+    def _message(self, step: int, loss: float, grad_norm: float) -> str:
+        return (f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                "the step was not applied")
+
+    def _on_bad_host(self, step: int, loss: float, grad_norm: float) -> None:
+        st = self.trainer.state
+        if self.policy == "stop":
+            raise TrainingError(self._message(step, loss, grad_norm) + self._stop_hint())
+        st.nonfinite_skipped += 1
+        st.nonfinite_in_a_row += 1
+        st.nonfinite_last_step = step
+        log.warning("step %d: non-finite loss (%s) or gradient norm (%s): step skipped "
+                    "(%d skipped so far, %d in a row)", step, loss, grad_norm,
+                    st.nonfinite_skipped, st.nonfinite_in_a_row)
+        if st.nonfinite_in_a_row >= self.limit:
+            raise TrainingError(f"{st.nonfinite_in_a_row} non-finite steps in a row (the last "
+                                f"at step {step}; --max-nonfinite-in-a-row {self.limit})"
+                                + self._stop_hint())
+
+    def _stop_hint(self) -> str:
+        ck = getattr(self.trainer, "checkpointer", None)
+        last = ck.last_complete() if ck is not None else None
+        where = f"the last checkpoint {last} is untouched" if last else "no checkpoint was saved"
+        return (f"; training stopped and nothing was saved ({where}). Check the data and the "
+                "learning rate, or pass --on-nonfinite skip")
+
+    def sync(self, step: int) -> None:
+        """Read the device counters (device mode): raise when the run must stop, else fold them
+        into ``TrainState``. Called at logging boundaries and before every checkpoint."""
+        if self.mode == "host" or not self._pending:
+            return
+        st = self.trainer.state
+        first, last = int(self._first), int(self._last)
+        if self.policy == "stop":
+            if float(self._poisoned) > 0:
+                detail = "" if first == step else (
+                    f" (the flag is read every --log-every steps on the GPU: detected at step "
+                    f"{step}; no update was applied from step {first} on)")
+                raise TrainingError(f"step {first}: non-finite loss or gradient norm; the step "
+                                    f"was not applied{detail}" + self._stop_hint())
+        else:
+            count, run, max_run = int(self._count), int(self._run), int(self._max_run)
+            if count:
+                st.nonfinite_skipped += count
+                st.nonfinite_last_step = last
+                log.warning("non-finite loss or gradient norm: %d step(s) skipped between steps "
+                            "%d and %d (%d skipped so far)", count, first, last,
+                            st.nonfinite_skipped)
+            st.nonfinite_in_a_row = run
+            if max_run >= self.limit:
+                raise TrainingError(f"{max_run} non-finite steps in a row (by step {last}; "
+                                    f"--max-nonfinite-in-a-row {self.limit})" + self._stop_hint())
+        self._reset_device_counters()
+
+    @contextlib.contextmanager
+    def masked_update(self, optimizer):
+        """Hand the device flag to an optimizer that supports it (device mode, no scaler)."""
+        if self._found_inf is None or self.scaling or self.mode == "host":
+            yield
+            return
+        optimizer.grad_scale = None
+        optimizer.found_inf = self._found_inf
+        try:
+            yield
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+
+    # -- fault injection: NaN logits at one training step
+    def _install_nan_fault(self, faults: dict[str, str]) -> None:
+        trainer = self.trainer
+        target = int(faults["nan_at_step"]) if faults["nan_at_step"] else 0
+        head = trainer.unwrapped_model.get_output_embeddings()
+        if head is None:
+            raise ConfigError("SFTCTL_FAULT nan_at_step: the model has no output embeddings")
+
+        def poison(module, inputs, output):
+            if module.training and trainer.state.step + 1 == target:
+                return output * float("nan")
+            return None
+
+        self._hook = head.register_forward_hook(poison)
+        log.warning("SFTCTL_FAULT: the logits of training step %d will be NaN", target)
+
+
+# ---------------------------------------------------------------------------------- preemption
+
+
+class Preemption:
+    """Context manager: SIGTERM/SIGINT set ``requested``; a second signal exits at once."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            # second signal: leave now (an interrupted atomic save keeps the previous checkpoint)
+            os.write(2, f"\nsftctl: second {name}: exiting at once\n".encode())
+            os._exit(128 + signum)
+        self.requested = name
+        os.write(2, f"\nsftctl: {name} received: saving a checkpoint at the end of this step "
+                    f"(send it again to exit at once)\n".encode())
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            log.debug("not the main thread: preemption signals are not handled")
+            return self
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+        return False
+
+
+def slow_step(faults: dict[str, str]) -> None:
+    """``slow_steps:SECONDS`` fault: make every step take a while (signal/kill tests)."""
+    if "slow_steps" in faults:
+        time.sleep(float(faults["slow_steps"] or 0.2))
+    sys.stderr.flush()

@@ -1,0 +1,546 @@
+"""Resumable checkpoints: periodic atomic saves, rotation, ``--resume``, preemption saves.
+
+Layout of one checkpoint, ``OUTPUT_DIR/checkpoints/step-00000012/``::
+
+    model.safetensors    the weights (safetensors; a tensor shared by several names, such as
+                         tied embeddings, is stored once and the aliases are in the metadata)
+    trainer_state.pt     optimizer, scheduler, grad scaler, TrainState (step, epoch, position in
+                         the epoch, token counters, metrics history, non-finite counters), every
+                         RNG of rank 0, world size; tensors and plain types only, read back with
+                         ``torch.load(weights_only=True)``
+    rng-rank{R}.pt       the RNG states of rank R > 0 (multi-process runs)
+    sftctl_config.yaml   the run's resolved config
+    COMPLETE             JSON written last: step, reason, each file's size, data fingerprint
+
+Design choices
+- Atomic: everything is written into ``.step-N.tmp`` next to the final name, fsynced (files and
+  directory), renamed, the parent directory fsynced, and only then ``COMPLETE`` is written
+  (itself through a temporary file and a rename, then fsynced). A directory without the marker,
+  or whose files do not have the sizes the marker lists, is never resumed from. Older
+  checkpoints are removed (``--keep-last``) only after the new marker is on disk.
+- A failed save (no space, read-only, permission, quota) removes its temporary directory, keeps
+  every earlier checkpoint, and ends the run with a ``TrainingError`` that names the path, the
+  OS error and the checkpoint that is still good.
+- ``--resume latest`` takes the newest complete checkpoint of the output directory (skipping,
+  with a warning, incomplete or damaged ones); with none it starts a new run and says so, so one
+  command line serves the first launch and every restart of a preemptible job. ``--resume PATH``
+  takes that checkpoint (or the newest one of the run directory PATH) and fails if it is not
+  complete. The resumed run must be the same run: the config keys that change the trajectory and
+  a fingerprint of the tokenized training data are compared, and differences are an error.
+- Exactness: the data order is a function of (seed, epoch) and the position inside the epoch is
+  in ``TrainState``; with the weights, optimizer, scheduler, scaler and RNG states restored bit
+  for bit, the resumed run repeats the uninterrupted run's steps exactly (on the CPU; on GPUs up
+  to the nondeterminism of their kernels).
+- Multi-process runs: every rank takes part (the state dict may be collective); rank 0 writes,
+  each other rank adds its RNG file to the temporary directory, and the ranks agree on success
+  through one all-reduce before the rename (the temporary name is deterministic for that
+  reason, and the output directory must be on a filesystem all ranks see).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import RunConfig, dump_yaml
+from .errors import ConfigError, TrainingError
+from .guards import Preempted, Preemption, fault_at, kill_self, slow_step
+
+log = logging.getLogger("sftctl")
+
+CHECKPOINTS = "checkpoints"
+MARKER = "COMPLETE"
+WEIGHTS = "model.safetensors"
+STATE = "trainer_state.pt"
+CONFIG = "sftctl_config.yaml"
+FORMAT = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# config keys that may change between an interrupted run and its resumption: they do not change
+# the sequence of optimizer steps (where they, or the hardware, change float rounding, the
+# resumed run is still valid but no longer bit-identical)
+RESUME_MAY_CHANGE = {
+    "train.output_dir", "train.resume", "train.save_every", "train.keep_last", "train.quiet",
+    "train.overwrite", "train.threads", "train.log_every", "train.on_nonfinite",
+    "train.max_nonfinite_in_a_row", "train.device", "train.strategy", "data.num_proc",
+    "data.cache_dir", "model.attn_implementation", "model.gradient_checkpointing",
+    "eval.enabled", "eval.every", "eval.initial", "eval.batch_size", "eval.tasks", "eval.limit",
+}
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# ---------------------------------------------------------------------------------- weights
+
+
+def save_weights(state_dict: dict, path: Path) -> None:
+    """Write a state dict as safetensors; tensors that are the same view of one storage (tied
+    weights) are written once and recorded as aliases, other overlaps are copied."""
+    from safetensors.torch import save_file
+
+    def key(t):
+        return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                tuple(t.stride()), t.dtype)
+
+    storages: dict = {}
+    for t in state_dict.values():
+        if isinstance(t, torch.Tensor):
+            p = (t.device, t.untyped_storage().data_ptr())
+            storages[p] = storages.get(p, 0) + 1
+    seen: dict = {}
+    tensors, aliases = {}, {}
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach()
+        k = key(t)
+        if k in seen:
+            aliases[name] = seen[k]
+            continue
+        seen[k] = name
+        shared = storages[(t.device, t.untyped_storage().data_ptr())] > 1
+        t = t.to("cpu")
+        tensors[name] = t.clone() if shared or not t.is_contiguous() else t
+    save_file(tensors, str(path), metadata={"format": "pt",
+                                            "sftctl_aliases": json.dumps(aliases)})
+
+
+def load_weights(path: Path) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    sd = load_file(str(path))
+    for alias, name in json.loads(meta.get("sftctl_aliases", "{}")).items():
+        sd[alias] = sd[name]
+    return sd
+
+
+# ------------------------------------------------------------------------- finding checkpoints
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    problem: str | None  # None: complete and intact
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
+
+
+def inspect_checkpoint(path: Path) -> CheckpointInfo:
+    """Whether ``path`` is a complete checkpoint whose files match its marker."""
+    path = Path(path)
+    m = _STEP_DIR.match(path.name)
+    step = int(m.group(1)) if m else -1
+    marker = path / MARKER
+    if not marker.is_file():
+        return CheckpointInfo(path, step, "no completion marker (the save did not finish)")
+    try:
+        meta = json.loads(marker.read_text(encoding="utf-8"))
+        files = meta["files"]
+        step = int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return CheckpointInfo(path, step, f"unreadable completion marker ({e})")
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return CheckpointInfo(path, step, f"{name} is missing")
+        if f.stat().st_size != size:
+            return CheckpointInfo(path, step, f"{name} has {f.stat().st_size} bytes, the marker "
+                                              f"says {size}")
+    return CheckpointInfo(path, step, None)
+
+
+def list_checkpoints(root: Path) -> list[CheckpointInfo]:
+    """The ``step-N`` directories under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = [inspect_checkpoint(p) for p in root.iterdir()
+           if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(out, key=lambda c: (c.step, c.path.name))
+
+
+def latest_checkpoint(root: Path, *, warn: bool = True) -> CheckpointInfo | None:
+    """The newest complete checkpoint under ``root``; incomplete newer ones are named."""
+    found = list_checkpoints(root)
+    for c in reversed(found):
+        if c.complete:
+            return c
+        if warn:
+            log.warning("checkpoint %s is not usable: %s; trying an older one", c.path, c.problem)
+    return None
+
+
+def resolve_resume(spec: str, out_dir: Path | None) -> CheckpointInfo | None:
+    """``latest`` -> newest complete checkpoint of ``out_dir`` (None if there is none);
+    a checkpoint directory -> itself (must be complete); a run directory -> its newest."""
+    if spec == "latest":
+        if out_dir is None:
+            raise ConfigError("train.resume: 'latest' needs --output-dir (the run to continue)")
+        return latest_checkpoint(Path(out_dir) / CHECKPOINTS)
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise ConfigError(f"train.resume: {p} does not exist (give a checkpoint directory, a run "
+                          "directory or 'latest')")
+    if (p / MARKER).exists() or (p / STATE).exists() or _STEP_DIR.match(p.name):
+        info = inspect_checkpoint(p)
+        if not info.complete:
+            raise ConfigError(f"train.resume: {p} is not a complete checkpoint: {info.problem}")
+        return info
+    if (p / CHECKPOINTS).is_dir():
+        info = latest_checkpoint(p / CHECKPOINTS)
+        if info is None:
+            raise ConfigError(f"train.resume: {p / CHECKPOINTS} holds no complete checkpoint")
+        return info
+    raise ConfigError(f"train.resume: {p} is neither a checkpoint (no {MARKER}) nor a run "
+                      f"directory (no {CHECKPOINTS}/)")
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    checkpoint = Path(checkpoint).resolve()
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
+
+
+def prepare_resume(cfg: RunConfig, output_dir_given: bool = True) -> None:
+    """Command-line checks before the trainer is built: ``--resume`` with ``--overwrite``, the
+    output directory of ``--resume PATH`` when none was given, a run that already finished."""
+    spec = cfg.train.resume
+    if not spec:
+        return
+    if cfg.train.overwrite:
+        raise ConfigError("train.resume and train.overwrite exclude each other: --overwrite "
+                          "starts the run again, --resume continues it")
+    if not cfg.train.output_dir or not output_dir_given:
+        if spec == "latest":
+            raise ConfigError("train.resume: 'latest' needs --output-dir (the run to continue)")
+        info = resolve_resume(spec, None)
+        cfg.train.output_dir = str(run_dir_of(info.path))
+    out = Path(cfg.train.output_dir)
+    from .trainer import checkpoint_complete
+
+    if checkpoint_complete(out / "model") and (out / "summary.json").is_file():
+        raise ConfigError(f"train.resume: the run in {out} already finished (model/ and "
+                          "summary.json are complete); nothing to resume. Use --overwrite to "
+                          "train it again or another --output-dir")
+
+
+def data_fingerprint(trainer) -> str:
+    """Hash of the tokenized training split's example lengths and count (cheap, and any change
+    of data, tokenizer, template or max_seq_len changes it)."""
+    lengths = np.ascontiguousarray(trainer.data.train.lengths, dtype=np.int64)
+    h = hashlib.sha256(lengths.tobytes())
+    h.update(str(len(lengths)).encode())
+    return h.hexdigest()[:16]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "options":
+            out.update(_flatten(v, key + "."))
+        elif k == "options" and isinstance(v, dict):
+            out.update({f"options.{o}": x for o, x in v.items()})
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Trajectory-changing keys whose values differ (plugin options: only those in both)."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if k in RESUME_MAY_CHANGE:
+            continue
+        if k.startswith("options.") and (k not in a or k not in b):
+            continue
+        if a.get(k) != b.get(k):
+            diffs.append(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now")
+    return diffs
+
+
+# ----------------------------------------------------------------------------- the checkpointer
+
+
+def describe_os_error(e: OSError) -> str:
+    code = errno.errorcode.get(e.errno or 0, "")
+    why = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only filesystem",
+           errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+           errno.EDQUOT: "disk quota exceeded",
+           errno.EFBIG: "file too large (filesystem or process file-size limit)"}.get(
+        e.errno or 0, e.strerror or str(e))
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{why} [{code or type(e).__name__}]{where}"
+
+
+class Checkpointer:
+    """Periodic and preemption checkpoints of one trainer, and ``--resume``."""
+
+    def __init__(self, trainer, *, faults: dict[str, str] | None = None):
+        self.trainer = trainer
+        cfg = trainer.config.train
+        self.save_every = cfg.save_every
+        self.keep_last = cfg.keep_last
+        self.root = Path(trainer.out_dir) / CHECKPOINTS
+        self.faults = faults or {}
+        self.preemption = Preemption()
+        self.saved_step: int | None = None
+        self.resumed_from: Path | None = None
+        if trainer.is_main:
+            self._clean_stale()
+
+    # ------------------------------------------------------------------------------ restore
+
+    def last_complete(self) -> Path | None:
+        info = latest_checkpoint(self.root, warn=False)
+        return info.path if info else None
+
+    def restore(self) -> None:
+        """Apply ``train.resume`` (after ``Trainer.setup`` built everything)."""
+        t = self.trainer
+        spec = t.config.train.resume
+        if not spec:
+            return
+        info = resolve_resume(spec, t.out_dir)
+        if info is None:
+            incomplete = [c for c in list_checkpoints(self.root) if not c.complete]
+            log.warning("--resume latest: no complete checkpoint in %s%s: starting a new run",
+                        self.root, f" ({len(incomplete)} incomplete ignored)" if incomplete
+                        else "")
+            return
+        path = info.path
+        meta = json.loads((path / MARKER).read_text(encoding="utf-8"))
+        try:
+            import yaml
+
+            saved_cfg = yaml.safe_load((path / CONFIG).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise TrainingError(f"{path / CONFIG}: cannot read the checkpoint's config: {e}") \
+                from None
+        diffs = config_differences(saved_cfg, t.config.to_dict())
+        if diffs:
+            raise ConfigError(f"--resume {path}: this run's config differs from the checkpoint's "
+                              "in keys that change training:\n  " + "\n  ".join(diffs) +
+                              "\nresume with the interrupted run's options (or start a new run)")
+        fp = data_fingerprint(t)
+        if meta.get("data") not in (None, fp):
+            raise ConfigError(f"--resume {path}: the tokenized training data differs from the "
+                              f"checkpoint's (fingerprint {meta.get('data')} there, {fp} now: "
+                              "other data files, tokenizer, template or max_seq_len)")
+        try:
+            weights = load_weights(path / WEIGHTS)
+            sd = torch.load(path / STATE, map_location="cpu", weights_only=True)
+            rank = t.strategy.rank
+            if rank > 0:
+                sd["rng"] = torch.load(path / f"rng-rank{rank}.pt", map_location="cpu",
+                                       weights_only=True)
+        except Exception as e:  # a damaged file despite the marker: name it
+            raise TrainingError(f"cannot load the checkpoint {path}: {type(e).__name__}: {e}") \
+                from None
+        if sd.get("format") != FORMAT:
+            raise TrainingError(f"{path / STATE}: checkpoint format {sd.get('format')!r}, this "
+                                f"sftctl reads format {FORMAT}")
+        sd["model"] = weights
+        try:
+            t.load_state_dict(sd)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise TrainingError(f"cannot restore the checkpoint {path}: {e}") from None
+        self.resumed_from = path
+        self.saved_step = t.state.step
+        t.extras["resumed_from"] = str(path)
+        st = t.state
+        log.info("resumed from %s: step %d of %d (epoch %d, micro-batch %d of the epoch)",
+                 path, st.step, t.total_steps, st.epoch, st.micro_in_epoch)
+
+    # ---------------------------------------------------------------------------------- save
+
+    def step_end(self) -> None:
+        """After each optimizer step (and its validation): periodic save, preemption."""
+        t = self.trainer
+        step = t.state.step
+        slow_step(self.faults)
+        sig = self._agree_flag(self.preemption.requested is not None)
+        if sig:
+            path = self.last_complete() if self.saved_step == step else self.save(
+                reason=self.preemption.requested or "preemption")
+            raise Preempted(f"{self.preemption.requested or 'a signal on another rank'} received: "
+                            f"checkpoint {path} saved at step {step} of {t.total_steps}; continue "
+                            "with the same command and --resume latest")
+        if self.save_every and step % self.save_every == 0 and step < t.total_steps \
+                and self.saved_step != step:
+            self.save(reason="periodic")
+
+    def _agree_flag(self, flag: bool) -> bool:
+        """Ranks agree on a host flag (a tiny all-reduce, only with several processes)."""
+        st = self.trainer.strategy
+        if st.world_size <= 1:
+            return flag
+        t = torch.tensor(int(flag), device=self.trainer.device)
+        return int(st.all_reduce_sum(t)) > 0
+
+    def _disk_error(self, e: OSError, what: str) -> TrainingError:
+        prev = self.last_complete()
+        keep = (f"the previous checkpoint {prev} is intact (resume with --resume latest)"
+                if prev else "no earlier checkpoint exists")
+        return TrainingError(f"cannot save {what}: {describe_os_error(e)}; {keep}")
+
+    def save(self, reason: str = "periodic") -> Path:
+        """Write a complete checkpoint of the current state; returns its path."""
+        t = self.trainer
+        st = t.state
+        step = st.step
+        t.guard.sync(step)  # never checkpoint past an unread non-finite step
+        sd = t.state_dict()  # every rank (collective for sharded strategies)
+        weights = sd.pop("model")
+        rng = sd["rng"]
+        sd["format"] = FORMAT
+        name = step_dir_name(step)
+        final = self.root / name
+        tmp = self.root / f".{name}.tmp"
+        t0 = time.perf_counter()
+        error: OSError | None = None
+        if t.is_main:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+                save_weights(weights, tmp / WEIGHTS)
+                if fault_at(self.faults, "save_enospc", step):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / STATE))
+                torch.save(sd, tmp / STATE)
+                ckpt.write_text(tmp / CONFIG, dump_yaml(t.config))
+                t.pm.hook.sftctl_save(trainer=t, path=tmp)
+            except OSError as e:
+                error = e
+        self._check_all(error, tmp, f"the checkpoint {final}")
+        if t.strategy.world_size > 1:
+            error = None
+            try:
+                if t.strategy.rank > 0:
+                    torch.save(rng, tmp / f"rng-rank{t.strategy.rank}.pt")
+            except OSError as e:
+                error = e
+            self._check_all(error, tmp, f"the RNG state of rank {t.strategy.rank} into {final}")
+        if t.is_main:
+            try:
+                self._publish(tmp, final, step, reason)
+            except OSError as e:
+                error = e
+        self._check_all(error, tmp, f"the checkpoint {final}")
+        self.saved_step = step
+        if t.is_main:
+            self._rotate(keep=final)
+            log.info("checkpoint %s saved (%s, %.1f s)", final, reason, time.perf_counter() - t0)
+        return final
+
+    def _check_all(self, error: OSError | None, tmp: Path, what: str) -> None:
+        """Raise on every rank when any rank failed; rank 0 removes the temporary directory."""
+        failed = self._agree_flag(error is not None)
+        if not failed:
+            return
+        if self.trainer.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise self._disk_error(error, what) from None
+        raise TrainingError(f"saving {what} failed on another rank (see its error)")
+
+    def _publish(self, tmp: Path, final: Path, step: int, reason: str) -> None:
+        """fsync, rename into place, then the completion marker (fsynced) last."""
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        ckpt.fsync_tree(tmp)
+        if fault_at(self.faults, "save_before_rename", step):
+            kill_self()
+        aside = None
+        if final.exists():  # an incomplete leftover of an earlier attempt at this step
+            aside = final.parent / f".{final.name}.old"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        ckpt._fsync_dir(final.parent)
+        if fault_at(self.faults, "save_before_marker", step):
+            kill_self()
+        t = self.trainer
+        meta = {"format": FORMAT, "step": step, "total_steps": t.total_steps,
+                "epoch": t.state.epoch, "micro_in_epoch": t.state.micro_in_epoch,
+                "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "world_size": t.strategy.world_size, "data": data_fingerprint(t),
+                "files": files}
+        ckpt.write_json(final / MARKER, meta)
+        ckpt._fsync_dir(final)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def _rotate(self, keep: Path) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints; remove incomplete ones older than
+        the new one. Failures here only warn: the new checkpoint is already complete."""
+        found = list_checkpoints(self.root)
+        complete = [c for c in found if c.complete]
+        doomed = [c for c in found if not c.complete and c.path != keep and c.step < self._step(keep)]
+        if self.keep_last:
+            doomed += [c for c in complete[:-self.keep_last] if c.path != keep]
+        for c in doomed:
+            try:
+                shutil.rmtree(c.path)
+                log.info("removed %s checkpoint %s", "old" if c.complete else
+                         f"incomplete ({c.problem})", c.path)
+            except OSError as e:
+                log.warning("could not remove %s: %s", c.path, describe_os_error(e))
+
+    @staticmethod
+    def _step(path: Path) -> int:
+        m = _STEP_DIR.match(path.name)
+        return int(m.group(1)) if m else -1
+
+    def _clean_stale(self) -> None:
+        """Temporary directories left by a save that was killed (never resumed from)."""
+        if not self.root.is_dir():
+            return
+        stale = [p for p in self.root.iterdir()
+                 if p.name.startswith(".step-") and (p.name.endswith(".tmp") or
+                                                     p.name.endswith(".old"))]
+        for p in stale:
+            try:
+                shutil.rmtree(p)
+            except OSError as e:
+                log.warning("could not remove the leftover %s: %s", p, describe_os_error(e))
+        if stale:
+            log.warning("removed %d leftover temporary checkpoint director%s of an interrupted "
+                        "save: %s", len(stale), "y" if len(stale) == 1 else "ies",
+                        ", ".join(p.name for p in stale))
+
+    def wrap_disk_errors(self, what: str):
+        """Context manager for other writes (the final model): an OSError becomes a clear
+        ``TrainingError`` naming the still-good checkpoint."""
+        import contextlib
+
+        outer = self
+
+        @contextlib.contextmanager
+        def ctx():
+            try:
+                yield
+            except OSError as e:
+                raise outer._disk_error(e, what) from None
+        return ctx()
