@@ -9,15 +9,59 @@ Design choices
 - csrc/sources.txt is the single list of compiled files, read here and by CMakeLists.txt.
 - CUDA sources are compiled only when the installed torch has CUDA and nvcc is found;
   ``SFTCTL_FORCE_CPU=1`` forces a CPU-only build.
+- The extension shares the process's one shared libstdc++ (the one torch uses) and never carries
+  a private copy: LINK_ARGS names libstdc++.so.6 before the compiler driver's implicit -lstdc++,
+  so the linker resolves every C++ runtime symbol there and pulls nothing from a libstdc++.a
+  (which -static-libstdc++ in the environment, or an -L directory that holds only the archive,
+  would otherwise select). A private copy numbers std::locale::id on its own, so a TORCH_CHECK
+  message that formats an integer reads torch's locale with the wrong ids: it crashed on the GPU
+  machine (g++ 13) and silently dropped the number on the CPU one (g++ 12, -static-libstdc++).
+  After linking, build_ext fails the build if _C.so still defines libstdc++ internals
+  (private_cxx_runtime_symbols, also run by tests/test_build.py).
 """
 
 import os
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+
+# Linker arguments of the extension (see the module docstring for the libstdc++ entry).
+LINK_ARGS = ["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
+
+# Non-inline definitions of libstdc++'s process-wide state (locale ids, stream init, codecvt
+# facets, the exception runtime) that no user translation unit can emit: one of them defined in
+# a module means it carries a private C++ runtime. (Stateless helpers such as
+# std::__throw_out_of_range_fmt, which gcc-toolset builds take from libstdc++_nonshared.a, are
+# deliberately not listed: two copies of them do no harm.)
+PRIVATE_CXX_RUNTIME = re.compile(
+    r"std::locale::(classic|locale)\(|std::locale::id::_M_id\(|std::ios_base::Init::Init\("
+    r"|std::codecvt<[^()]*>::do_\w+\(|basic_ostream<[^()]*>::_M_insert<"
+    r"|^__cxa_(throw|begin_catch|allocate_exception|get_globals)$|^__gxx_personality_v0$")
+
+
+def private_cxx_runtime_symbols(path):
+    """libstdc++ internals defined in the shared object `path` (symbol table and dynamic
+    symbols); None when binutils' nm is not installed."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return None
+    found = set()
+    for table in ([], ["-D"]):
+        r = subprocess.run([nm, "-C", "--defined-only", *table, str(path)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nm {' '.join(table)} {path} failed: {r.stderr.strip()}")
+        for line in r.stdout.splitlines():
+            parts = line.split(" ", 2)  # address, type, demangled name
+            if len(parts) == 3 and PRIVATE_CXX_RUNTIME.search(parts[2]):
+                found.add(parts[2])
+    return sorted(found)
 
 
 def read_sources(kind):
@@ -70,16 +114,31 @@ def extensions():
         return [CUDAExtension("sftctl._C", sources, include_dirs=[str(ROOT / "csrc")],
                               define_macros=define,
                               extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                              extra_link_args=["-fopenmp"])]
+                              extra_link_args=LINK_ARGS)]
     return [CppExtension("sftctl._C", sources, include_dirs=[str(ROOT / "csrc")],
                          define_macros=define, extra_compile_args={"cxx": cxx},
-                         extra_link_args=["-fopenmp"])]
+                         extra_link_args=LINK_ARGS)]
 
 
 def cmdclass():
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            path = self.get_ext_fullpath(ext.name)
+            bad = private_cxx_runtime_symbols(path)
+            if bad is None:
+                print(f"sftctl: nm not found: {path} was not checked for a private libstdc++",
+                      file=sys.stderr)
+            elif bad:
+                os.remove(path)  # it would crash on its first formatted error: never install it
+                sys.exit(f"sftctl: {path} links a private copy of libstdc++ ({len(bad)} internals, "
+                         f"e.g. {bad[:3]}): the link picked libstdc++.a. Look for "
+                         "-static-libstdc++ in LDFLAGS/CXX/LDCXXSHARED, or a libstdc++.a in one of "
+                         f"the library dirs {self.library_dirs + ext.library_dirs}")
+
+    return {"build_ext": BuildExt}
 
 
 setup(
