@@ -308,7 +308,9 @@ def cmd_train(args, pm, options) -> int:
                               f"{describe_os_error(e)}") from None
         log.info("run directory: %s", out.resolve())
     trainer.setup()
-    with trainer.checkpointer.preemption:  # SIGTERM/SIGINT: checkpoint at the step boundary
+    # SIGTERM/SIGINT: checkpoint at the next step boundary; a full or read-only disk: a message
+    with trainer.checkpointer.preemption, \
+            trainer.checkpointer.wrap_disk_errors(f"training output in {cfg.train.output_dir}"):
         summary = trainer.train()
     if trainer.checkpointer.preemption.requested:  # the signal came after the last step
         log.warning("%s received after the last step: the final model is complete; the "

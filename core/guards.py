@@ -152,7 +152,7 @@ class NonFiniteGuard:
         self.skipped_now = False
         self._found_inf = None
         if self.mode == "host":
-            if bool(finite):
+            if self._all_ranks(~finite) == 0:
                 self.trainer.state.nonfinite_in_a_row = 0
                 return True
             self._on_bad_host(step, float(loss), float(grad_norm))
@@ -210,14 +210,16 @@ class NonFiniteGuard:
         st = self.trainer.state
         first, last = int(self._first), int(self._last)
         if self.policy == "stop":
-            if float(self._poisoned) > 0:
+            if self._all_ranks(self._poisoned) > 0:
                 detail = "" if first == step else (
                     f" (the flag is read every --log-every steps on the GPU: detected at step "
                     f"{step}; no update was applied from step {first} on)")
                 raise TrainingError(f"step {first}: non-finite loss or gradient norm; the step "
                                     f"was not applied{detail}" + self._stop_hint())
         else:
-            count, run, max_run = int(self._count), int(self._run), int(self._max_run)
+            count, run = int(self._count), int(self._run)
+            max_run = int(self._max_run) if self._all_ranks(self._max_run >= self.limit) == 0 \
+                else self.limit
             if count:
                 st.nonfinite_skipped += count
                 st.nonfinite_last_step = last
@@ -229,6 +231,14 @@ class NonFiniteGuard:
                 raise TrainingError(f"{max_run} non-finite steps in a row (by step {last}; "
                                     f"--max-nonfinite-in-a-row {self.limit})" + self._stop_hint())
         self._reset_device_counters()
+
+    def _all_ranks(self, t: torch.Tensor) -> float:
+        """Host value of ``t`` summed over ranks, so every rank takes the same decision (the
+        loss is per rank; under fp16 only the loss is checked)."""
+        strategy = self.trainer.strategy
+        if strategy.world_size > 1:
+            t = strategy.all_reduce_sum(t.to(torch.float32))
+        return float(t)
 
     @contextlib.contextmanager
     def masked_update(self, optimizer):

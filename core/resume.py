@@ -9,6 +9,8 @@ Layout of one checkpoint, ``OUTPUT_DIR/checkpoints/step-00000012/``::
                          RNG of rank 0, world size; tensors and plain types only, read back with
                          ``torch.load(weights_only=True)``
     rng-rank{R}.pt       the RNG states of rank R > 0 (multi-process runs)
+    sharded/             FSDP only: model + optimizer shards (torch.distributed.checkpoint), in
+                         place of model.safetensors and the optimizer entry of trainer_state.pt
     sftctl_config.yaml   the run's resolved config
     COMPLETE             JSON written last: step, reason, each file's size, data fingerprint
 
@@ -65,6 +67,7 @@ MARKER = "COMPLETE"
 WEIGHTS = "model.safetensors"
 STATE = "trainer_state.pt"
 CONFIG = "sftctl_config.yaml"
+SHARDED = "sharded"  # torch.distributed.checkpoint directory of sharded strategies (FSDP)
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -87,36 +90,62 @@ def step_dir_name(step: int) -> str:
 # ---------------------------------------------------------------------------------- weights
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    """Stream tensors into a safetensors file through a Python file object.
+
+    Our own writer (the format is an 8-byte header length, a JSON header, then the raw bytes)
+    so that every write error is an ``OSError`` with its errno: ``safetensors.save_file``
+    reports a full disk as ``SafetensorError`` and ``torch.save(path)`` as a ``RuntimeError``
+    without one, and ``save_file`` replaces a special file at the path instead of writing into
+    it. One tensor is copied at a time (GPU to CPU), never the whole model.
+    """
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in a checkpoint")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            flat = t.detach().to("cpu").contiguous().reshape(-1)  # [numel]
+            if flat.numel():
+                f.write(memoryview(flat.view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_weights(state_dict: dict, path: Path) -> None:
-    """Write a state dict as safetensors; tensors that are the same view of one storage (tied
-    weights) are written once and recorded as aliases, other overlaps are copied."""
-    from safetensors.torch import save_file
+    """Write a state dict as safetensors; names that are the same view of one storage (tied
+    weights) are written once and recorded as aliases in the metadata."""
 
     def key(t):
         return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
                 tuple(t.stride()), t.dtype)
 
-    storages: dict = {}
-    for t in state_dict.values():
-        if isinstance(t, torch.Tensor):
-            p = (t.device, t.untyped_storage().data_ptr())
-            storages[p] = storages.get(p, 0) + 1
     seen: dict = {}
     tensors, aliases = {}, {}
     for name, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
-        t = t.detach()
         k = key(t)
         if k in seen:
             aliases[name] = seen[k]
             continue
         seen[k] = name
-        shared = storages[(t.device, t.untyped_storage().data_ptr())] > 1
-        t = t.to("cpu")
-        tensors[name] = t.clone() if shared or not t.is_contiguous() else t
-    save_file(tensors, str(path), metadata={"format": "pt",
-                                            "sftctl_aliases": json.dumps(aliases)})
+        tensors[name] = t
+    write_safetensors(tensors, path, {"format": "pt", "sftctl_aliases": json.dumps(aliases)})
 
 
 def load_weights(path: Path) -> dict:
@@ -282,6 +311,22 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 # ----------------------------------------------------------------------------- the checkpointer
 
 
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG,
+               errno.EIO}
+
+
+def as_os_error(e: BaseException) -> OSError | None:
+    """The OS error behind an exception of a library that hides it (safetensors' Rust
+    ``SafetensorError`` says "... (os error 28)"); None when there is none."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"os error (\d+)|code: (\d+)", str(e))
+    if m is None:
+        return None
+    code = int(m.group(1) or m.group(2))
+    return OSError(code, os.strerror(code))
+
+
 def describe_os_error(e: OSError) -> str:
     code = errno.errorcode.get(e.errno or 0, "")
     why = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only filesystem",
@@ -291,6 +336,14 @@ def describe_os_error(e: OSError) -> str:
         e.errno or 0, e.strerror or str(e))
     where = f" ({e.filename})" if e.filename else ""
     return f"{why} [{code or type(e).__name__}]{where}"
+
+
+def _os_error(e: Exception) -> OSError:
+    """Keep an OS error (also one wrapped by a library); re-raise anything else (a bug)."""
+    os_err = as_os_error(e)
+    if os_err is None:
+        raise e
+    return os_err
 
 
 class Checkpointer:
@@ -348,8 +401,8 @@ class Checkpointer:
                               f"checkpoint's (fingerprint {meta.get('data')} there, {fp} now: "
                               "other data files, tokenizer, template or max_seq_len)")
         try:
-            weights = load_weights(path / WEIGHTS)
             sd = torch.load(path / STATE, map_location="cpu", weights_only=True)
+            weights = None if sd.get("sharded") else load_weights(path / WEIGHTS)
             rank = t.strategy.rank
             if rank > 0:
                 sd["rng"] = torch.load(path / f"rng-rank{rank}.pt", map_location="cpu",
@@ -360,9 +413,12 @@ class Checkpointer:
         if sd.get("format") != FORMAT:
             raise TrainingError(f"{path / STATE}: checkpoint format {sd.get('format')!r}, this "
                                 f"sftctl reads format {FORMAT}")
-        sd["model"] = weights
         try:
-            t.load_state_dict(sd)
+            if sd.get("sharded"):
+                self._load_sharded(path, sd)
+            else:
+                sd["model"] = weights
+                t.load_state_dict(sd)
         except (RuntimeError, KeyError, ValueError) as e:
             raise TrainingError(f"cannot restore the checkpoint {path}: {e}") from None
         self.resumed_from = path
@@ -371,6 +427,23 @@ class Checkpointer:
         st = t.state
         log.info("resumed from %s: step %d of %d (epoch %d, micro-batch %d of the epoch)",
                  path, st.step, t.total_steps, st.epoch, st.micro_in_epoch)
+
+    def _load_sharded(self, path: Path, sd: dict) -> None:
+        """Sharded (FSDP) checkpoint: model + optimizer through the strategy, the rest here."""
+        from .trainer import TrainState
+
+        t = self.trainer
+        if not getattr(t.strategy, "sharded_state", False) or \
+                sd.get("world_size") != t.strategy.world_size:
+            raise TrainingError(f"{path} holds sharded state of {sd.get('world_size')} ranks; "
+                                f"this run has strategy {t.strategy.name!r} with "
+                                f"{t.strategy.world_size}")
+        t.strategy.load_sharded(path / SHARDED, t.model, t.optimizer)
+        t.scheduler.load_state_dict(sd["scheduler"])
+        t.scaler.load_state_dict(sd["scaler"])
+        t.state = TrainState()
+        t.state.load_state_dict(sd["state"])
+        ckpt.set_rng_state(sd["rng"])
 
     # ---------------------------------------------------------------------------------- save
 
@@ -410,8 +483,16 @@ class Checkpointer:
         st = t.state
         step = st.step
         t.guard.sync(step)  # never checkpoint past an unread non-finite step
-        sd = t.state_dict()  # every rank (collective for sharded strategies)
-        weights = sd.pop("model")
+        sharded = getattr(t.strategy, "sharded_state", False)
+        if sharded:  # FSDP: model + optimizer go through torch.distributed.checkpoint below
+            sd = {"scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(),
+                  "rng": ckpt.rng_state(), "state": t.state.state_dict(),
+                  "world_size": t.strategy.world_size}
+            weights = None
+        else:
+            sd = t.state_dict()
+            weights = sd.pop("model")
+        sd["sharded"] = sharded
         rng = sd["rng"]
         sd["format"] = FORMAT
         name = step_dir_name(step)
@@ -425,28 +506,33 @@ class Checkpointer:
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 tmp.mkdir()
-                save_weights(weights, tmp / WEIGHTS)
+                if weights is not None:
+                    save_weights(weights, tmp / WEIGHTS)
                 if fault_at(self.faults, "save_enospc", step):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / STATE))
-                torch.save(sd, tmp / STATE)
+                with open(tmp / STATE, "wb") as f:  # a Python file: write errors are OSErrors
+                    torch.save(sd, f)
                 ckpt.write_text(tmp / CONFIG, dump_yaml(t.config))
                 t.pm.hook.sftctl_save(trainer=t, path=tmp)
-            except OSError as e:
-                error = e
+            except Exception as e:  # noqa: BLE001 (only OS errors are kept, see _os_error)
+                error = _os_error(e)
         self._check_all(error, tmp, f"the checkpoint {final}")
         if t.strategy.world_size > 1:
             error = None
             try:
                 if t.strategy.rank > 0:
-                    torch.save(rng, tmp / f"rng-rank{t.strategy.rank}.pt")
-            except OSError as e:
-                error = e
+                    with open(tmp / f"rng-rank{t.strategy.rank}.pt", "wb") as f:
+                        torch.save(rng, f)
+                if sharded:  # every rank writes its shards
+                    t.strategy.save_sharded(tmp / SHARDED, t.model, t.optimizer)
+            except Exception as e:  # noqa: BLE001 (only OS errors are kept, see _os_error)
+                error = _os_error(e)
             self._check_all(error, tmp, f"the RNG state of rank {t.strategy.rank} into {final}")
         if t.is_main:
             try:
                 self._publish(tmp, final, step, reason)
-            except OSError as e:
-                error = e
+            except Exception as e:  # noqa: BLE001 (only OS errors are kept, see _os_error)
+                error = _os_error(e)
         self._check_all(error, tmp, f"the checkpoint {final}")
         self.saved_step = step
         if t.is_main:
@@ -531,8 +617,9 @@ class Checkpointer:
                         ", ".join(p.name for p in stale))
 
     def wrap_disk_errors(self, what: str):
-        """Context manager for other writes (the final model): an OSError becomes a clear
-        ``TrainingError`` naming the still-good checkpoint."""
+        """Context manager for other writes (the final model, metrics): a disk error (full,
+        read-only, permission, quota, I/O) becomes a clear ``TrainingError`` naming the
+        still-good checkpoint; other exceptions pass through."""
         import contextlib
 
         outer = self
@@ -541,6 +628,9 @@ class Checkpointer:
         def ctx():
             try:
                 yield
-            except OSError as e:
-                raise outer._disk_error(e, what) from None
+            except Exception as e:
+                os_err = as_os_error(e)
+                if os_err is None or os_err.errno not in DISK_ERRNOS:
+                    raise
+                raise outer._disk_error(os_err, what) from None
         return ctx()
