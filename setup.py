@@ -11,12 +11,15 @@ Design choices
   ``SFTCTL_FORCE_CPU=1`` forces a CPU-only build.
 - The extension shares the process's one shared libstdc++ (the one torch uses) and never carries
   a private copy: LINK_ARGS names libstdc++.so.6 before the compiler driver's implicit -lstdc++,
-  so the linker resolves every C++ runtime symbol there and pulls nothing from a libstdc++.a
-  (which -static-libstdc++ in the environment, or an -L directory that holds only the archive,
-  would otherwise select). A private copy numbers std::locale::id on its own, so a TORCH_CHECK
-  message that formats an integer reads torch's locale with the wrong ids: it crashed on the GPU
-  machine (g++ 13) and silently dropped the number on the CPU one (g++ 12, -static-libstdc++).
-  After linking, build_ext fails the build if _C.so still defines libstdc++ internals
+  so the linker resolves every C++ runtime symbol there and pulls nothing from a libstdc++.a.
+  The driver picks the archive when its search path has no libstdc++.so: on the GPU machine,
+  CXX=/opt/gcc/bin/g++ (GCC 13.3), whose own lib dir holds only libstdc++.a, while the system
+  runtime sits in /usr/lib/x86_64-linux-gnu as libstdc++.so.6 with no unversioned name;
+  -static-libstdc++ in the flags or an -L dir with only the archive do the same. A private copy
+  numbers std::locale::id on its own, so a TORCH_CHECK message that formats an integer reads
+  torch's locale with the wrong ids: it crashed on the GPU machine and silently dropped the
+  number on the CPU one (g++ 12, -static-libstdc++). After linking, build_ext fails the build
+  if _C.so still defines libstdc++ internals
   (private_cxx_runtime_symbols, also run by tests/test_build.py).
 """
 
@@ -134,9 +137,11 @@ def cmdclass():
             elif bad:
                 os.remove(path)  # it would crash on its first formatted error: never install it
                 sys.exit(f"sftctl: {path} links a private copy of libstdc++ ({len(bad)} internals, "
-                         f"e.g. {bad[:3]}): the link picked libstdc++.a. Look for "
-                         "-static-libstdc++ in LDFLAGS/CXX/LDCXXSHARED, or a libstdc++.a in one of "
-                         f"the library dirs {self.library_dirs + ext.library_dirs}")
+                         f"e.g. {bad[:3]}): the link picked libstdc++.a. Look for a $CXX with "
+                         "no libstdc++.so (`$CXX -print-file-name=libstdc++.so` prints a bare "
+                         "name), -static-libstdc++ in LDFLAGS/CXX/LDCXXSHARED, or a libstdc++.a "
+                         f"in the library dirs {self.library_dirs + ext.library_dirs}; "
+                         "bench/diag_libstdcxx.py shows which file the linker took")
 
     return {"build_ext": BuildExt}
 
