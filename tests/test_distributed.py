@@ -21,7 +21,6 @@ one thread each (the CI machine has 2 cores); the whole file takes about a minut
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
