@@ -50,7 +50,7 @@ log = logging.getLogger("sftctl")
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: temporary failure, run again (with --resume)
 
 FAULTS = {
-    "nan_at_step": "multiply the logits of training step N by NaN",
+    "nan_at_step": "multiply the logits of training step N (or steps N-M) by NaN",
     "slow_steps": "sleep SECONDS after every training step (gives a test time to send signals)",
     "save_before_rename": "SIGKILL the process after a checkpoint is written, before its rename "
                           "(optionally only at step N)",
@@ -256,18 +256,23 @@ class NonFiniteGuard:
     # -- fault injection: NaN logits at one training step
     def _install_nan_fault(self, faults: dict[str, str]) -> None:
         trainer = self.trainer
-        target = int(faults["nan_at_step"]) if faults["nan_at_step"] else 0
+        arg = faults["nan_at_step"]
+        try:
+            lo, _, hi = arg.partition("-")
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ConfigError(f"SFTCTL_FAULT: nan_at_step:{arg}: expected N or N-M") from None
         head = trainer.unwrapped_model.get_output_embeddings()
         if head is None:
             raise ConfigError("SFTCTL_FAULT nan_at_step: the model has no output embeddings")
 
         def poison(module, inputs, output):
-            if module.training and trainer.state.step + 1 == target:
+            if module.training and first <= trainer.state.step + 1 <= last:
                 return output * float("nan")
             return None
 
         self._hook = head.register_forward_hook(poison)
-        log.warning("SFTCTL_FAULT: the logits of training step %d will be NaN", target)
+        log.warning("SFTCTL_FAULT: the logits of training steps %d-%d will be NaN", first, last)
 
 
 # ---------------------------------------------------------------------------------- preemption
