@@ -64,7 +64,8 @@ def train_args(setup, out: Path, *extra) -> list[str]:
     return ["train", "--model", str(base), "--data", str(data), "--val-data", str(val),
             "--output-dir", str(out), "--max-steps", str(STEPS), "--batch-size", "4",
             "--grad-accum", "2", "--lr", "3e-3", "--warmup-steps", "2", "--seed", "7",
-            "--eval-every", "4", "--save-every", "2", "--keep-last", "2", "--no-eval", *extra]
+            "--eval-every", "4", "--save-every", "2", "--keep-last", "2", "--threads", "1",
+            "--no-eval", *extra]
 
 
 def run(args, tmp, timeout=300, **env) -> subprocess.CompletedProcess:
@@ -111,6 +112,14 @@ def train_steps_logged(out: Path) -> int:
     except FileNotFoundError:
         return 0
     return sum(1 for line in lines if '"kind": "train"' in line)
+
+
+def resume_in_process(args, capsys) -> str:
+    """The resumed run in this process (saves the interpreter start-up; same thread count)."""
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    return err
 
 
 def curves(out: Path):
@@ -203,7 +212,8 @@ def test_incomplete_or_damaged_checkpoints_are_never_resumed_from(reference, tmp
 # ---------------------------------------------------------------------------- kill and resume
 
 
-def test_kill9_mid_run_then_resume_equals_the_uninterrupted_run(setup, reference, tmp_path):
+def test_kill9_mid_run_then_resume_equals_the_uninterrupted_run(setup, reference, tmp_path,
+                                                                  capsys):
     out = tmp_path / "run"
     bg = Background(train_args(setup, out), tmp_path, SFTCTL_FAULT="slow_steps:0.25")
     bg.wait_for(lambda: (out / "checkpoints" / "step-00000004" / "COMPLETE").exists(),
@@ -211,15 +221,14 @@ def test_kill9_mid_run_then_resume_equals_the_uninterrupted_run(setup, reference
     bg.p.send_signal(signal.SIGKILL)  # mid-step or mid-save: whatever it was doing
     assert bg.wait() == -signal.SIGKILL
     assert not (out / "model").exists()
-    r = run(train_args(setup, out, "--resume"), tmp_path)  # bare --resume: latest
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stderr
+    err = resume_in_process(train_args(setup, out, "--resume"), capsys)  # bare: latest
+    assert "resumed from" in err
     resumed_at = json.loads((out / "summary.json").read_text())["resumed_from"]
     assert Path(resumed_at).name >= "step-00000004"
     assert_same_run(out, reference)
 
 
-def test_sigterm_saves_at_the_step_boundary_and_exits_75(setup, reference, tmp_path):
+def test_sigterm_saves_at_the_step_boundary_and_exits_75(setup, reference, tmp_path, capsys):
     out = tmp_path / "run"
     bg = Background(train_args(setup, out), tmp_path, SFTCTL_FAULT="slow_steps:0.25")
     bg.wait_for(lambda: train_steps_logged(out) >= 5, "step 5")
@@ -232,9 +241,8 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_75(setup, reference, tmp_p
     last = max(steps)
     assert last >= 5 and steps[last]["reason"] in ("SIGTERM", "periodic")
     assert not (out / "model").exists()
-    r = run(train_args(setup, out, "--resume", "latest"), tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {out / 'checkpoints' / f'step-{last:08d}'}" in r.stderr
+    err = resume_in_process(train_args(setup, out, "--resume", "latest"), capsys)
+    assert f"resumed from {out / 'checkpoints' / f'step-{last:08d}'}" in err
     assert_same_run(out, reference)
 
 
@@ -253,7 +261,7 @@ def test_a_second_signal_exits_at_once(setup, tmp_path):
 
 @pytest.mark.parametrize("fault", ["save_before_rename", "save_before_marker"])
 def test_a_crash_inside_a_save_resumes_from_the_previous_checkpoint(setup, reference, tmp_path,
-                                                                     fault):
+                                                                     fault, capsys):
     out = tmp_path / "run"
     r = run(train_args(setup, out), tmp_path, SFTCTL_FAULT=f"{fault}:6")
     assert r.returncode == -signal.SIGKILL
@@ -261,13 +269,12 @@ def test_a_crash_inside_a_save_resumes_from_the_previous_checkpoint(setup, refer
     leftover = ".step-00000006.tmp" if fault == "save_before_rename" else "step-00000006"
     assert (ck / leftover).is_dir() and not (ck / leftover / "COMPLETE").exists()
     assert sorted(markers(out)) == [2, 4]
-    r = run(train_args(setup, out, "--resume"), tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {ck / 'step-00000004'}" in r.stderr
+    err = resume_in_process(train_args(setup, out, "--resume"), capsys)
+    assert f"resumed from {ck / 'step-00000004'}" in err
     if fault == "save_before_rename":
-        assert "removed 1 leftover temporary checkpoint directory" in r.stderr
+        assert "removed 1 leftover temporary checkpoint directory" in err
     else:
-        assert "step-00000006 is not usable: no completion marker" in r.stderr
+        assert "step-00000006 is not usable: no completion marker" in err
     assert_same_run(out, reference)
 
 
