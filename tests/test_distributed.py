@@ -6,21 +6,25 @@ What is checked
   train --batch-size b`` equal those of one process with ``--batch-size 2b`` within 1e-5
   relative: the loss is normalized by the global trainable-token count and the data-parallel
   gradient average is cancelled. Padded batches with gradient accumulation (DDP, FSDP) and packed
-  rows (DDP, FSDP) are covered; 21 training examples leave one row for the last micro-batch, so
-  the second rank gets a masked filler row there (no example is dropped).
+  rows (FSDP; the batch plan does not depend on the strategy) are covered; 21 training examples
+  leave one row for the last padded micro-batch, so the second rank gets a masked filler row
+  there (no example is dropped).
 - The final checkpoints (a consolidated HF safetensors directory; FSDP gathers its shards) reload
   with ``from_pretrained`` and hold the same weights as the single-process run (fp32 tolerance),
   stored the same way (tied embeddings once).
 - Only rank 0 logs and writes files; the summary counts the tokens of every rank.
+- Resuming a step-3 checkpoint on 2 ranks (FSDP: torch.distributed.checkpoint shards) repeats
+  the uninterrupted run exactly; resuming it on another world size is refused clearly.
 - The batch plan uses every example exactly once per epoch for any world size.
 
 On GPUs with 2 devices the same comparison runs with NCCL (skipped elsewhere). Children run with
-one thread each (the CI machine has 2 cores); the whole file takes about a minute.
+one thread each (the CI machine has 2 cores); the whole file takes 1-2 minutes.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,24 +135,73 @@ def check_summary(single: Path, dist: Path, strategy: str):
     assert len(read_metrics(dist)) == len(read_metrics(single))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_padded_batches_with_accumulation_match_one_process(setup, strategy):
+def padded_runs(setup, strategy):
+    """One process with batch 2 and 2 ranks with batch 1 (x 2 accumulation, 6 steps); the
+    distributed run saves a resumable checkpoint at step 3. Run once per module."""
     tmp, base, train, val = setup
     single = tmp / "single_padded"
     if not single.exists():
         run_single(tmp, common_args(base, train, val, single, "--batch-size", "2",
                                     "--grad-accum", "2", "--quiet"))
     out = tmp / f"{strategy}_padded"
-    r = run_torchrun(tmp, common_args(base, train, val, out, "--batch-size", "1",
-                                      "--grad-accum", "2", "--strategy", strategy))
+    log = tmp / f"{strategy}_padded.stderr"
+    if not log.exists():
+        r = run_torchrun(tmp, common_args(base, train, val, out, "--batch-size", "1",
+                                          "--grad-accum", "2", "--strategy", strategy,
+                                          "--save-every", "3"))
+        log.write_text(r.stderr)
+    return single, out, log.read_text()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_padded_batches_with_accumulation_match_one_process(setup, strategy):
+    single, out, stderr = padded_runs(setup, strategy)
     assert_same_curves(single, out)
     assert_same_checkpoint(single, out)
     check_summary(single, out, strategy)
     # rank 0 alone logs (the other rank only reports errors)
-    assert r.stderr.count("sftctl: done:") == 1 and r.stderr.count("sftctl: run directory") == 1
+    assert stderr.count("sftctl: done:") == 1 and stderr.count("sftctl: run directory") == 1
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resume_with_the_same_world_size_continues_exactly(setup, strategy):
+    """Resuming the step-3 checkpoint (FSDP: torch.distributed.checkpoint shards) on 2 ranks
+    repeats steps 4-6 of the uninterrupted run bit for bit (the CPU is deterministic)."""
+    tmp, base, train, val = setup
+    _, full, _ = padded_runs(setup, strategy)
+    ckpt = full / "checkpoints" / "step-00000003"
+    assert (ckpt / "COMPLETE").is_file()
+    assert (ckpt / "sharded" / ".metadata").is_file() == (strategy == "fsdp")
+    out = tmp / f"{strategy}_resumed"
+    run_torchrun(tmp, common_args(base, train, val, out, "--batch-size", "1", "--grad-accum",
+                                  "2", "--strategy", strategy, "--resume", str(ckpt), "--quiet"))
+    assert curves(out) == curves(full)  # restored history + steps 4-6: exactly equal
+    from safetensors.torch import load_file
+
+    a = load_file(full / "model" / "model.safetensors")
+    b = load_file(out / "model" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_world_size_is_refused(setup, capsys):
+    """A 2-rank checkpoint does not continue on 1 process: the data plan and the position in
+    it are those of 2 ranks (and FSDP's shards those of 2 ranks): a clear error, nothing runs."""
+    from sftctl import cli
+
+    tmp, base, train, val = setup
+    for strategy in ("ddp", "fsdp"):
+        _, full, _ = padded_runs(setup, strategy)
+        out = tmp / f"{strategy}_resumed_on_one"
+        rc = cli.main(common_args(base, train, val, out, "--batch-size", "1", "--grad-accum",
+                                  "2", "--resume", str(full / "checkpoints" / "step-00000003"),
+                                  "--quiet"))
+        err = capsys.readouterr().err
+        # ddp: the trainer's world-size check; fsdp: the sharded-state check of the checkpointer
+        assert rc != 0 and re.search(r"(world size 2|state of 2 ranks).* 1\b", err), err
+        assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp"])  # the plan is the strategy's; one keeps CI short
 def test_packed_rows_match_one_process(setup, strategy):
     tmp, base, train, val = setup
     single = tmp / "single_packed"
