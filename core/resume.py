@@ -517,7 +517,7 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 (only OS errors are kept, see _os_error)
                 error = _os_error(e)
         self._check_all(error, tmp, f"the checkpoint {final}")
-        if t.strategy.world_size > 1:
+        if t.strategy.world_size > 1 or sharded:  # FSDP shards even with one process
             error = None
             try:
                 if t.strategy.rank > 0:
