@@ -291,10 +291,13 @@ class DistributedStrategy(Strategy):
 
     @contextlib.contextmanager
     def main_first(self):
-        if not self.is_main:
+        # three waves: rank 0; then the first rank of every other host (a cache may be per host
+        # or shared); then the rest. Every rank passes exactly two barriers.
+        wave = 0 if self.rank == 0 else 1 if self.local_rank == 0 else 2
+        for _ in range(wave):
             self.barrier()
         yield
-        if self.is_main:
+        for _ in range(2 - wave):
             self.barrier()
 
     def shutdown(self) -> None:
