@@ -510,6 +510,13 @@ def main(argv: list[str] | None = None) -> int:
             return int(func(args) or 0)  # commands added by plugins / evals take args only
         return int(func(args, pm, options) or 0)
     except SftctlError as e:
+        try:  # close a progress bar the error interrupted: the message gets its own line
+            from tqdm import tqdm
+
+            for bar in list(getattr(tqdm, "_instances", ())):
+                bar.close()
+        except Exception:
+            pass
         print(f"sftctl: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
