@@ -564,6 +564,9 @@ class Trainer:
         if sd.get("world_size", 1) != self.strategy.world_size:
             raise TrainingError(f"the state was saved with world size {sd.get('world_size')}, "
                                 f"this run has {self.strategy.world_size}")
+        if self.strategy.sharded_state:  # whole tensors do not load into FSDP's sharded ones
+            raise TrainingError("the state was saved whole (by --strategy ddp or none); resume "
+                                "it with that strategy, not --strategy fsdp")
         self.unwrapped_model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
         self.scheduler.load_state_dict(sd["scheduler"])
