@@ -266,7 +266,9 @@ def read_json_records(source: Source, fmt: DatasetFormat | None, *, stop_at_firs
             return [], [f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"]
         records = [(None, r) for r in data]
     else:
-        for no, line in enumerate(text.splitlines(), 1):
+        # JSON Lines end at "\n" only (str.splitlines also splits at U+2028, U+0085, \x1c...,
+        # which may appear raw inside a JSON string)
+        for no, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -280,6 +282,8 @@ def read_json_records(source: Source, fmt: DatasetFormat | None, *, stop_at_firs
         where = f"{path}: record {i}" + (f" (line {no})" if no else "")
         if not isinstance(rec, dict):
             bad.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        elif (why := _invalid_unicode(rec)) is not None:
+            bad.append(f"{where}: {why}")
         elif fmt is not None:
             try:
                 _check_segments(fmt.segments(rec, options), fmt)
@@ -333,13 +337,32 @@ class TokenizedSplit:
         return list(zip(batch["input_ids"], batch["loss_mask"]))
 
 
+def _surrogate(text: str) -> str | None:
+    """Where a string is not valid Unicode (a lone surrogate, e.g. from the JSON escape
+    "\\ud800"): Arrow cannot store it and the tokenizer cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"lone surrogate U+{ord(text[e.start]):04X} at character {e.start}"
+    return None
+
+
+def _invalid_unicode(rec: dict) -> str | None:
+    for k, v in rec.items():
+        if isinstance(v, str) and (why := _surrogate(v)) is not None:
+            return f"field {k!r}: not valid Unicode: {why}"
+    return None
+
+
 def _check_segments(segs, fmt: DatasetFormat) -> list[Segment]:
     if not isinstance(segs, (list, tuple)) or not segs:
         raise RecordError(None, f"format {fmt.name!r} returned no segments")
-    for s in segs:
+    for i, s in enumerate(segs):
         if not isinstance(s, Segment) or not isinstance(s.text, str):
             raise RecordError(None, f"format {fmt.name!r} returned {s!r}, expected Segment(text: "
                                     "str, trainable: bool)")
+        if (why := _surrogate(s.text)) is not None:
+            raise RecordError(None, f"text of segment {i} is not valid Unicode: {why}")
     return list(segs)
 
 
