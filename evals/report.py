@@ -531,6 +531,13 @@ def _pm(v: Any, se: Any) -> str:
     return f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else "")
 
 
+SHOWN_CHARS = 120  # displayed answer length in md/html (report.json keeps the whole answer)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f"… (+{len(text) - SHOWN_CHARS} chars)"
+
+
 def _md_cell(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", "<br>")
 
@@ -539,14 +546,6 @@ def render_markdown(report: dict) -> str:
     L: list[str] = ["# sftctl run report", ""]
     L.append(f"Run directory: `{report['run_dir']}` — generated {report['generated_at']} "
              f"(report schema {report['schema_version']})")
-    L.append("")
-    L += ["## Run summary", ""]
-    items = summary_items(report)
-    if items:
-        L += ["| | |", "|---|---|"] + [f"| {_md_cell(k)} | {'<br>'.join(map(_md_cell, v))} |"
-                                       for k, v in items]
-    else:
-        L.append("No run summary (summary.json missing).")
     L.append("")
     bench = report.get("benchmarks")
     both = bool(bench) and "base" in bench["labels"] and "sft" in bench["labels"]
@@ -579,13 +578,6 @@ def render_markdown(report: dict) -> str:
             for e in bench["errors"]:
                 L.append(f"- **{e['model']} / {e['task']}**: {e['error']}")
             L.append("")
-    L += ["## Training", ""]
-    tr = report["training"]
-    stats = [(k.replace("_", " "), _fmt(v)) for k, v in tr.items() if k not in ("train", "val")]
-    L += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in stats] + [""]
-    for key, alt in (("loss", "loss curves"), ("lr", "learning rate")):
-        if key in report["plots"]:
-            L += [f"![{alt}]({report['plots'][key]})", ""]
     if report["samples"]:
         L += ["## Held-out prompts: base vs SFT", ""]
         labels = bench["labels"] if bench else []
@@ -597,9 +589,25 @@ def render_markdown(report: dict) -> str:
             for lb in labels:
                 resp = s["responses"].get(lb)
                 mark = {1.0: " ✓", 0.0: " ✗"}.get(s["scores"].get(lb), "")
-                cells.append(("–" if resp is None else f"`{resp}`" if resp else "(empty)") + mark)
+                cells.append(("–" if resp is None else f"`{_clip(resp)}`" if resp else "(empty)")
+                             + mark)
             L.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
         L.append("")
+    L += ["## Training", ""]
+    tr = report["training"]
+    stats = [(k.replace("_", " "), _fmt(v)) for k, v in tr.items() if k not in ("train", "val")]
+    L += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in stats] + [""]
+    for key, alt in (("loss", "loss curves"), ("lr", "learning rate")):
+        if key in report["plots"]:
+            L += [f"![{alt}]({report['plots'][key]})", ""]
+    L += ["## Run summary", ""]
+    items = summary_items(report)
+    if items:
+        L += ["| | |", "|---|---|"] + [f"| {_md_cell(k)} | {'<br>'.join(map(_md_cell, v))} |"
+                                       for k, v in items]
+    else:
+        L.append("No run summary (summary.json missing).")
+    L.append("")
     if bench:
         L += ["## Versions", ""]
         L.append(f"- lm-eval {bench.get('lm_eval_version')}, transformers "
@@ -707,7 +715,7 @@ def render_html(report: dict, assets: dict[str, bytes]) -> str:
         r=report, images=images, summary=summary_items(report), sections=sections,
         training_stats=[(k.replace("_", " "), _fmt(v)) for k, v in tr.items()
                         if k not in ("train", "val")],
-        fmt=_fmt, pm=_pm, delta=_delta_str)
+        fmt=_fmt, pm=_pm, delta=_delta_str, clip=_clip)
 
 
 def _json_safe(x: Any, path: str, bad: list[str]) -> Any:
