@@ -194,6 +194,12 @@ def _load_file(source: Source, cache_dir, fmt, skip_invalid, counts, options=Non
     if not _has_content(path):
         raise DataError(f"{path}: empty dataset (the file has no records)")
     try:
+        unsafe = _unsafe_for_arrow(path)
+        if unsafe is not None:
+            # pyarrow's JSON reader stores invalid UTF-8 unchecked (a crash later, deep in a
+            # map) and segfaults on a non-object record (pyarrow 26: a JSON Lines file that
+            # starts with `null`); the careful reader below names or skips those records
+            raise DataError(f"{path}: {unsafe}")
         with _quiet_logger("datasets"):  # its error line would duplicate ours
             return datasets.load_dataset("json", data_files=path, split="train",
                                          cache_dir=cache_dir)
@@ -239,6 +245,44 @@ def _quiet_logger(name: str):
         lg.setLevel(old)
 
 
+def _unsafe_for_arrow(path: str) -> str | None:
+    """Why the file must not reach pyarrow's JSON reader, or None: invalid UTF-8, or a record
+    that is not a JSON object. One streaming pass (1 MiB at a time); a JSON document (``[...]``)
+    is parsed with the json module to look at its elements."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")("strict")
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head[:1] == b"[":
+        try:
+            data = json.loads(Path(path).read_bytes())
+        except (ValueError, RecursionError) as e:  # incl. UnicodeDecodeError
+            return f"not a valid JSON document ({type(e).__name__})"
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            return "a record is not a JSON object"
+        return None
+    carry, no = b"", 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                dec.decode(chunk)
+                lines = (carry + chunk).split(b"\n")
+                carry = lines.pop()
+                for line in lines:
+                    no += 1
+                    first = line.lstrip(b"\xef\xbb\xbf \t\r")[:1]
+                    if first and first != b"{":
+                        return f"line {no} is not a JSON object"
+        dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return "not valid UTF-8"
+    first = carry.lstrip(b"\xef\xbb\xbf \t\r")[:1]
+    if first and first != b"{":
+        return f"line {no + 1} is not a JSON object"
+    return None
+
+
 def _has_content(path: str) -> bool:
     with open(path, "rb") as f:
         for raw in f:
@@ -255,11 +299,15 @@ def read_json_records(source: Source, fmt: DatasetFormat | None, *, stop_at_firs
     Returns (valid ``(line or None, record)`` pairs, error messages naming line, record, field).
     """
     path = source.path
-    text = path.read_text(encoding="utf-8", errors="strict")
+    raw = path.read_bytes()
     records: list[tuple[int | None, Any]] = []
     bad: list[str] = []
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    if raw.lstrip()[:1] == b"[":  # one JSON document
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            return [], [f"{path}: line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02X})"]
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -267,8 +315,16 @@ def read_json_records(source: Source, fmt: DatasetFormat | None, *, stop_at_firs
         records = [(None, r) for r in data]
     else:
         # JSON Lines end at "\n" only (str.splitlines also splits at U+2028, U+0085, \x1c...,
-        # which may appear raw inside a JSON string)
-        for no, line in enumerate(text.split("\n"), 1):
+        # which may appear raw inside a JSON string); a line of invalid UTF-8 is named or skipped
+        for no, line_b in enumerate(raw.split(b"\n"), 1):
+            try:
+                line = line_b.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append(f"{path}: line {no}: not valid UTF-8 (byte 0x{line_b[e.start]:02X} "
+                           f"at byte {e.start + 1} of the line)")
+                if stop_at_first:
+                    return [], bad
+                continue
             if not line.strip():
                 continue
             try:
