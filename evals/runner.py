@@ -58,6 +58,11 @@ OFFLINE_ENV = {
 }
 
 
+_DIST_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+             "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
+             "MASTER_PORT"}
+
+
 @dataclass
 class EvalOptions:
     """How to evaluate (the same for every model and benchmark of one call)."""
@@ -158,7 +163,11 @@ def _run_worker(label: str, ref: str, specs: list[BenchmarkSpec], eval_dir: Path
     job_path.write_text(json.dumps(job, indent=2), encoding="utf-8")
     log_path = model_dir / "lm_eval.log"      # the worker's logging (lm-eval, transformers)
     out_path = model_dir / "worker_output.log"  # its terminal output when quiet
-    env = {**os.environ, **OFFLINE_ENV}
+    # The worker is one plain process: a torchrun parent's rendezvous variables would make
+    # lm-eval (through accelerate) try to join the training's process group.
+    env = {k: v for k, v in os.environ.items()
+           if k not in _DIST_ENV and not k.startswith(("TORCHELASTIC_", "TORCHRUN_"))}
+    env.update(OFFLINE_ENV)
     if options.quiet:
         env["TQDM_DISABLE"] = "1"
     cmd = [sys.executable, "-m", "sftctl.evals.runner", "--worker", str(job_path)]

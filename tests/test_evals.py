@@ -308,8 +308,14 @@ def test_eval_command_records_unavailable_models_and_data_and_still_scores(run, 
     assert (out / "eval" / "sft" / "worker_output.log").is_file()  # --quiet: output to the log
 
 
-def test_checkpoint_only_evaluation_reports_without_a_base(run, tmp_path):
+def test_checkpoint_only_evaluation_reports_without_a_base(run, tmp_path, monkeypatch):
+    """Also as under torchrun (rank-0 evaluates): the worker must not join the training's
+    process group through the inherited rendezvous variables."""
     import dataclasses
+
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531"}.items():
+        monkeypatch.setenv(k, v)
 
     from sftctl.evals.report import write_report
     from sftctl.evals.runner import EvalOptions, evaluate_models
@@ -319,7 +325,7 @@ def test_checkpoint_only_evaluation_reports_without_a_base(run, tmp_path):
                 if d["name"] == EXACT_MATCH_TASK)
     manifest = evaluate_models({"sft": str(run["dir"] / "model")},
                                [dataclasses.replace(spec, limit=2)], tmp_path,
-                               EvalOptions(quiet=True))
+                               EvalOptions(quiet=True, timeout_s=300))
     assert manifest["runs"]["sft"][EXACT_MATCH_TASK]["status"] == "ok"
     report = json.loads(write_report(tmp_path)["json"].read_text())
     (row,) = report["benchmarks"]["table"]
