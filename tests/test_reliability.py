@@ -52,7 +52,8 @@ def train_args(setup, out: Path, *extra) -> list[str]:
     tmp, base, data = setup
     return ["train", "--model", str(base), "--data", str(data), "--output-dir", str(out),
             "--max-steps", str(STEPS), "--batch-size", "4", "--lr", "3e-3", "--seed", "5",
-            "--scheduler", "constant", "--threads", "1", "--no-eval", "--no-initial-eval",
+            "--scheduler", "constant", "--threads", "1", "--device", "cpu", "--no-eval",
+            "--no-initial-eval",
             *extra]
 
 
@@ -144,7 +145,7 @@ def make_trainer(setup, out: Path, **train):
         "model": {"name_or_path": str(base)}, "data": {"paths": [str(data)]},
         "optim": {"lr": 3e-3, "scheduler": "constant"},
         "train": {"output_dir": str(out), "max_steps": STEPS, "batch_size": 4, "seed": 5,
-                  "quiet": True, **train},
+                  "quiet": True, "device": "cpu", **train},
         "eval": {"initial": False, "enabled": False}})], pm.config_options())
     t = Trainer(cfg, pm)
     t.setup()
