@@ -18,8 +18,8 @@ Design choices
   comm hook that all-reduces with SUM and no division; FSDP2 gets a gradient divide factor of 1
   with sum-only collectives. ``loss_factor`` therefore stays 1 for every strategy. N ranks with
   per-rank batch b then compute the same loss and gradients as one process with batch N*b.
-- DDP: buffers are not re-synced at every forward (a causal LM's buffers, e.g. rotary frequencies, are
-  deterministic and identical on every rank); gradients are bucket views (no extra copy).
+- DDP: buffers are not re-synced at every forward (a causal LM's buffers, e.g. rotary
+  frequencies, are deterministic and identical on every rank); gradients are bucket views.
 - FSDP2 (``fully_shard``): every transformer block (the classes named in the model's
   ``_no_split_modules``) is its own FSDP unit, then the root (embeddings, final norm, head, tied
   weights) is one more. Parameters stay fp32 (the master copy the optimizer updates); a
@@ -30,8 +30,11 @@ Design choices
   FSDP gathers the full state dict (offloaded to the CPU, on rank 0 only) and rank 0 writes it.
   Resumable FSDP state (model + optimizer) is written with ``torch.distributed.checkpoint``
   (each rank writes its own shards; ``save_sharded``/``load_sharded``).
+- Tokenization (``main_first``) runs on rank 0, then on the first rank of every other host, then
+  on the rest, so a ``datasets`` cache (per host or shared) is filled once, without races.
 - A multi-process launch with ``--strategy none`` is an error (N independent runs would write the
-  same directory); so is a ``WORLD_SIZE`` without the rest of torchrun's environment.
+  same directory); so is a ``WORLD_SIZE`` without the rest of torchrun's environment. ``ddp`` or
+  ``fsdp`` without torchrun runs as a one-process group (an in-memory store).
 """
 
 from __future__ import annotations
