@@ -33,6 +33,8 @@ Design choices
   in ``TrainState``; with the weights, optimizer, scheduler, scaler and RNG states restored bit
   for bit, the resumed run repeats the uninterrupted run's steps exactly (on the CPU; on GPUs up
   to the nondeterminism of their kernels).
+- Plugins: ``sftctl_save`` stays the hook of the final model only (its documented meaning);
+  plugin state kept in ``trainer.extras`` is not part of a resumable checkpoint.
 - Multi-process runs: every rank takes part (the state dict may be collective); rank 0 writes,
   each other rank adds its RNG file to the temporary directory, and the ranks agree on success
   through one all-reduce before the rename (the temporary name is deterministic for that
@@ -513,7 +515,6 @@ class Checkpointer:
                 with open(tmp / STATE, "wb") as f:  # a Python file: write errors are OSErrors
                     torch.save(sd, f)
                 ckpt.write_text(tmp / CONFIG, dump_yaml(t.config))
-                t.pm.hook.sftctl_save(trainer=t, path=tmp)
             except Exception as e:  # noqa: BLE001 (only OS errors are kept, see _os_error)
                 error = _os_error(e)
         self._check_all(error, tmp, f"the checkpoint {final}")
