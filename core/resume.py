@@ -584,7 +584,8 @@ class Checkpointer:
         the new one. Failures here only warn: the new checkpoint is already complete."""
         found = list_checkpoints(self.root)
         complete = [c for c in found if c.complete]
-        doomed = [c for c in found if not c.complete and c.path != keep and c.step < self._step(keep)]
+        doomed = [c for c in found
+                  if not c.complete and c.path != keep and c.step < self._step(keep)]
         if self.keep_last:
             doomed += [c for c in complete[:-self.keep_last] if c.path != keep]
         for c in doomed:

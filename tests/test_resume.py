@@ -10,7 +10,6 @@ learning rates and validation losses must be *equal* (not close), and so must th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
