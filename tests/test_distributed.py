@@ -68,9 +68,10 @@ def common_args(base, train, val, out, *extra):
             "--eval-every", "3", "--loss-impl", "fused", *extra]
 
 
-def run_single(tmp, args):
-    r = subprocess.run([sys.executable, "-m", "sftctl", *args], env=cli_env(tmp),
-                       capture_output=True, text=True, timeout=300)
+def run_single(tmp, args, extra_env=None):
+    r = subprocess.run([sys.executable, "-m", "sftctl", *args],
+                       env=cli_env(tmp, **(extra_env or {})), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -221,14 +222,15 @@ def test_packed_rows_match_one_process(setup, strategy):
 def test_two_gpus_nccl_match_one_gpu(setup, strategy):
     tmp, base, train, val = setup
     fp32 = ["--precision", "fp32", "--device", "cuda", "--quiet"]
+    no_tf32 = {"NVIDIA_TF32_OVERRIDE": "0"}  # true fp32 matmuls on both sides
     single = tmp / "single_gpu"
     if not single.exists():
         run_single(tmp, common_args(base, train, val, single, "--batch-size", "2",
-                                    "--grad-accum", "2", *fp32))
+                                    "--grad-accum", "2", *fp32), extra_env=no_tf32)
     out = tmp / f"{strategy}_gpu"
     run_torchrun(tmp, common_args(base, train, val, out, "--batch-size", "1", "--grad-accum",
                                   "2", "--strategy", strategy, *fp32),
-                 extra_env={"NVIDIA_TF32_OVERRIDE": "0"})
+                 extra_env=no_tf32)
     assert_same_curves(single, out)
     assert_same_checkpoint(single, out)
 
