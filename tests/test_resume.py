@@ -307,10 +307,11 @@ def test_resume_path_picks_its_run_directory_and_missing_paths_are_named(setup, 
     assert rc == 2 and "nowhere does not exist" in capsys.readouterr().err
     # --resume PATH without --output-dir continues in the checkpoint's run directory
     from sftctl.config import build_config
+    from sftctl.errors import ConfigError
     from sftctl.resume import prepare_resume
 
     cfg = build_config([("t", {"train": {"resume": str(reference / "checkpoints" /
                                                        "step-00000010")}})])
-    with pytest.raises(Exception, match="already finished"):
+    with pytest.raises(ConfigError, match="already finished"):
         prepare_resume(cfg)
     assert Path(cfg.train.output_dir) == reference.resolve()
