@@ -33,8 +33,8 @@ RESULTS = ROOT / "bench" / "results"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=96)
+    p.add_argument("--layers", type=int, default=3)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--ffn", type=int, default=None, help="intermediate size (default 3*dim)")
@@ -56,7 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--tag", default="")
     p.add_argument("--no-record", action="store_true", help="do not append to tuning_runs.jsonl")
-    p.add_argument("--table", action="store_true", help="only rebuild default_tuning.md's table")
+    p.add_argument("--table", action="store_true", help="only print the table of tuning_runs.jsonl")
+    p.add_argument("--score", metavar="CHECKPOINT",
+                   help="only score a saved checkpoint (e.g. RUN/model) on the held-out split")
     p.add_argument("--results", default=str(RESULTS / "tuning_runs.jsonl"))
     p.add_argument("--max-words", type=int, default=None, help="override demo_data.MAX_WORDS")
     p.add_argument("--max-number", type=int, default=None, help="override demo_data.MAX_NUMBER")
@@ -236,17 +238,34 @@ def run(args):
     return res
 
 
-def table():
-    rows = [json.loads(x) for x in (RESULTS / "tuning_runs.jsonl").read_text().splitlines() if x]
+def score(args):
+    """Greedy exact match of a saved Hugging Face checkpoint on the default held-out split."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftctl import demo_data
+
+    torch.set_num_threads(args.threads)
+    _, heldout = demo_data.default_splits(args.seed, args.n_train, args.n_heldout)
+    tok = AutoTokenizer.from_pretrained(args.score)
+    model = AutoModelForCausalLM.from_pretrained(args.score).to(args.device)
+    em, per_task, samples = greedy_exact_match(model, tok, heldout, demo_data, torch.device(args.device))
+    for task, want, got in samples[:10]:
+        print(f"  {task:14s} want {want!r:40s} got {got!r}")
+    print(f"{args.score}: exact match {em:.4f} on {len(heldout)} held-out records")
+    print("  " + "  ".join(f"{t}={v:.2f}" for t, v in per_task.items()))
+
+
+def table(path=RESULTS / "tuning_runs.jsonl"):
+    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x]
     tasks = sorted({t for r in rows for t in r["per_task"]})
-    head = ("| tag | device | dim×L×H (ffn) | params | n_train | bs | steps | lr | prec | train s | "
+    head = ("| tag | device | dim×L×H (ffn) | params | bs | steps | lr | wd | train s | "
             "held-out loss (base) | EM | " + " | ".join(tasks) + " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['tag']} | {r['device']} | {r['dim']}×{r['layers']}×{r['heads']} ({r['ffn']}) | "
-            f"{r['params'] / 1e6:.2f}M | {r['n_train']} | {r['batch_size']} | {r['steps']} | "
-            f"{r['lr']:g} | {r['precision']} | {r['train_s']:.0f} | {r['heldout_loss']:.3f} "
+            f"{r['params'] / 1e6:.2f}M | {r['batch_size']} | {r['steps']} | "
+            f"{r['lr']:g} | {r['weight_decay']:g} | {r['train_s']:.0f} | {r['heldout_loss']:.3f} "
             f"({r['base_heldout_loss']:.2f}) | **{r['exact_match']:.3f}** | "
             + " | ".join(f"{r['per_task'].get(t, float('nan')):.2f}" for t in tasks) + " |")
     return "\n".join(lines)
@@ -255,6 +274,8 @@ def table():
 if __name__ == "__main__":
     a = parse_args()
     if a.table:
-        print(table())
+        print(table(a.results))
+    elif a.score:
+        score(a)
     else:
         run(a)

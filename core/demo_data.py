@@ -80,7 +80,7 @@ WORDS: tuple[str, ...] = (
     "zebra",
 )
 
-MIN_WORDS, MAX_WORDS = 3, 6      # length of a word-list input
+MIN_WORDS, MAX_WORDS = 3, 5      # length of a word-list input
 MAX_NUMBER = 49                  # numbers in number inputs are in [0, MAX_NUMBER]
 MAX_COUNT_START = 40             # count_up starts in [0, MAX_COUNT_START], spans 3..6 numbers
 SHARE = {"words": 3, "numbers": 3}  # tasks emitted per drawn input, by input kind
