@@ -7,32 +7,7 @@
 #define CPU_CAPABILITY_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-// g++ lexes the whole file before it applies the pragma, so unlike gcc it does not turn on the
-// ISA macros that sleef.h and the at::vec headers test; define them to match the pragma.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __BMI__
-#define __BMI__ 1
-#endif
-#ifndef __BMI2__
-#define __BMI2__ 1
-#endif
-#ifndef __LZCNT__
-#define __LZCNT__ 1
-#endif
-#ifndef __POPCNT__
-#define __POPCNT__ 1
-#endif
+#include "cpu/isa_avx2_macros.h"
 #include "cpu/ce_kernel.h"
 #pragma GCC pop_options
 #endif
