@@ -7,8 +7,11 @@ tokenizer and a tiny Llama through ``sftctl.demo_data`` / ``sftctl.demo_model``,
 number of optimizer steps, then scores the held-out split by greedy decoding (stop at newline or
 EOS) and exact match, per task.
 
-Usage (2 torch threads, like the default run on the 2-core machine):
-    python bench/tune_default.py --dim 128 --layers 4 --heads 4 --steps 600 --batch-size 48
+The argument defaults are the chosen defaults (sftctl/configs/alpaca_default.yaml, tiny_llama.json):
+    python bench/tune_default.py                       # the default run, scored
+    python bench/tune_default.py --dim 128 --layers 4 --lr 3e-3 --steps 3000 --tag x
+    python bench/tune_default.py --score RUN/model     # score a trainer checkpoint
+On a shared machine use --threads 1 or OMP_WAIT_POLICY=PASSIVE (see the results file).
 Each run appends one JSON line to bench/results/tuning_runs.jsonl; the table in
 bench/results/default_tuning.md is written from those lines (``--table``).
 """
@@ -41,12 +44,12 @@ def parse_args(argv=None):
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-heldout", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=48)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4500)
+    p.add_argument("--warmup", type=int, default=80)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--threads", type=int, default=2)
