@@ -3,7 +3,8 @@
 Run on a machine with 2 (or more) GPUs (not a test):
 
     python bench/bench_ddp_scaling.py --out bench/results            # 1 vs 2 GPUs, ddp + fsdp
-    python bench/bench_ddp_scaling.py --out /tmp/x --device cpu --small   # smoke run (gloo)
+    python bench/bench_ddp_scaling.py --out bench/results --size large   # ~0.8B parameters
+    python bench/bench_ddp_scaling.py --out /tmp/x --device cpu --size small   # smoke run (gloo)
 
 Writes OUT/ddp_scaling_<card>_<date>.json and .md and prints the table. With ``--check`` (default
 on when CUDA has 2 GPUs) it first runs the NCCL equality test of tests/test_distributed.py (the
@@ -41,20 +42,26 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16,
          "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 64,
          "max_position_embeddings": 1024, "tie_word_embeddings": False}
+# ~0.8B parameters: compute-bound on one H100/H200 (the 207M model leaves the GPU waiting on
+# the Python launch of eager kernels, which two processes on one host share less well)
+LARGE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16,
+         "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 128,
+         "max_position_embeddings": 1024, "tie_word_embeddings": False}
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32,
          "max_position_embeddings": 256}
 
 
-def build_inputs(work: Path, small: bool, examples: int) -> tuple[Path, Path]:
+def build_inputs(work: Path, size: str, examples: int) -> tuple[Path, Path]:
     sys.path.insert(0, str(REPO))
     from sftctl import demo_data, demo_model
 
-    base = work / "base"
+    base = work / f"base_{size}"
     data = work / "train.jsonl"
     if not (base / "config.json").is_file():
         tok = demo_model.build_tokenizer()
-        model = demo_model.build_model(tok, seed=0, overrides=SMALL if small else MODEL)
+        model = demo_model.build_model(tok, seed=0, overrides={"small": SMALL, "base": MODEL,
+                                                               "large": LARGE}[size])
         model.save_pretrained(base, safe_serialization=True)
         tok.model_max_length = model.config.max_position_embeddings
         tok.save_pretrained(base)
@@ -108,7 +115,8 @@ def main() -> int:
     p.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--precision", default="bf16")
-    p.add_argument("--small", action="store_true", help="tiny model (smoke run on the CPU)")
+    p.add_argument("--size", choices=["small", "base", "large"], default="base",
+                   help="model: base ~207M (default), large ~0.8B, small = tiny (CPU smoke run)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8, help="packed rows per GPU micro-batch")
@@ -135,7 +143,7 @@ def main() -> int:
         check = {"ran": True, "passed": r.returncode == 0, "output": r.stdout[-2000:]}
         print(r.stdout[-2000:], flush=True)
 
-    base, data = build_inputs(work, args.small, args.examples)
+    base, data = build_inputs(work, args.size, args.examples)
     runs = [train(work, "1gpu_single", 1, "none", base, data, args)]
     for s in args.strategies:
         runs.append(train(work, f"{args.gpus}gpu_{s}", args.gpus, s, base, data, args))
@@ -153,18 +161,22 @@ def main() -> int:
         "gpus_visible": torch.cuda.device_count() if on_gpu else 0,
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if on_gpu else None,
-        "model_params": n_params, "precision": args.precision, "seq_len": args.seq_len,
+        "model_params": n_params, "model_size": args.size,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "4"),
+        "precision": args.precision, "seq_len": args.seq_len,
         "per_gpu_batch_rows": args.batch_size, "grad_accum": args.grad_accum,
         "steps": args.steps, "warmup_steps_excluded": args.warmup,
         "nccl_equality_check": check, "runs": runs,
     }
-    stem = f"ddp_scaling_{card.replace(' ', '_').replace('/', '_')}_{result['date']}"
+    stem = (f"ddp_scaling_{card.replace(' ', '_').replace('/', '_')}_{n_params / 1e6:.0f}M_"
+            f"{result['date']}")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# sftctl data-parallel scaling, {card}, {result['date']}", "",
              f"Model: Llama, {n_params / 1e6:.1f}M parameters (built from config), "
              f"{args.precision}, packed rows of {args.seq_len} tokens, {args.batch_size} rows per "
              f"GPU micro-batch x {args.grad_accum} accumulation; median of steps "
-             f"{args.warmup + 1}..{args.steps}. torch {torch.__version__}.", "",
+             f"{args.warmup + 1}..{args.steps}. torch {torch.__version__}, "
+             f"OMP_NUM_THREADS={result['omp_num_threads']} per process.", "",
              "| run | GPUs | tokens/s | scaling | efficiency | step s | peak mem GiB |",
              "|---|---|---|---|---|---|---|"]
     for r in runs:

@@ -71,3 +71,16 @@ def extension_info() -> dict:
     info["cuda_compiled"] = has("sftctl::cross_entropy", "CUDA")
     info["cuda"] = info["cuda_compiled"] and torch.cuda.is_available()
     return info
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the loaded extension registered kernels of both ops for ``device_type``
+    (``"cpu"``, ``"cuda"``); False when the extension is not built."""
+    try:
+        load_extension()
+    except ExtensionNotBuilt:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return key is not None and all(has(f"sftctl::{op}", key)
+                                   for op in ("cross_entropy", "cross_entropy_", "sft_labels"))

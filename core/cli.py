@@ -324,6 +324,9 @@ def cmd_train(args, pm, options) -> int:
     if trainer.is_main:
         log.info("done: %d steps, final loss %s, val loss %s; model in %s", summary["steps"],
                  _fmt(summary["final_loss"]), _fmt(summary["val_loss"]), out / "model")
+        for fb in summary.get("fallbacks") or []:  # said at the start too; repeated at the end
+            log.warning("fallback during this run: %s (asked %s, used %s)", fb["what"],
+                        fb["asked"], fb["used"])
     status = EXIT_OK
     if cfg.eval.enabled and trainer.is_main:
         status = _post_train_eval(trainer, out, cfg, pm)

@@ -228,8 +228,16 @@ class DistributedStrategy(Strategy):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         on_gpu = self._device.type == "cuda"
+        # No buffer broadcast before each forward (the Llama buffers are constants). torch 2.13
+        # renamed the argument (broadcast_buffers is deprecated there); 2.11/2.12 only know the
+        # old name.
+        import inspect
+
+        no_sync = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                   else {"broadcast_buffers": False})
         ddp = DDP(model, device_ids=[self._device.index] if on_gpu else None,
-                  forward_sync_buffers=False, gradient_as_bucket_view=True)
+                  gradient_as_bucket_view=True, **no_sync)
         ddp.register_comm_hook(None, _allreduce_sum_hook)
         return ddp
 

@@ -87,3 +87,19 @@ def kernel_name(impl: str, device: torch.device) -> str:
     if impl == "torch":
         return "torch (F.cross_entropy, fp32)"
     return f"sftctl._C cross_entropy + sft_labels ({device.type})"
+
+
+def resolve_impl(impl: str, device: torch.device, has_kernel) -> tuple[str, str | None]:
+    """The loss implementation that can run on ``device`` and, when it differs from the one
+    asked for, why (the trainer logs it and counts it in the summary's ``fallbacks``).
+
+    ``has_kernel(device_type) -> bool`` says whether sftctl._C has kernels for the device: an
+    extension built without CUDA (no nvcc or cuBLAS headers at build time, or SFTCTL_FORCE_CPU)
+    still trains on a GPU, through the PyTorch reference loss, but never silently.
+    """
+    if impl != "fused" or has_kernel(device.type):
+        return impl, None
+    return "torch", (f"sftctl._C has no {device.type.upper()} kernels (the extension was built "
+                     f"without them); the loss runs on the PyTorch reference (F.cross_entropy "
+                     f"in fp32: slower, and an fp32 copy of the logits). Rebuild with a CUDA "
+                     f"toolkit present: pip install --no-build-isolation -e .")

@@ -41,7 +41,7 @@ from .config import RunConfig, dump_yaml
 from .data import BatchPlan, PreparedData, collate, prepare_data
 from .distributed import Strategy, select_strategy
 from .errors import ConfigError, ModelError, TrainingError
-from .losses import kernel_name, sft_labels, token_loss
+from .losses import kernel_name, resolve_impl, sft_labels, token_loss
 
 log = logging.getLogger("sftctl")
 
@@ -204,7 +204,14 @@ class Trainer:
         self.scheduler = schedulers[cfg.optim.scheduler].build(self.optimizer, self.total_steps,
                                                                self.warmup_steps, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.loss_kernel = kernel_name(cfg.train.loss_impl, self.device)
+        from ._ext import has_kernel
+
+        self.loss_impl, why = resolve_impl(cfg.train.loss_impl, self.device, has_kernel)
+        self.fallbacks = [] if why is None else [{"what": "loss", "asked": cfg.train.loss_impl,
+                                                  "used": self.loss_impl, "reason": why}]
+        if why is not None and self.is_main:
+            log.warning("fallback: %s", why)
+        self.loss_kernel = kernel_name(self.loss_impl, self.device)
         self.benchmarks = self._benchmarks()
         log.info("model %s on %s (%s), %d parameters; %d steps (%d warmup), loss: %s",
                  self.base_model, self.device, self.precision,
@@ -381,7 +388,7 @@ class Trainer:
     def train_step(self, rows_list) -> dict:
         """One optimizer step over the micro-batches ``rows_list``; returns step metrics."""
         cfg = self.config
-        impl = cfg.train.loss_impl
+        impl = self.loss_impl
         t0 = time.perf_counter()
         micro = self._micro_batches(rows_list)
         labels, count = [], torch.zeros((), dtype=torch.long, device=self.device)
@@ -514,7 +521,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss (token mean over the whole validation set) and perplexity."""
-        impl = self.config.train.loss_impl
+        impl = self.loss_impl
         self.model.eval()
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         count = torch.zeros((), dtype=torch.long, device=self.device)
@@ -607,7 +614,8 @@ class Trainer:
             "peak_memory_bytes": mem,
             "peak_memory_kind": mem_kind,
             "loss_kernel": self.loss_kernel,
-            "loss_impl": cfg.train.loss_impl,
+            "loss_impl": self.loss_impl,
+            "fallbacks": self.fallbacks,
             "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
                                           if self.device.type == "cuda" else ""),
             "precision": self.precision,

@@ -49,7 +49,8 @@ _SUMMARY_KEYS = [  # shown first and in this order; any other key follows
     ("model", "model"), ("base_model", "base model"), ("data", "data"),
     ("examples", "examples"), ("steps", "optimizer steps"), ("epochs", "epochs"),
     ("tokens", "tokens"), ("wall_time_s", "wall time"), ("tokens_per_s", "tokens/s"),
-    ("peak_memory_bytes", "peak memory"), ("loss_kernel", "loss kernel"), ("device", "device"),
+    ("peak_memory_bytes", "peak memory"), ("loss_kernel", "loss kernel"),
+    ("fallbacks", "fallbacks"), ("device", "device"),
     ("versions", "versions"),
 ]
 

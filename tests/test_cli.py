@@ -132,6 +132,53 @@ def test_golden_packed_run(golden_run, tmp_path):
         s["steps"] == 12
 
 
+
+_CUDA = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+RTOL_CUDA = 1e-3  # fp32 on the GPU: other reduction orders (cuBLAS, the kernels' row split)
+
+
+@_CUDA
+def test_golden_curve_on_cuda_fp32(golden_run, tmp_path):
+    """The CUDA kernels inside the real trainer: an fp32 GPU run of the golden config follows the
+    CPU golden curve, with the sftctl kernels (no fallback) and a GPU memory reading."""
+    out0, _ = golden_run
+    out = tmp_path / "cuda"
+    r = run_cli(["train", "--config", str(GOLDEN_YAML), "--model", str(out0 / "base"),
+                 "--output-dir", str(out), "--device", "cuda"],
+                env=cli_env(tmp_path, NVIDIA_TF32_OVERRIDE=0))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = curve(out), json.loads((GOLDEN / "alpaca_tiny_fused.json").read_text())
+    np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=RTOL_CUDA)
+    np.testing.assert_allclose([v for _, v in got["val_loss"]],
+                               [v for _, v in want["val_loss"]], rtol=RTOL_CUDA)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["loss_kernel"] == "sftctl._C cross_entropy + sft_labels (cuda)"
+    assert s["fallbacks"] == [] and s["device"].startswith("cuda")
+    assert s["peak_memory_kind"] == "cuda_max_allocated" and s["peak_memory_bytes"] > 0
+
+
+@_CUDA
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_mixed_precision_fused_loss_matches_the_torch_loss(golden_run, tmp_path,
+                                                                precision):
+    """bf16/fp16 autocast on the GPU (fp16 with the GradScaler): the fused fp32 loss and the
+    PyTorch fp32 reference train the same curve; the only difference is the loss kernel."""
+    out0, _ = golden_run
+    curves = {}
+    for impl in ("fused", "torch"):
+        out = tmp_path / impl
+        r = run_cli(["train", "--config", str(GOLDEN_YAML), "--model", str(out0 / "base"),
+                     "--output-dir", str(out), "--device", "cuda", "--precision", precision,
+                     "--loss-impl", impl], env=cli_env(tmp_path))
+        assert r.returncode == 0, r.stderr[-3000:]
+        curves[impl] = curve(out)
+        assert json.loads((out / "summary.json").read_text())["precision"] == precision
+    fused, ref = curves["fused"]["train_loss"], curves["torch"]["train_loss"]
+    assert fused[0] == pytest.approx(ref[0], rel=1e-5)  # same weights and batch: only the loss
+    np.testing.assert_allclose(fused, ref, rtol=1e-2)  # low-precision matmuls amplify ulps
+    assert fused[-1] < 0.8 * fused[0]
+
+
 def test_help_documents_every_option():
     r = run_cli(["train", "--help"])
     assert r.returncode == 0

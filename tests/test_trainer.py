@@ -301,3 +301,52 @@ def test_state_dict_round_trip_continues_the_run_exactly(base, tmp_path):
     got = [h["loss"] for h in second.state.history if h["kind"] == "train"]
     assert got[:2] == want[:2]
     assert got[2:] == want[2:]  # bitwise: same data position, optimizer, schedule, RNG
+
+
+def test_resolve_impl_falls_back_only_without_kernels():
+    from sftctl.losses import resolve_impl
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_impl("fused", cpu, lambda d: True) == ("fused", None)
+    assert resolve_impl("torch", cuda, lambda d: False) == ("torch", None)
+    impl, why = resolve_impl("fused", cuda, lambda d: d == "cpu")
+    assert impl == "torch" and "sftctl._C has no CUDA kernels" in why
+
+
+def test_the_extension_reports_its_own_kernels():
+    from sftctl._ext import has_kernel
+
+    assert has_kernel("cpu")
+    assert has_kernel("cuda") == torch._C._dispatch_has_kernel_for_dispatch_key(
+        "sftctl::cross_entropy", "CUDA")
+    assert not has_kernel("mps")
+
+
+def test_a_missing_kernel_is_a_counted_fallback_not_silent(base, tmp_path, monkeypatch, capsys):
+    """An extension without kernels for the run's device (here: the CPU kernels declared
+    missing) trains through the PyTorch loss, says so in the log and in summary.json, and gives
+    the same curve as asking for the PyTorch loss."""
+    import json
+
+    import sftctl._ext as ext
+
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(16))
+    common = ["--model", str(base), "--data", str(data), "--batch-size", "4", "--max-steps",
+              "3", "--lr", "1e-3", "--no-eval", "--no-initial-eval", "--device", "cpu"]
+    assert cli.main(["train", *common, "--output-dir", str(tmp_path / "ref"), "--quiet",
+                     "--loss-impl", "torch"]) == 0
+    monkeypatch.setattr(ext, "has_kernel", lambda device_type: False)
+    capsys.readouterr()
+    assert cli.main(["train", *common, "--output-dir", str(tmp_path / "fb")]) == 0
+    err = capsys.readouterr().err
+    s = json.loads((tmp_path / "fb" / "summary.json").read_text())
+    assert s["loss_impl"] == "torch" and s["loss_kernel"].startswith("torch")
+    assert [(f["what"], f["asked"], f["used"]) for f in s["fallbacks"]] == \
+        [("loss", "fused", "torch")]
+    assert "sftctl._C has no CPU kernels" in s["fallbacks"][0]["reason"]
+    assert "fallback: sftctl._C has no CPU kernels" in err  # at the start
+    assert "fallback during this run: loss (asked fused, used torch)" in err  # and at the end
+    ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert ref["fallbacks"] == [] and ref["loss_impl"] == "torch"
+    assert [m["loss"] for m in read_metrics(tmp_path / "fb") if m["kind"] == "train"] == \
+        [m["loss"] for m in read_metrics(tmp_path / "ref") if m["kind"] == "train"]
