@@ -81,7 +81,7 @@ def train(work: Path, name: str, nproc: int, strategy: str, base: Path, data: Pa
                   "--max-seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
                   "--grad-accum", str(args.grad_accum), "--max-steps", str(args.steps),
                   "--lr", "1e-4", "--device", args.device, "--precision", args.precision,
-                  "--seed", "1"]
+                  "--seed", "1"] + (["--compile"] if args.compile else [])
     if nproc == 1 and strategy == "none":
         cmd = [sys.executable, "-m", "sftctl", *train_args]
     else:
@@ -112,7 +112,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--work", type=Path, default=Path("/tmp/sftctl_ddp_scaling"))
     p.add_argument("--gpus", type=int, default=2, help="N of the N-GPU runs (default 2)")
-    p.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"])
+    p.add_argument("--strategies", nargs="*", default=["ddp", "fsdp"],
+                   help="N-GPU strategies to time (none given: only the 1-GPU baseline)")
+    p.add_argument("--compile", action="store_true",
+                   help="train with --compile (torch.compile of each transformer block)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--size", choices=["small", "base", "large"], default="base",
@@ -161,7 +164,7 @@ def main() -> int:
         "gpus_visible": torch.cuda.device_count() if on_gpu else 0,
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if on_gpu else None,
-        "model_params": n_params, "model_size": args.size,
+        "model_params": n_params, "model_size": args.size, "compile": args.compile,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "4"),
         "precision": args.precision, "seq_len": args.seq_len,
         "per_gpu_batch_rows": args.batch_size, "grad_accum": args.grad_accum,
@@ -169,11 +172,12 @@ def main() -> int:
         "nccl_equality_check": check, "runs": runs,
     }
     stem = (f"ddp_scaling_{card.replace(' ', '_').replace('/', '_')}_{n_params / 1e6:.0f}M_"
-            f"{result['date']}")
+            f"{'compile_' if args.compile else ''}{result['date']}")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# sftctl data-parallel scaling, {card}, {result['date']}", "",
              f"Model: Llama, {n_params / 1e6:.1f}M parameters (built from config), "
-             f"{args.precision}, packed rows of {args.seq_len} tokens, {args.batch_size} rows per "
+             f"{args.precision}{', --compile' if args.compile else ''}, packed rows of "
+             f"{args.seq_len} tokens, {args.batch_size} rows per "
              f"GPU micro-batch x {args.grad_accum} accumulation; median of steps "
              f"{args.warmup + 1}..{args.steps}. torch {torch.__version__}, "
              f"OMP_NUM_THREADS={result['omp_num_threads']} per process.", "",

@@ -5,11 +5,22 @@ Design choices
   say so; ``sftctl.ops`` / ``sftctl.modules`` then raise an ImportError that tells how to build.
 - When the extension loads, ``ops`` is imported eagerly: its fake and autograd registrations
   must be in place before anyone calls ``torch.ops.sftctl.*`` directly.
+- Started as the CLI (``sftctl ...``, ``python -m sftctl``, ``torchrun -m sftctl``) on a machine
+  whose cores other processes are using right now, the package sets ``OMP_WAIT_POLICY=PASSIVE``
+  before torch is imported (``_runtime.choose_omp_wait_policy``): OpenMP's spin-waiting threads
+  then fight the other work (a 2-thread CPU step measured 2-40x slower), while on idle cores
+  spinning is 20-35% faster per step, so it stays. A user's own setting wins; a library import
+  leaves the environment alone.
 """
 
 from __future__ import annotations
 
 import importlib
+
+from ._runtime import choose_omp_wait_policy
+
+# why sftctl set OMP_WAIT_POLICY (None: it did not); shown by `sftctl doctor` and summary.json
+OMP_WAIT_POLICY_REASON = choose_omp_wait_policy()
 
 from ._ext import ExtensionNotBuilt, extension_info, load_extension
 

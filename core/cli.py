@@ -425,6 +425,11 @@ def doctor_report() -> dict:
         dev["bf16"] = torch.cuda.is_bf16_supported()
     dev["selected"] = "cuda" if torch.cuda.is_available() else "cpu"
     rep["device"] = dev
+    from . import OMP_WAIT_POLICY_REASON
+
+    rep["cpu_threads"] = {"torch_threads": torch.get_num_threads(),
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                          "omp_wait_policy_set_by_sftctl": OMP_WAIT_POLICY_REASON}
     try:
         import lm_eval
 
@@ -463,6 +468,11 @@ def cmd_doctor(args, pm, options) -> int:
                       f"{x['memory_bytes'] / 2**30:.1f} GiB)")
         else:
             print(f"device: cpu ({rep['cpu_count']} cores; no CUDA device)")
+        t = rep["cpu_threads"]
+        print(f"cpu threads: {t['torch_threads']}; OpenMP wait policy: "
+              f"{t['omp_wait_policy'] or 'default (spin)'}"
+              + (f" (set by sftctl: {t['omp_wait_policy_set_by_sftctl']})"
+                 if t['omp_wait_policy_set_by_sftctl'] else ""))
         print(f"plugins: {', '.join(rep['plugins'])}")
     return EXIT_OK if rep["extension"]["loaded"] else EXIT_FAILED
 

@@ -67,6 +67,12 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(
         False, flag="--gradient-checkpointing", cli="bool",
         help="Recompute activations in backward to save memory.")
+    compile: bool = _f(
+        False, flag="--compile", cli="bool",
+        help="torch.compile the forward of every transformer block (the model's "
+             "_no_split_modules; the whole model's forward when it names none). Parameter "
+             "names, checkpoints, DDP/FSDP hooks and the loss kernels are unchanged; the first "
+             "steps pay the compilation.")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import resource
 import sys
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 
+from . import OMP_WAIT_POLICY_REASON
 from . import checkpoint as ckpt
 from . import guards
 from .config import RunConfig, dump_yaml
@@ -107,6 +109,26 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss_kb) * (1 if sys.platform == "darwin" else 1024), "cpu_max_rss"
 
 
+def compile_blocks(model: torch.nn.Module) -> str:
+    """``torch.compile`` the ``forward`` of each transformer block in place; returns what was
+    compiled, for the log and the summary.
+
+    Only ``forward`` is replaced (an instance attribute), not ``__call__``: module hooks (FSDP2's
+    all-gathers, DDP's, gradient checkpointing's) stay eager around the compiled code, and
+    parameter names (hence checkpoints) do not change, which wrapping blocks in an
+    ``OptimizedModule`` would do. Blocks of one class share their compiled code.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    if not blocks:
+        model.forward = torch.compile(model.forward)
+        return f"the whole model's forward ({type(model).__name__}; it names no block class)"
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+    kinds = sorted({type(b).__name__ for b in blocks})
+    return f"{len(blocks)} blocks ({', '.join(kinds)}), forward of each"
+
+
 class Trainer:
     """Build with a validated ``RunConfig`` and a loaded plugin manager; ``setup()``, ``train()``."""
 
@@ -170,6 +192,9 @@ class Trainer:
                                   "torch") from None
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if OMP_WAIT_POLICY_REASON and self.is_main:
+            log.info("OMP_WAIT_POLICY=PASSIVE: %s (set OMP_WAIT_POLICY to choose yourself)",
+                     OMP_WAIT_POLICY_REASON)
         self.device = self.strategy.device(cfg.train.device)
         self.precision, self.amp_dtype = _autocast_dtype(cfg.train.precision, self.device)
         if self.precision == "bf16" and self.device.type == "cuda" and \
@@ -305,7 +330,14 @@ class Trainer:
                 model.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        return model.to(self.device)
+        model = model.to(self.device)
+        if cfg.compile:
+            self.compiled = compile_blocks(model)
+            if self.is_main:
+                log.info("torch.compile: %s", self.compiled)
+        return model
+
+    compiled: str | None = None
 
     def _check_lengths(self) -> None:
         """A sequence longer than the model's positions would fail deep inside the model (learned
@@ -619,6 +651,10 @@ class Trainer:
             "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
                                           if self.device.type == "cuda" else ""),
             "precision": self.precision,
+            "compiled": self.compiled,
+            "cpu_threads": {"torch_threads": torch.get_num_threads(),
+                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                            "omp_wait_policy_set_by_sftctl": OMP_WAIT_POLICY_REASON},
             "world_size": self.strategy.world_size,
             "strategy": self.strategy.name,
             "final_loss": train_hist[-1]["loss"] if train_hist else None,
