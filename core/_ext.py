@@ -83,4 +83,4 @@ def has_kernel(device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     return key is not None and all(has(f"sftctl::{op}", key)
-                                   for op in ("cross_entropy", "cross_entropy_", "sft_labels"))
+                                   for op in ("cross_entropy", "cross_entropy_", "scale_grad_", "sft_labels"))
