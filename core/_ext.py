@@ -82,5 +82,5 @@ def has_kernel(device_type: str) -> bool:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return key is not None and all(has(f"sftctl::{op}", key)
-                                   for op in ("cross_entropy", "cross_entropy_", "scale_grad_", "sft_labels"))
+    ops = ("cross_entropy", "cross_entropy_", "scale_grad_", "sft_labels")
+    return key is not None and all(has(f"sftctl::{op}", key) for op in ops)
