@@ -13,6 +13,7 @@ Design choices
   default vs 0.091 passive; beside another 2-thread training 0.25 s/step default vs 0.12 passive
   (and up to 2.86 vs 0.22 in an earlier, heavier case).
 - Where /proc/stat does not exist (macOS, Windows) nothing is changed.
+- torch is imported only inside ``cpu_threads_info`` (called long after the decision).
 """
 
 from __future__ import annotations
@@ -73,3 +74,14 @@ def choose_omp_wait_policy(environ=os.environ, argv: list[str] | None = None,
     environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return (f"other processes kept {busy:.1f} of {os.cpu_count()} cores busy at start; "
             f"spinning OpenMP threads would fight them")
+
+
+def cpu_threads_info() -> dict:
+    """Threads and OpenMP wait policy of this process, for ``sftctl doctor`` and summary.json."""
+    import torch
+
+    from . import OMP_WAIT_POLICY_REASON
+
+    return {"torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "omp_wait_policy_set_by_sftctl": OMP_WAIT_POLICY_REASON}

@@ -425,11 +425,9 @@ def doctor_report() -> dict:
         dev["bf16"] = torch.cuda.is_bf16_supported()
     dev["selected"] = "cuda" if torch.cuda.is_available() else "cpu"
     rep["device"] = dev
-    from . import OMP_WAIT_POLICY_REASON
+    from ._runtime import cpu_threads_info
 
-    rep["cpu_threads"] = {"torch_threads": torch.get_num_threads(),
-                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                          "omp_wait_policy_set_by_sftctl": OMP_WAIT_POLICY_REASON}
+    rep["cpu_threads"] = cpu_threads_info()
     try:
         import lm_eval
 

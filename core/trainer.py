@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import platform
 import resource
 import sys
@@ -43,6 +42,7 @@ from .config import RunConfig, dump_yaml
 from .data import BatchPlan, PreparedData, collate, prepare_data
 from .distributed import Strategy, select_strategy
 from .errors import ConfigError, ModelError, TrainingError
+from ._runtime import cpu_threads_info
 from .losses import kernel_name, resolve_impl, sft_labels, token_loss
 
 log = logging.getLogger("sftctl")
@@ -652,9 +652,7 @@ class Trainer:
                                           if self.device.type == "cuda" else ""),
             "precision": self.precision,
             "compiled": self.compiled,
-            "cpu_threads": {"torch_threads": torch.get_num_threads(),
-                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                            "omp_wait_policy_set_by_sftctl": OMP_WAIT_POLICY_REASON},
+            "cpu_threads": cpu_threads_info(),
             "world_size": self.strategy.world_size,
             "strategy": self.strategy.name,
             "final_loss": train_hist[-1]["loss"] if train_hist else None,
