@@ -152,8 +152,9 @@ setup(
     description="Supervised fine-tuning with fused, exact fp32 loss kernels, plugins and post-train reports",
     python_requires=">=3.10",
     package_dir={"sftctl": "core", "sftctl.plugins": "plugins", "sftctl.evals": "evals"},
-    packages=["sftctl", "sftctl.plugins", "sftctl.evals"],
-    package_data={"sftctl": ["configs/*.yaml", "configs/*.json", "py.typed"],
+    packages=["sftctl", "sftctl.ops", "sftctl.data", "sftctl.training", "sftctl.run",
+              "sftctl.plugins", "sftctl.plugins.alpaca", "sftctl.evals"],
+    package_data={"sftctl": ["py.typed"], "sftctl.plugins.alpaca": ["*.yaml", "*.json"],
                   "sftctl.evals": ["templates/*", "tasks/*"]},
     ext_modules=extensions(),
     cmdclass=cmdclass(),
@@ -170,5 +171,5 @@ setup(
         "lm-eval>=0.4.8",
     ],
     extras_require={"test": ["pytest", "hypothesis", "expecttest"]},
-    entry_points={"console_scripts": ["sftctl = sftctl.cli:main"]},
+    entry_points={"console_scripts": ["sftctl = sftctl.run.cli:main"]},
 )

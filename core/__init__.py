@@ -31,7 +31,7 @@ try:
 except ExtensionNotBuilt:
     pass  # reported by extension_info(); raised again on first use of sftctl.ops
 else:
-    from . import modules, ops  # noqa: F401
+    from . import ops  # noqa: F401
 
 
 def __getattr__(name):
@@ -45,10 +45,12 @@ __all__ = ["__version__", "extension_info", "ops", "modules", "ExtensionNotBuilt
 
 # Plugin API (what plugin authors import; see docs/plugins.md): the hook marker and the specs
 # that registration hooks accept.
-from .config import ConfigOption  # noqa: E402
+from .run.config import ConfigOption  # noqa: E402
 from .errors import ConfigError, DataError, SftctlError  # noqa: E402
-from .plugin_manager import hookimpl  # noqa: E402
-from .registry import DatasetFormat, OptimizerSpec, RecordError, SchedulerSpec, Segment  # noqa: E402
+from .hookspecs import hookimpl  # noqa: E402
+from .data.formats import DatasetFormat, RecordError, Segment  # noqa: E402
+from .run.benchmarks import BenchmarkSpec, ReportSection  # noqa: E402
+from .training.optim import OptimizerSpec, SchedulerSpec  # noqa: E402
 
 __all__ += ["hookimpl", "ConfigOption", "DatasetFormat", "OptimizerSpec", "SchedulerSpec",
             "Segment", "RecordError", "SftctlError", "ConfigError", "DataError"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import pluggy
 
 hookspec = pluggy.HookspecMarker("sftctl")
+hookimpl = pluggy.HookimplMarker("sftctl")  # what plugins decorate their hooks with
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,8 +55,8 @@ def sftctl_register_schedulers(register):
 @hookspec
 def sftctl_register_benchmarks(register, config):
     """Register post-training benchmarks: ``register(BenchmarkSpec(name, include_path, ...))``
-    (``sftctl.evals.spec.BenchmarkSpec``: an lm-eval task name and the absolute folder of its
-    task YAML; ``include_path=None`` for a task lm-eval ships).
+    (``sftctl.BenchmarkSpec``: an lm-eval task name and the absolute folder of its task YAML;
+    ``include_path=None`` for a task lm-eval ships).
 
     Called once per run during setup, with the run config (``config.train.output_dir`` is set,
     so task files can be written under ``OUTPUT_DIR/eval``). The benchmarks of the plugins named
@@ -124,6 +125,15 @@ def sftctl_evaluate(trainer, step, metrics):
 def sftctl_save(trainer, path):
     """A checkpoint is being written to ``path`` (a temporary directory renamed into place when
     every hook returned). Write extra files into ``path`` to make them part of the checkpoint."""
+
+
+@hookspec
+def sftctl_post_train(run_dir, config, pm):
+    """After ``sftctl train`` finished and the final model is complete, on rank 0 only, with the
+    training memory released and unless ``--no-eval``: post-training work on the run directory
+    (the built-in ``evals`` plugin benchmarks the base model and the SFT checkpoint and writes the
+    report). ``run_dir``: ``Path``; ``config``: the run config; ``pm``: the plugin manager.
+    Return an exit status (0: fine) or ``None``; the command exits with the largest one."""
 
 
 @hookspec

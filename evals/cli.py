@@ -148,7 +148,7 @@ def cmd_eval(args, pm=None, options=None) -> int:
         if pm is None:
             raise ConfigError("--plugin needs the sftctl plugin manager (run through `sftctl eval`)")
         pm.require(args.plugin)
-        from sftctl.config import build_config
+        from sftctl.run.config import build_config
         fmt = next((f for name in args.plugin for f in pm.formats_of(name)), None)
         layer = {"plugins": list(args.plugin), "train": {"output_dir": str(out_dir)}}
         if fmt:

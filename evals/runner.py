@@ -249,8 +249,8 @@ def resolve_base_model(run_dir: Path, summary: dict) -> str | None:
 def load_run_config(run_dir: Path, plugins: list[str] | None = None) -> tuple[Any, Any]:
     """``(RunConfig, plugin manager)`` rebuilt from ``run_dir/config.yaml`` (the resolved config
     the trainer wrote), with the run's plugins (plus ``plugins``) loaded."""
-    from sftctl.config import build_config, load_yaml
-    from sftctl.plugin_manager import get_plugin_manager
+    from sftctl.run.config import build_config, load_yaml
+    from sftctl.run.plugin_manager import get_plugin_manager
 
     path = run_dir / "config.yaml"
     data = load_yaml(path)

@@ -1,4 +1,5 @@
-"""What plugins hand to the evaluation step: benchmark specs and report sections.
+"""Checks of what plugins hand to the evaluation step (the specs themselves live in the core,
+``sftctl.run.benchmarks``, and are re-exported here).
 
 Design choices
 - A benchmark is one lm-eval *task* (a name lm-eval's ``TaskManager`` resolves) plus the folder of
@@ -16,87 +17,14 @@ Design choices
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from sftctl.run.benchmarks import BenchmarkSpec, ReportSection, specs_from_json
+
 __all__ = ["BenchmarkSpec", "ReportSection", "specs_from_json", "check_task_files"]
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-
-
-@dataclass
-class BenchmarkSpec:
-    """One lm-eval task to run on the base model and on the SFT checkpoint.
-
-    name:           the task name lm-eval resolves (``task:`` in the YAML, or a built-in task).
-    include_path:   folder of task YAMLs (absolute); None for a built-in lm-eval task.
-    plugin:         the plugin that registered it (shown in the report).
-    description:    one line for the report.
-    primary_metric: the metric the report lists first (e.g. ``exact_match``).
-    limit:          evaluate at most this many documents (None: all).
-    num_fewshot:    None keeps the task's own setting (0 when it has none).
-    stats:          counts the task builder wants shown (records written, left out, ...).
-    """
-
-    name: str
-    include_path: str | None = None
-    plugin: str | None = None
-    description: str = ""
-    primary_metric: str | None = None
-    limit: int | None = None
-    num_fewshot: int | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            raise ValueError(f"invalid lm-eval task name {self.name!r}")
-        if self.include_path is not None:
-            p = Path(self.include_path)
-            if not p.is_absolute():
-                raise ValueError(f"task {self.name!r}: include_path must be absolute, got "
-                                 f"{self.include_path!r}")
-            self.include_path = str(p)
-        for k in ("limit", "num_fewshot"):
-            v = getattr(self, k)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise ValueError(f"task {self.name!r}: {k} must be a non-negative int, got {v!r}")
-
-    @property
-    def builtin(self) -> bool:
-        """True for a standard lm-eval task (needs lm-eval's default task index)."""
-        return self.include_path is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "task") -> BenchmarkSpec:
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-        if "name" not in d:
-            raise ValueError(f"{where}: missing field 'name'")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: {e}") from None
-
-
-def specs_from_json(items: Any, where: str) -> list[BenchmarkSpec]:
-    """Parse a list of task dicts (from a manifest); errors name the entry."""
-    if items is None:
-        return []
-    if not isinstance(items, list):
-        raise ValueError(f"{where}: expected a list of tasks, got {type(items).__name__}")
-    return [d if isinstance(d, BenchmarkSpec) else BenchmarkSpec.from_dict(d, where=f"{where}[{i}]")
-            for i, d in enumerate(items)]
 
 
 def _data_files(cfg: Mapping[str, Any]) -> list[str]:
@@ -145,13 +73,3 @@ class _TaskLoader(yaml.SafeLoader):
 _TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
 
 
-@dataclass
-class ReportSection:
-    """A section a plugin adds to the report (hook ``sftctl_report_sections``; a plain dict with
-    the same keys works too). ``html``, when given, is used verbatim in report.html instead of the
-    converted markdown."""
-
-    title: str
-    markdown: str = ""
-    html: str | None = None
-    plugin: str | None = None

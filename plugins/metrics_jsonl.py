@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sftctl.plugin_manager import hookimpl
+from sftctl import hookimpl
 
 KEY = "metrics_jsonl.file"
 

@@ -13,8 +13,7 @@ import logging
 
 import torch
 
-from sftctl.plugin_manager import hookimpl
-from sftctl.registry import OptimizerSpec
+from sftctl import OptimizerSpec, hookimpl
 
 log = logging.getLogger("sftctl")
 

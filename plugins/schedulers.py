@@ -15,8 +15,7 @@ import math
 
 from torch.optim.lr_scheduler import LambdaLR
 
-from sftctl.plugin_manager import hookimpl
-from sftctl.registry import SchedulerSpec
+from sftctl import SchedulerSpec, hookimpl
 
 
 def lr_factor(step: int, *, kind: str, total: int, warmup: int, min_ratio: float) -> float:

@@ -21,7 +21,7 @@ TINY_OVERRIDES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers
 
 
 def build_tiny_base(out_dir: Path, seed: int = 0, vocab_size: int = 512) -> Path:
-    from sftctl import demo_data, demo_model
+    from sftctl.plugins.alpaca import demo_data, demo_model
 
     tok = demo_model.build_tokenizer(demo_data.generate(300, seed=11), vocab_size=vocab_size)
     model = demo_model.build_model(tok, seed=seed, overrides=TINY_OVERRIDES)
@@ -32,7 +32,7 @@ def build_tiny_base(out_dir: Path, seed: int = 0, vocab_size: int = 512) -> Path
 
 
 def alpaca_records(n: int, seed: int = 3) -> list[dict]:
-    from sftctl import demo_data
+    from sftctl.plugins.alpaca import demo_data
 
     return [{k: r[k] for k in ("instruction", "input", "output")}
             for r in demo_data.generate(n, seed=seed)]

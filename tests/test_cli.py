@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from sftctl import cli
-from sftctl.config import iter_fields
+from sftctl.run import cli
+from sftctl.run.config import iter_fields
 
 from sftctl_testutil import (alpaca_records, build_tiny_base, cli_env, read_metrics, run_cli,
                              write_jsonl)
@@ -217,7 +217,7 @@ def test_config_layers_yaml_then_flags(tmp_path, capsys):
 
 
 def test_embedded_model_gets_the_formats_tuned_defaults(capsys):
-    from sftctl.plugin_manager import get_plugin_manager
+    from sftctl.run.plugin_manager import get_plugin_manager
 
     fmt = get_plugin_manager(entry_points=False).dataset_formats()["alpaca"]
     if fmt.demo_config is None:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from sftctl.config import build_config
+from sftctl.run.config import build_config
 from sftctl.data import collate, prepare_data, resolve_source
 from sftctl.errors import DataError
-from sftctl.plugin_manager import get_plugin_manager
+from sftctl.run.plugin_manager import get_plugin_manager
 
 from sftctl_testutil import alpaca_records, build_tiny_base, write_jsonl
 
@@ -48,7 +48,7 @@ def prep(pm, tok, paths, data=None, **kw):
 
 
 def test_tokens_and_masks_are_exact(pm, tok, tmp_path):
-    from sftctl.demo_data import format_prompt
+    from sftctl.plugins.alpaca.demo_data import format_prompt
 
     rec = {"instruction": "Sort the words.", "input": "pear apple", "output": "apple pear"}
     rec2 = {"instruction": "Say hello.", "input": "", "output": "hello"}
@@ -175,7 +175,7 @@ def test_collate_padded_and_packed(pm, tok, tmp_path):
 def test_pad_token_fallback(tmp_path, pm):
     from transformers import AutoTokenizer
 
-    from sftctl.trainer import Trainer
+    from sftctl.training.trainer import Trainer
 
     base = build_tiny_base(tmp_path / "b")
     cfg = json.loads((base / "tokenizer_config.json").read_text())

@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
-from sftctl import demo_data
-from sftctl.demo_data import TASKS, default_splits, format_prompt, generate, record_key
+from sftctl.plugins.alpaca import demo_data
+from sftctl.plugins.alpaca.demo_data import TASKS, default_splits, format_prompt, generate, record_key
 
 
 @pytest.fixture(scope="module")

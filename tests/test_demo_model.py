@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sftctl import demo_data, demo_model
+from sftctl.plugins.alpaca import demo_data, demo_model
 
 
 @pytest.fixture(scope="module")

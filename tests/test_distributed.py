@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from sftctl.data import BatchPlan, FillerRow
-from sftctl.distributed import select_strategy
+from sftctl.training.distributed import select_strategy
 from sftctl.errors import ConfigError
 
 from sftctl_testutil import alpaca_records, build_tiny_base, cli_env, read_metrics, write_jsonl
@@ -187,7 +187,7 @@ def test_resume_with_the_same_world_size_continues_exactly(setup, strategy):
 def test_resume_with_another_world_size_is_refused(setup, capsys):
     """A 2-rank checkpoint does not continue on 1 process: the data plan and the position in
     it are those of 2 ranks (and FSDP's shards those of 2 ranks): a clear error, nothing runs."""
-    from sftctl import cli
+    from sftctl.run import cli
 
     tmp, base, train, val = setup
     for strategy in ("ddp", "fsdp"):
@@ -265,7 +265,7 @@ def test_filler_rows_add_no_target_example_or_token(tmp_path):
     from transformers import AutoTokenizer
 
     from sftctl.data import Source, collate, tokenize_split
-    from sftctl.plugin_manager import get_plugin_manager
+    from sftctl.run.plugin_manager import get_plugin_manager
     import datasets
 
     base = build_tiny_base(tmp_path / "base")

@@ -23,8 +23,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("lm_eval")
 
-from sftctl import demo_data, demo_model  # noqa: E402
-from sftctl.evals.alpaca_tasks import CHOICE_TASK, EXACT_MATCH_TASK, alpaca_benchmarks  # noqa: E402
+from sftctl.plugins.alpaca import demo_data, demo_model  # noqa: E402
+from sftctl.plugins.alpaca.tasks import CHOICE_TASK, EXACT_MATCH_TASK, alpaca_benchmarks  # noqa: E402
 from sftctl.evals.runner import EXIT_BENCHMARK_FAILED, run_post_train  # noqa: E402
 from sftctl.evals.spec import BenchmarkSpec  # noqa: E402
 

@@ -86,7 +86,7 @@ records = st.one_of(
 def env(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftctl.plugin_manager import get_plugin_manager
+    from sftctl.run.plugin_manager import get_plugin_manager
 
     tmp = tmp_path_factory.mktemp("fuzz")
     base = build_tiny_base(tmp / "base")
@@ -107,9 +107,9 @@ def new_path(env, suffix: str) -> Path:
 
 def check(env, path: Path, *, skip_invalid: bool, max_seq_len: int) -> None:
     """The property: a named DataError, or a consistent, trainable split."""
-    from sftctl.config import build_config
+    from sftctl.run.config import build_config
     from sftctl.data import collate, prepare_data
-    from sftctl.losses import sft_labels, token_loss
+    from sftctl.training.loss import sft_labels, token_loss
 
     cfg = build_config([("fuzz", {
         "data": {"paths": [str(path)], "skip_invalid": skip_invalid, "max_seq_len": max_seq_len,

@@ -227,7 +227,7 @@ def test_leading_dims_and_modules(device):
     assert out.loss.shape == out.lse.shape == out.correct.shape == (2, 3, 4)
     flat = ops.cross_entropy(logits, targets, reduction="none")
     assert torch.equal(out.loss.reshape(-1), flat)
-    mod = sftctl.modules.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
+    mod = sftctl.ops.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
     assert "label_smoothing=0.1" in repr(mod)
     want = ops.cross_entropy(logits, targets, label_smoothing=0.1, z_loss=1e-4)
     assert torch.equal(mod(l3, t3), want)

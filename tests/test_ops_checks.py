@@ -533,8 +533,8 @@ def test_sft_labels_constructed(data, pad_side, mode):
 
 
 def test_sft_labels_matches_trainer_torch_reference():
-    """The op and the trainer's pure-torch path (sftctl.losses.torch_sft_labels) agree."""
-    losses = pytest.importorskip("sftctl.losses")
+    """The op and the trainer's pure-torch path (sftctl.training.loss.torch_sft_labels) agree."""
+    losses = pytest.importorskip("sftctl.training.loss")
     rows = [[([1, 2], [3, 4]), ([5], [6, 7, 8])], [([9], [10, 11, 12, 13, 14])]]
     for side in ("right", "left"):
         ids, attn, lm, pos, doc, want, n = ref_sft_labels(rows, 12, side)

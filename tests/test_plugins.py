@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from sftctl import DatasetFormat, OptimizerSpec, Segment, cli, hookimpl
+from sftctl import DatasetFormat, OptimizerSpec, Segment, hookimpl
+from sftctl.run import cli
 from sftctl.errors import PluginError
-from sftctl.plugin_manager import ENV_DISABLE_AUTOLOAD, ENV_PLUGINS, get_plugin_manager
+from sftctl.run.plugin_manager import ENV_DISABLE_AUTOLOAD, ENV_PLUGINS, get_plugin_manager
 
 from sftctl_testutil import REPO, alpaca_records, build_tiny_base, cli_env, run_cli, write_jsonl
 

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from sftctl import cli
-from sftctl.plugin_manager import ENV_DISABLE_AUTOLOAD, ENV_PLUGINS, get_plugin_manager
+from sftctl.run import cli
+from sftctl.run.plugin_manager import ENV_DISABLE_AUTOLOAD, ENV_PLUGINS, get_plugin_manager
 
 from sftctl_testutil import REPO, build_tiny_base, write_jsonl
 

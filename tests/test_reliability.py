@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftctl import cli
-from sftctl.resume import inspect_checkpoint
+from sftctl.run import cli
+from sftctl.training.checkpoint import inspect_checkpoint
 
 from sftctl_testutil import alpaca_records, build_tiny_base, cli_env, read_metrics, write_jsonl
 
@@ -66,7 +66,7 @@ def ckpt(out: Path, step: int) -> Path:
 
 
 def weights(path: Path) -> dict:
-    from sftctl.resume import load_weights
+    from sftctl.training.checkpoint import load_weights
 
     return load_weights(path / "model.safetensors")
 
@@ -134,9 +134,9 @@ def test_skip_stops_after_too_many_in_a_row(setup, tmp_path, monkeypatch, capsys
 
 
 def make_trainer(setup, out: Path, **train):
-    from sftctl.config import build_config
-    from sftctl.plugin_manager import get_plugin_manager
-    from sftctl.trainer import Trainer
+    from sftctl.run.config import build_config
+    from sftctl.run.plugin_manager import get_plugin_manager
+    from sftctl.training.trainer import Trainer
 
     tmp, base, data = setup
     pm = get_plugin_manager(entry_points=False)

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftctl.evals.alpaca_tasks import (CHOICE_TASK, EXACT_MATCH_TASK, alpaca_benchmarks,
+from sftctl.plugins.alpaca.tasks import (CHOICE_TASK, EXACT_MATCH_TASK, alpaca_benchmarks,
                                        read_alpaca_records)
 from sftctl.evals.report import build_report, markdown_to_html, write_report
 from sftctl.evals.spec import BenchmarkSpec, ReportSection, check_task_files, specs_from_json
 
 
 def _records(n=8, seed=1):
-    from sftctl import demo_data
+    from sftctl.plugins.alpaca import demo_data
     return demo_data.generate(n, seed=seed)
 
 
@@ -30,7 +30,7 @@ def _write(path: Path, lines) -> Path:
 
 
 def test_alpaca_tasks_write_absolute_yaml_and_prompts(tmp_path):
-    from sftctl import demo_data
+    from sftctl.plugins.alpaca import demo_data
 
     recs = _records(20)
     specs = alpaca_benchmarks(recs, tmp_path / "tasks", limit=5)
@@ -168,7 +168,7 @@ def test_report_without_evaluation_warns_and_counts_bad_metric_lines(tmp_path):
 
 
 def test_plugin_report_sections_through_the_plugin_manager(tmp_path):
-    from sftctl.plugin_manager import get_plugin_manager, hookimpl
+    from sftctl.run.plugin_manager import get_plugin_manager, hookimpl
 
     class Good:
         @hookimpl

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftctl import cli
+from sftctl.run import cli
 
 from sftctl_testutil import TINY_OVERRIDES, alpaca_records, cli_env, read_metrics, write_jsonl
 
@@ -37,7 +37,7 @@ def no_installed_plugins(monkeypatch):
 def build_dropout_base(out_dir: Path) -> Path:
     """The tests' tiny Llama with attention dropout, so that a resume without the RNG state
     would change the losses."""
-    from sftctl import demo_data, demo_model
+    from sftctl.plugins.alpaca import demo_data, demo_model
 
     tok = demo_model.build_tokenizer(demo_data.generate(300, seed=11), vocab_size=512)
     model = demo_model.build_model(tok, seed=0, overrides={**TINY_OVERRIDES,
@@ -180,7 +180,7 @@ def test_checkpoint_layout_rotation_and_loading(reference):
     assert {"optimizer", "scheduler", "scaler", "rng", "state"} <= set(sd)
     assert {"python", "numpy", "torch"} <= set(sd["rng"])
     # weights: safetensors, tied embeddings stored once and restored as an alias
-    from sftctl.resume import load_weights
+    from sftctl.training.checkpoint import load_weights
 
     w = load_weights(ck / "step-00000010" / "model.safetensors")
     from transformers import AutoModelForCausalLM
@@ -190,7 +190,7 @@ def test_checkpoint_layout_rotation_and_loading(reference):
 
 
 def test_incomplete_or_damaged_checkpoints_are_never_resumed_from(reference, tmp_path):
-    from sftctl.resume import inspect_checkpoint, latest_checkpoint
+    from sftctl.training.checkpoint import inspect_checkpoint, latest_checkpoint
 
     ck = tmp_path / "checkpoints"
     shutil.copytree(reference / "checkpoints", ck)
@@ -306,9 +306,9 @@ def test_resume_path_picks_its_run_directory_and_missing_paths_are_named(setup, 
                    "--data", str(data), "--quiet"])
     assert rc == 2 and "nowhere does not exist" in capsys.readouterr().err
     # --resume PATH without --output-dir continues in the checkpoint's run directory
-    from sftctl.config import build_config
+    from sftctl.run.config import build_config
     from sftctl.errors import ConfigError
-    from sftctl.resume import prepare_resume
+    from sftctl.training.checkpoint import prepare_resume
 
     cfg = build_config([("t", {"train": {"resume": str(reference / "checkpoints" /
                                                        "step-00000010")}})])

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sftctl import cli, hookimpl, ops
+from sftctl import hookimpl, ops
+from sftctl.run import cli
 from sftctl.data import BatchPlan, collate, pack_first_fit, tokenize_split, Source
-from sftctl.losses import IGNORE_INDEX, sft_labels, token_loss, torch_sft_labels
-from sftctl.plugin_manager import get_plugin_manager
+from sftctl.training.loss import IGNORE_INDEX, sft_labels, token_loss, torch_sft_labels
+from sftctl.run.plugin_manager import get_plugin_manager
 from sftctl.plugins.schedulers import lr_factor
 
 from sftctl_testutil import alpaca_records, build_tiny_base, read_metrics, write_jsonl
@@ -231,7 +232,7 @@ def test_grad_accum_run_equals_big_batch_run(base, tmp_path):
     ["--epochs", "2", "--val-fraction", "0.2"],
 ])
 def test_training_options_reach_a_complete_checkpoint(base, tmp_path, extra):
-    from sftctl.trainer import checkpoint_complete
+    from sftctl.training.atomic import checkpoint_complete
 
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(20))
     out = tmp_path / "run"
@@ -254,8 +255,8 @@ def test_state_dict_round_trip_continues_the_run_exactly(base, tmp_path):
     the uninterrupted run's."""
     import io
 
-    from sftctl.config import build_config
-    from sftctl.trainer import Trainer
+    from sftctl.run.config import build_config
+    from sftctl.training.trainer import Trainer
 
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(40))
     pm = get_plugin_manager(entry_points=False)
@@ -304,7 +305,7 @@ def test_state_dict_round_trip_continues_the_run_exactly(base, tmp_path):
 
 
 def test_resolve_impl_falls_back_only_without_kernels():
-    from sftctl.losses import resolve_impl
+    from sftctl.training.loss import resolve_impl
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_impl("fused", cpu, lambda d: True) == ("fused", None)

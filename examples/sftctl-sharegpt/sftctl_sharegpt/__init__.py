@@ -68,7 +68,7 @@ def to_segments(record, options) -> list[Segment]:
 
 
 def demo_data(config) -> dict:
-    from sftctl.demo_data import generate
+    from sftctl.plugins.alpaca.demo_data import generate
 
     def chats(records):
         out = []

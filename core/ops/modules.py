@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import ops
+from . import functional as ops
 
 __all__ = ["CrossEntropyLoss"]
 

@@ -26,23 +26,26 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from .. import hookspecs
+from ..hookspecs import hookimpl  # noqa: F401 (re-exported)
 from .config import ConfigOption
-from .errors import PluginError
-from .registry import DatasetFormat, OptimizerSpec, SchedulerSpec
+from ..errors import PluginError
+from ..data.formats import DatasetFormat
+from ..training.optim import OptimizerSpec, SchedulerSpec
+from .benchmarks import BenchmarkSpec
 
 PROJECT = "sftctl"
 ENTRY_POINT_GROUP = "sftctl"
 ENV_PLUGINS = "SFTCTL_PLUGINS"
 ENV_DISABLE_AUTOLOAD = "SFTCTL_DISABLE_PLUGIN_AUTOLOAD"
 
-hookimpl = pluggy.HookimplMarker(PROJECT)
 
 BUILTIN_PLUGINS = {
     "alpaca": "sftctl.plugins.alpaca",
     "optimizers": "sftctl.plugins.optimizers",
     "schedulers": "sftctl.plugins.schedulers",
     "metrics_jsonl": "sftctl.plugins.metrics_jsonl",
+    "evals": "sftctl.evals.plugin",
 }
 
 
@@ -208,14 +211,22 @@ class PluginManager(pluggy.PluginManager):
         return self._collect("sftctl_register_schedulers", "scheduler", SchedulerSpec)
 
     def benchmarks(self, config) -> dict:
-        """Benchmarks (``sftctl.evals.spec.BenchmarkSpec``) registered for this run config."""
-        from .evals.spec import BenchmarkSpec
-
+        """Benchmarks (``sftctl.BenchmarkSpec``) registered for this run config."""
         return self._collect("sftctl_register_benchmarks", "benchmark", BenchmarkSpec,
                              {"config": config})
 
     def config_options(self) -> dict[str, ConfigOption]:
         return self._collect("sftctl_add_options", "option", ConfigOption)
+
+    def run_benchmarks(self, config) -> list[BenchmarkSpec]:
+        """The benchmarks a training run records in summary.json (run after training by the
+        ``sftctl_post_train`` hooks): ``eval.tasks`` when given (a name no plugin registers is a
+        standard lm-eval task), else those registered by the plugins the run enables."""
+        registered = self.benchmarks(config)
+        wanted = config.eval.tasks
+        if wanted:
+            return [registered[t] if t in registered else BenchmarkSpec(name=t) for t in wanted]
+        return [b for b in registered.values() if b.plugin in config.plugins]
 
     def formats_of(self, plugin_name: str) -> list[str]:
         return [n for n, f in self.dataset_formats().items() if f.plugin == plugin_name]

@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from .errors import ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError
 
 log = logging.getLogger("sftctl")
 

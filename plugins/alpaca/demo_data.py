@@ -29,6 +29,8 @@ Design choices
 
 from __future__ import annotations
 
+from .template import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, format_prompt  # noqa: F401
+
 import json
 import random
 from dataclasses import dataclass, field
@@ -53,15 +55,6 @@ __all__ = [
 ]
 
 # The Stanford Alpaca prompt templates, verbatim. The response follows directly, then EOS.
-ALPACA_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes "
-    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 # Sizes of the default splits (kept equal to core/configs/alpaca_default.yaml; a test checks it).
 DEFAULT_N_TRAIN = 24000
@@ -199,13 +192,6 @@ class GenerationStats:
     redrawn_excluded: int = 0   # draws rejected because the input/parameters are in `exclude`
     redrawn_duplicate: int = 0  # draws rejected because `unique=True` and already emitted
     per_task: dict[str, int] = field(default_factory=dict)
-
-
-def format_prompt(record: dict) -> str:
-    """The Alpaca prompt of a record (the response follows directly, then EOS)."""
-    if record.get("input"):
-        return ALPACA_PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=record["instruction"])
 
 
 def record_key(record: dict) -> str:

@@ -1,19 +1,16 @@
-"""What plugins register: dataset formats, optimizers, LR schedulers and benchmarks.
+"""What a dataset-format plugin registers: ``DatasetFormat``, the ``Segment``s it produces, and
+``RecordError`` for bad records; plus the checks applied to what a format returns.
 
 Design choices
-- Each kind is a small frozen dataclass holding a name, a callable and documentation. Plugins
-  build them and hand them to the ``register`` callback of the matching hook
-  (``sftctl_register_dataset_formats(register)`` ...); the plugin manager stamps the registering
-  plugin's name into ``plugin`` and refuses a second registration of the same name, naming both
-  plugins.
 - A dataset format turns one record (a dict) into ``Segment``s: pieces of text with a flag saying
   whether the loss is computed on them. That single shape covers single-turn formats (prompt,
   response) and multi-turn chats (several trainable turns) without the trainer knowing either.
-  A bad record raises ``RecordError(field, message)``; the data pipeline adds the file, record
-  index and line.
-- A benchmark is ``sftctl.evals.spec.BenchmarkSpec`` (re-exported here): an lm-eval task name
-  plus the folder of its task YAML, run on the base model and the SFT checkpoint after training.
-  Report sections are ``sftctl.evals.spec.ReportSection``.
+- A bad record raises ``RecordError(field, message)``; the data pipeline adds the file, record
+  index and line. Any other exception from ``to_segments`` is a bug of the plugin, reported as
+  such (naming the plugin), never as invalid data.
+- A format may bring its own demo: records (``demo_data``), tuned defaults (``demo_config``) and
+  the embedded base model those defaults were tuned for (``demo_base``), so that
+  ``sftctl train --plugin NAME`` runs offline with nothing else.
 """
 
 from __future__ import annotations
@@ -58,6 +55,9 @@ class DatasetFormat:
       the format is selected and no ``--data`` is given (optional).
     - ``demo_config``: path of a YAML config layer (tuned defaults) applied when training the
       embedded demo model (no ``--model``) with this format (optional).
+    - ``demo_base(out_dir, seed)``: writes the embedded base model (a Hugging Face model
+      directory with its tokenizer) used when no ``--model`` is given (optional; without it a
+      run of this format needs ``--model``).
     """
 
     name: str
@@ -67,6 +67,7 @@ class DatasetFormat:
     description: str = ""
     demo_data: Callable[[Any], Mapping[str, Sequence[Mapping[str, Any]]]] | None = None
     demo_config: str | None = None
+    demo_base: Callable[[Any, int], None] | None = None
     uses_options: bool = False
     plugin: str | None = None
 
@@ -77,39 +78,30 @@ class DatasetFormat:
         return self.to_segments(record)
 
 
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """``build(params, optim_config, device) -> torch.optim.Optimizer``.
-
-    ``params`` are parameter groups (list of dicts with "params" and "weight_decay"), so weight
-    decay is applied only where the trainer decides (not to biases and norms).
-    """
-
-    name: str
-    build: Callable[..., Any]
-    description: str = ""
-    plugin: str | None = None
+def surrogate(text: str) -> str | None:
+    """Where a string is not valid Unicode (a lone surrogate, e.g. from the JSON escape
+    "\\ud800"): Arrow cannot store it and the tokenizer cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"lone surrogate U+{ord(text[e.start]):04X} at character {e.start}"
+    return None
 
 
-@dataclass(frozen=True)
-class SchedulerSpec:
-    """``build(optimizer, total_steps, warmup_steps, optim_config) -> LRScheduler``.
-
-    The scheduler is stepped once per optimizer step and must have a ``state_dict`` (a
-    ``LambdaLR`` with a picklable-free lambda is fine: its state is the step count).
-    """
-
-    name: str
-    build: Callable[..., Any]
-    description: str = ""
-    plugin: str | None = None
+def invalid_unicode(rec: dict) -> str | None:
+    for k, v in rec.items():
+        if isinstance(v, str) and (why := surrogate(v)) is not None:
+            return f"field {k!r}: not valid Unicode: {why}"
+    return None
 
 
-def __getattr__(name):
-    # Benchmarks are described by the evaluation package's spec (sftctl.evals.spec), imported
-    # lazily so that training never imports the evaluation stack.
-    if name in ("BenchmarkSpec", "ReportSection"):
-        from .evals import spec
-
-        return getattr(spec, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def check_segments(segs, fmt: DatasetFormat) -> list[Segment]:
+    if not isinstance(segs, (list, tuple)) or not segs:
+        raise RecordError(None, f"format {fmt.name!r} returned no segments")
+    for i, s in enumerate(segs):
+        if not isinstance(s, Segment) or not isinstance(s.text, str):
+            raise RecordError(None, f"format {fmt.name!r} returned {s!r}, expected Segment(text: "
+                                    "str, trainable: bool)")
+        if (why := surrogate(s.text)) is not None:
+            raise RecordError(None, f"text of segment {i} is not valid Unicode: {why}")
+    return list(segs)

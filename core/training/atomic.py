@@ -150,3 +150,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def checkpoint_complete(model_dir: Path) -> bool:
+    """The final model directory holds what a complete run writes."""
+    model_dir = Path(model_dir)
+    weights = (model_dir / "model.safetensors").is_file() or \
+        (model_dir / "model.safetensors.index.json").is_file()
+    return weights and all((model_dir / f).is_file() for f in
+                           ("config.json", "sftctl_config.yaml", "sftctl_summary.json"))
+
+
+def config_yaml(config) -> str:
+    """The resolved run config as YAML text (saved next to every checkpoint)."""
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

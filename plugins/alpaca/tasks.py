@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Sequence, Union
 
 import yaml
 
-from .spec import BenchmarkSpec
+from sftctl import BenchmarkSpec
 
 __all__ = ["alpaca_benchmarks", "write_alpaca_tasks", "read_alpaca_records", "demo_distractors",
            "EXACT_MATCH_TASK", "CHOICE_TASK"]
@@ -87,7 +87,7 @@ def demo_distractors(record: dict) -> list[str]:
     """Answers of the *other* embedded demo tasks on this record's input (instruction-following
     distractors). Empty for records that are not from the demo generator."""
     try:
-        from sftctl.demo_data import TASKS
+        from .demo_data import TASKS
     except ImportError:  # demo data not part of this install: generic distractors only
         return []
     task = TASKS.get(record.get("task", ""))
@@ -174,7 +174,7 @@ def write_alpaca_tasks(heldout: HeldOut, work_dir: str | Path, *, num_choices: i
     if num_choices < 2:
         raise ValueError(f"num_choices must be >= 2, got {num_choices}")
     if prompt_fn is None:
-        from sftctl.demo_data import format_prompt as prompt_fn
+        from .demo_data import format_prompt as prompt_fn
     records, source = _load_records(heldout)
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)

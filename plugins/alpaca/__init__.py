@@ -22,21 +22,15 @@ import functools
 import logging
 from pathlib import Path
 
-from sftctl.config import ConfigOption
-from sftctl.plugin_manager import hookimpl
-from sftctl.registry import DatasetFormat, RecordError, Segment
+from sftctl import ConfigOption, DatasetFormat, RecordError, Segment, hookimpl
 
 log = logging.getLogger("sftctl")
 
 FORMAT = "alpaca"
 
 
-def _defaults_yaml() -> Path | None:
-    """sftctl/configs/alpaca_default.yaml (package data of ``sftctl``, wherever it is installed)."""
-    from importlib.resources import files
-
-    p = files("sftctl") / "configs" / "alpaca_default.yaml"
-    return Path(str(p)) if p.is_file() else None
+HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE / "default_config.yaml"  # the tuned defaults for the embedded model
 
 
 def _text(record, name: str, *, required: bool) -> str:
@@ -53,7 +47,7 @@ def _text(record, name: str, *, required: bool) -> str:
 
 
 def to_segments(record) -> list[Segment]:
-    from sftctl.demo_data import format_prompt
+    from .demo_data import format_prompt
 
     instruction = _text(record, "instruction", required=True)
     inp = _text(record, "input", required=False)
@@ -64,7 +58,7 @@ def to_segments(record) -> list[Segment]:
 
 @functools.lru_cache(maxsize=4)
 def _splits(seed: int, n_train: int | None, n_heldout: int | None):
-    from sftctl.demo_data import default_splits
+    from .demo_data import default_splits
 
     return default_splits(seed=seed, n_train=n_train, n_heldout=n_heldout)
 
@@ -74,6 +68,14 @@ def demo_data(config) -> dict:
                              config.option("alpaca.demo_train_size"),
                              config.option("alpaca.demo_heldout_size"))
     return {"train": train, "validation": heldout}
+
+
+def demo_base(out_dir, seed: int = 0) -> None:
+    """The embedded base model: the tiny Llama of ``tiny_llama.json`` with the BPE tokenizer
+    trained on this plugin's demo corpus (``demo_model.py``)."""
+    from .demo_model import build_default_base
+
+    build_default_base(out_dir, seed=seed)
 
 
 @hookimpl
@@ -100,7 +102,8 @@ def sftctl_register_dataset_formats(register):
         description="Stanford Alpaca: instruction, optional input, output (prompt template "
                     "with and without input)",
         demo_data=demo_data,
-        demo_config=str(_defaults_yaml()) if _defaults_yaml() else None,
+        demo_config=str(DEFAULT_CONFIG),
+        demo_base=demo_base,
     ))
 
 
@@ -108,8 +111,8 @@ def sftctl_register_dataset_formats(register):
 def sftctl_register_benchmarks(register, config):
     if config.data.format != FORMAT or config.train.output_dir is None:
         return
-    from sftctl.demo_data import write_jsonl
-    from sftctl.evals.alpaca_tasks import alpaca_benchmarks
+    from .demo_data import write_jsonl
+    from .tasks import alpaca_benchmarks
 
     eval_dir = Path(config.train.output_dir) / "eval"
     heldout = config.option("alpaca.heldout")

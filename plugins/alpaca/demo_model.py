@@ -55,7 +55,7 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
 TOKENIZER_VOCAB_SIZE = 4096
 TOKENIZER_CORPUS_SEED = 0
 MODEL_MAX_LENGTH = 256
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped as package data
+CONFIG_DIR = Path(__file__).resolve().parent  # model configs (*.json) shipped as package data
 
 # Letters (with an optional leading space), single digits (likewise), runs of other symbols,
 # newlines/whitespace. A GPT-2 style split with one digit per piece.

@@ -51,7 +51,7 @@ def sft_labels(batch, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
               ignore_index=IGNORE_INDEX)
     if impl == "torch":
         return torch_sft_labels(batch.input_ids, **kw)
-    from . import ops
+    from .. import ops
 
     return ops.sft_labels(batch.input_ids, **kw)
 
@@ -75,7 +75,7 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: torch.Ten
         if reduction == "sum":
             return total
         return total / normalizer.clamp_min(1).to(total.dtype)
-    from . import ops
+    from .. import ops
 
     return ops.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction=reduction,
                              normalizer=normalizer if reduction == "mean" else None,

@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._ext import load_extension
+from .._ext import load_extension
 
 load_extension()
 

@@ -57,9 +57,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .config import RunConfig, dump_yaml
-from .errors import ConfigError, TrainingError
+from . import atomic as ckpt
+from ..errors import ConfigError, TrainingError
 from .guards import Preempted, Preemption, fault_at, kill_self, slow_step
 
 log = logging.getLogger("sftctl")
@@ -251,7 +250,7 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
 
 
-def prepare_resume(cfg: RunConfig, output_dir_given: bool = True) -> None:
+def prepare_resume(cfg, output_dir_given: bool = True) -> None:
     """Command-line checks before the trainer is built: ``--resume`` with ``--overwrite``, the
     output directory of ``--resume PATH`` when none was given, a run that already finished."""
     spec = cfg.train.resume
@@ -266,9 +265,8 @@ def prepare_resume(cfg: RunConfig, output_dir_given: bool = True) -> None:
         info = resolve_resume(spec, None)
         cfg.train.output_dir = str(run_dir_of(info.path))
     out = Path(cfg.train.output_dir)
-    from .trainer import checkpoint_complete
 
-    if checkpoint_complete(out / "model") and (out / "summary.json").is_file():
+    if ckpt.checkpoint_complete(out / "model") and (out / "summary.json").is_file():
         raise ConfigError(f"train.resume: the run in {out} already finished (model/ and "
                           "summary.json are complete); nothing to resume. Use --overwrite to "
                           "train it again or another --output-dir")
@@ -432,7 +430,7 @@ class Checkpointer:
 
     def _load_sharded(self, path: Path, sd: dict) -> None:
         """Sharded (FSDP) checkpoint: model + optimizer through the strategy, the rest here."""
-        from .trainer import TrainState
+        from .trainer import TrainState  # noqa: PLC0415 (reshaped below)
 
         t = self.trainer
         if not getattr(t.strategy, "sharded_state", False) or \
@@ -514,7 +512,7 @@ class Checkpointer:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / STATE))
                 with open(tmp / STATE, "wb") as f:  # a Python file: write errors are OSErrors
                     torch.save(sd, f)
-                ckpt.write_text(tmp / CONFIG, dump_yaml(t.config))
+                ckpt.write_text(tmp / CONFIG, ckpt.config_yaml(t.config))
             except Exception as e:  # noqa: BLE001 (only OS errors are kept, see _os_error)
                 error = _os_error(e)
         self._check_all(error, tmp, f"the checkpoint {final}")

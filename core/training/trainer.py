@@ -35,15 +35,14 @@ from typing import Any
 
 import torch
 
-from . import OMP_WAIT_POLICY_REASON
-from . import checkpoint as ckpt
+from .. import OMP_WAIT_POLICY_REASON
+from . import atomic as ckpt
 from . import guards
-from .config import RunConfig, dump_yaml
-from .data import BatchPlan, PreparedData, collate, prepare_data
+from ..data import BatchPlan, PreparedData, collate, prepare_data
 from .distributed import Strategy, select_strategy
-from .errors import ConfigError, ModelError, TrainingError
-from ._runtime import cpu_threads_info
-from .losses import kernel_name, resolve_impl, sft_labels, token_loss
+from ..errors import ConfigError, ModelError, TrainingError
+from .._runtime import cpu_threads_info
+from .loss import kernel_name, resolve_impl, sft_labels, token_loss
 
 log = logging.getLogger("sftctl")
 
@@ -132,7 +131,8 @@ def compile_blocks(model: torch.nn.Module) -> str:
 class Trainer:
     """Build with a validated ``RunConfig`` and a loaded plugin manager; ``setup()``, ``train()``."""
 
-    def __init__(self, config: RunConfig, pm, strategy: Strategy | None = None):
+    def __init__(self, config, pm, strategy: Strategy | None = None, *,
+                 benchmarks: list[dict] | None = None):
         self.config = config
         self.pm = pm
         self.strategy = strategy or select_strategy(config)
@@ -148,6 +148,7 @@ class Trainer:
         self.extras: dict[str, Any] = {}  # per-run storage for plugins
         self.stop_reason: str | None = None  # set by request_stop (e.g. an early-stopping plugin)
         self._t0 = time.time()
+        self.benchmarks = list(benchmarks or [])  # recorded in summary.json for the evaluation
         # historic: plugins registered later still see it; a plugin may reject the config here
         pm.hook.sftctl_configure.call_historic(kwargs=dict(config=config, pm=pm))
 
@@ -229,7 +230,7 @@ class Trainer:
         self.scheduler = schedulers[cfg.optim.scheduler].build(self.optimizer, self.total_steps,
                                                                self.warmup_steps, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        from ._ext import has_kernel
+        from .._ext import has_kernel
 
         self.loss_impl, why = resolve_impl(cfg.train.loss_impl, self.device, has_kernel)
         self.fallbacks = [] if why is None else [{"what": "loss", "asked": cfg.train.loss_impl,
@@ -237,14 +238,13 @@ class Trainer:
         if why is not None and self.is_main:
             log.warning("fallback: %s", why)
         self.loss_kernel = kernel_name(self.loss_impl, self.device)
-        self.benchmarks = self._benchmarks()
         log.info("model %s on %s (%s), %d parameters; %d steps (%d warmup), loss: %s",
                  self.base_model, self.device, self.precision,
                  sum(p.numel() for p in self.unwrapped_model.parameters()), self.total_steps,
                  self.warmup_steps, self.loss_kernel)
         # reliability (resume.py, guards.py): periodic/preemption checkpoints, --resume, and the
         # non-finite guard (built after the restore: it reads the restored counters)
-        from .resume import Checkpointer
+        from .checkpoint import Checkpointer
 
         faults = guards.parse_faults()
         if faults:
@@ -377,22 +377,6 @@ class Trainer:
         if total == 0:
             raise ConfigError("no training steps: the training data gives no micro-batch")
         return total
-
-    def _benchmarks(self) -> list:
-        """Benchmarks of the enabled plugins (and ``eval.tasks``), for summary.json."""
-        if not self.is_main:
-            return []
-        try:
-            registered = self.pm.benchmarks(self.config)
-        except ImportError as e:
-            log.warning("benchmarks not registered: the evaluation package is unavailable (%s)", e)
-            return []
-        wanted = self.config.eval.tasks
-        if wanted:
-            from .evals.spec import BenchmarkSpec
-
-            return [registered[t] if t in registered else BenchmarkSpec(name=t) for t in wanted]
-        return [b for b in registered.values() if b.plugin in self.config.plugins]
 
     def _log_data(self) -> None:
         d = self.data
@@ -665,7 +649,7 @@ class Trainer:
             "resumed_from": self.extras.get("resumed_from"),
             "plugins": list(cfg.plugins),
             "versions": versions(),
-            "benchmarks": [b.to_dict() for b in self.benchmarks],
+            "benchmarks": self.benchmarks,
         }
 
     def finish(self) -> dict:
@@ -681,7 +665,7 @@ class Trainer:
         if self.is_main:
             with self.checkpointer.wrap_disk_errors(f"the final model {self.out_dir / 'model'}"), \
                     ckpt.atomic_directory(self.out_dir / "model") as tmp:
-                ckpt.save_hf_model(model, self.tokenizer, tmp, config_yaml=dump_yaml(self.config),
+                ckpt.save_hf_model(model, self.tokenizer, tmp, config_yaml=ckpt.config_yaml(self.config),
                                    summary=summary, state_dict=full)
                 self.pm.hook.sftctl_save(trainer=self, path=tmp)
         self.strategy.barrier()
@@ -689,12 +673,3 @@ class Trainer:
         if self.is_main:
             ckpt.write_json(self.out_dir / "summary.json", summary)
         return summary
-
-
-def checkpoint_complete(model_dir: Path) -> bool:
-    """The final model directory holds what a complete run writes."""
-    model_dir = Path(model_dir)
-    weights = (model_dir / "model.safetensors").is_file() or \
-        (model_dir / "model.safetensors.index.json").is_file()
-    return weights and all((model_dir / f).is_file() for f in
-                           ("config.json", "sftctl_config.yaml", "sftctl_summary.json"))

@@ -35,7 +35,7 @@ import typing
 from pathlib import Path
 
 from . import config as C
-from .errors import ConfigError, SftctlError
+from ..errors import ConfigError, SftctlError
 
 log = logging.getLogger("sftctl")
 
@@ -265,7 +265,7 @@ def _prepare_output_dir(cfg: C.RunConfig) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        from .resume import describe_os_error
+        from ..training.checkpoint import describe_os_error
 
         raise ConfigError(f"train.output_dir: cannot create {out}: {describe_os_error(e)}") \
             from None
@@ -283,10 +283,11 @@ def _prepare_output_dir(cfg: C.RunConfig) -> Path:
 
 
 def cmd_train(args, pm, options) -> int:
-    from .checkpoint import write_text
-    from .distributed import world_size_from_env
-    from .resume import prepare_resume
-    from .trainer import Trainer, checkpoint_complete
+    from ..training.atomic import write_text
+    from ..training.distributed import world_size_from_env
+    from ..training.checkpoint import prepare_resume
+    from ..training.atomic import checkpoint_complete
+    from ..training.trainer import Trainer
 
     cfg = resolve_config(args, pm, options)
     rank = int(os.environ.get("RANK", "0"))
@@ -302,11 +303,12 @@ def cmd_train(args, pm, options) -> int:
         try:
             write_text(out / "config.yaml", C.dump_yaml(cfg))
         except OSError as e:
-            from .resume import describe_os_error
+            from ..training.checkpoint import describe_os_error
 
             raise ConfigError(f"train.output_dir: cannot write {out / 'config.yaml'}: "
                               f"{describe_os_error(e)}") from None
         log.info("run directory: %s", out.resolve())
+    trainer.benchmarks = _benchmarks(cfg, pm, rank)  # after the output dir is ready: task files
     trainer.setup()
     # SIGTERM/SIGINT: checkpoint at the next step boundary; a full or read-only disk: a message
     with trainer.checkpointer.preemption, \
@@ -329,23 +331,25 @@ def cmd_train(args, pm, options) -> int:
                         fb["asked"], fb["used"])
     status = EXIT_OK
     if cfg.eval.enabled and trainer.is_main:
-        status = _post_train_eval(trainer, out, cfg, pm)
+        status = _post_train(trainer, out, cfg, pm)
     trainer.strategy.shutdown()
     return status
+
+
+def _benchmarks(cfg, pm, rank: int) -> list[dict]:
+    """What summary.json records for the post-training evaluation (rank 0 writes it)."""
+    if rank != 0 or not cfg.train.output_dir:
+        return []
+    return [b.to_dict() for b in pm.run_benchmarks(cfg)]
 
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def _post_train_eval(trainer, out: Path, cfg, pm) -> int:
-    try:
-        from . import evals
-        run = getattr(evals, "run_post_train")
-    except (ImportError, AttributeError) as e:
-        log.warning("post-training evaluation unavailable (%s); the run itself is complete", e)
-        return EXIT_OK
-    # free the training memory before lm-eval loads two models
+def _post_train(trainer, out: Path, cfg, pm) -> int:
+    """The ``sftctl_post_train`` hooks (the built-in ``evals`` plugin: benchmarks and report)."""
+    # free the training memory before post-training work loads models
     trainer.model = trainer.optimizer = trainer.scheduler = None
     gc.collect()
     try:
@@ -355,7 +359,8 @@ def _post_train_eval(trainer, out: Path, cfg, pm) -> int:
             torch.cuda.empty_cache()
     except Exception:
         pass
-    return int(run(out, cfg, pm))
+    statuses = pm.hook.sftctl_post_train(run_dir=out, config=cfg, pm=pm)
+    return max([int(s) for s in statuses if s is not None], default=EXIT_OK)
 
 
 def cmd_plugins(args, pm, options) -> int:
@@ -391,13 +396,13 @@ def doctor_report() -> dict:
 
     import torch
 
-    from .trainer import versions
+    from ..training.trainer import versions
 
     rep: dict = {"versions": versions(), "python_executable": sys.executable,
                  "platform": platform.platform(), "cpu_count": os.cpu_count()}
     ext: dict = {"loaded": False}
     try:
-        from . import _C  # noqa: F401
+        from .. import _C  # noqa: F401
 
         ext["loaded"] = True
         ext["path"] = getattr(_C, "__file__", None)
@@ -410,7 +415,7 @@ def doctor_report() -> dict:
     except Exception as e:
         ext["error"] = f"{type(e).__name__}: {e}"
     try:
-        from . import extension_info
+        from .. import extension_info
 
         ext["info"] = extension_info()  # CPU kernel ISA, whether CUDA kernels were compiled
     except Exception:
@@ -425,7 +430,7 @@ def doctor_report() -> dict:
         dev["bf16"] = torch.cuda.is_bf16_supported()
     dev["selected"] = "cuda" if torch.cuda.is_available() else "cpu"
     rep["device"] = dev
-    from ._runtime import cpu_threads_info
+    from .._runtime import cpu_threads_info
 
     rep["cpu_threads"] = cpu_threads_info()
     try:
@@ -492,14 +497,6 @@ def build_parser(pm, options) -> argparse.ArgumentParser:
     pd = sub.add_parser("doctor", help="versions, extension kernels, devices")
     pd.add_argument("--json", action="store_true", help="machine-readable output")
     pd.set_defaults(func=cmd_doctor)
-    try:
-        from .evals import cli as evals_cli
-    except ImportError:
-        evals_cli = None
-    for name in ("add_eval_parser", "add_report_parser"):
-        fn = getattr(evals_cli, name, None) if evals_cli else None
-        if fn is not None:
-            fn(sub)
     pm.hook.sftctl_add_commands(subparsers=sub)
     return p
 

@@ -1,0 +1,133 @@
+"""The data layer: one entry point, :func:`prepare_data`, from a ``DataConfig`` to tokenized
+train/validation splits; batching in :mod:`sftctl.data.batching`.
+
+Layout (each module depends only on those above it)
+- ``formats``: what a dataset-format plugin registers (``DatasetFormat``, ``Segment``,
+  ``RecordError``).
+- ``sources``: reading files, saved datasets and hub ids, with record-level errors.
+- ``encode``: records -> segments -> token ids + loss mask, with counted truncations and drops.
+- ``batching``: deterministic padded/packed micro-batch plans and collation.
+
+Design choices
+- ``prepare_data`` gets the parts it needs (the data section of the config, the format, the
+  tokenizer, the plugin options and an optional loader for sources a plugin knows), not the run
+  config or the plugin manager.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from ..errors import DataError
+from .batching import Batch, BatchPlan, FillerRow, collate, pack_first_fit
+from .encode import (SplitStats, TokenizedSplit, fraction_label, hold_out, special_prefix,
+                     tokenize_split)
+from .formats import DatasetFormat, RecordError, Segment
+from .sources import Source, load_source, resolve_source
+
+log = logging.getLogger("sftctl")
+
+# --------------------------------------------------------------------------- building the data
+
+
+@dataclass
+class PreparedData:
+    train: TokenizedSplit
+    val: TokenizedSplit | None
+    sources: list[str]
+    val_sources: list[str]
+    format: str
+
+
+def _validate_records_in_memory(records: Sequence[Mapping], name: str):
+    import datasets
+
+    if not records:
+        raise DataError(f"{name}: empty dataset (no records)")
+    try:
+        return datasets.Dataset.from_list([dict(r) for r in records])
+    except Exception as e:
+        raise DataError(f"{name}: cannot build a dataset from the records: {e}") from None
+
+
+def prepare_data(config, fmt: DatasetFormat, tokenizer, pm=None) -> PreparedData:
+    """Load, validate and tokenize the train (and validation) data of a run config."""
+    dc = config.data
+    quiet = config.train.quiet
+    import datasets
+
+    if quiet:
+        datasets.disable_progress_bars()
+    else:
+        datasets.enable_progress_bars()
+
+    def load_all(specs: list[str], split: str, stats: SplitStats) -> list[tuple[Source, Any]]:
+        parts = []
+        counts = {"skipped": 0, "skipped_messages": []}
+        for spec in specs:
+            ds = None
+            if pm is not None:
+                ds = pm.hook.sftctl_load_dataset(source=spec, config=config)
+            if ds is not None:
+                src = Source(spec, "plugin")
+                if isinstance(ds, list):
+                    ds = _validate_records_in_memory(ds, spec)
+            else:
+                src = resolve_source(spec)
+                ds = load_source(src, split, cache_dir=dc.cache_dir, fmt=fmt,
+                                 skip_invalid=dc.skip_invalid, counts=counts,
+                                 options=config.options)
+            parts.append((src, ds))
+        stats.skipped += counts["skipped"]
+        stats.records += counts["skipped"]
+        stats.skipped_messages.extend(counts["skipped_messages"])
+        return parts
+
+    train_stats, val_stats = SplitStats(), SplitStats()
+    if dc.paths:
+        train_parts = load_all(dc.paths, dc.split, train_stats)
+        sources = [s.label for s, _ in train_parts]
+    else:
+        if fmt.demo_data is None:
+            raise DataError(f"no --data given and format {fmt.name!r} (plugin {fmt.plugin!r}) has "
+                            "no demo data; pass --data PATH_OR_ID")
+        demo = fmt.demo_data(config)
+        train_parts = [(Source(f"demo:{fmt.name}:train", "demo"),
+                        _validate_records_in_memory(demo["train"], f"{fmt.name} demo train"))]
+        sources = [f"demo:{fmt.name}:train"]
+    val_parts = []
+    if dc.val_paths:
+        val_parts = load_all(dc.val_paths, dc.split, val_stats)
+    elif dc.val_split:
+        if not dc.paths:
+            raise DataError("--val-split needs --data sources with that split")
+        val_parts = load_all(dc.paths, dc.val_split, val_stats)
+    elif not dc.paths and dc.val_fraction == 0:
+        demo_val = demo.get("validation")
+        if demo_val:
+            val_parts = [(Source(f"demo:{fmt.name}:validation", "demo"),
+                          _validate_records_in_memory(demo_val, f"{fmt.name} demo validation"))]
+    if dc.max_examples is not None:
+        kept, total = [], 0
+        for src, ds in train_parts:
+            take = min(len(ds), dc.max_examples - total)
+            if take > 0:
+                kept.append((src, ds.select(range(take))))
+                total += take
+        if sum(len(d) for _, d in train_parts) > total:
+            log.info("using the first %d training records (--max-examples)", total)
+        train_parts = kept
+    kw = dict(max_seq_len=dc.max_seq_len, train_on_prompt=dc.train_on_prompt,
+              skip_invalid=dc.skip_invalid, num_proc=dc.num_proc, quiet=quiet,
+              options=config.options)
+    train = tokenize_split("train", train_parts, fmt, tokenizer, pre_skipped=train_stats, **kw)
+    val = None
+    if dc.val_fraction > 0:
+        train, val = hold_out(train, dc.val_fraction, config.train.seed, dc.max_seq_len)
+        return PreparedData(train, val, sources, [f"{fraction_label(dc.val_fraction)} of train"],
+                            fmt.name)
+    if val_parts:
+        val = tokenize_split("validation", val_parts, fmt, tokenizer, pre_skipped=val_stats, **kw)
+    return PreparedData(train, val, sources, [s.label for s, _ in val_parts], fmt.name)

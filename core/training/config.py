@@ -1,0 +1,137 @@
+"""The training layer's typed configs: the ``model:``, ``optim:``, ``train:`` and ``eval:``
+sections of a run config (``eval`` holds validation during training and which post-training
+benchmarks to run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config_field import config_field as _f
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = _f(
+        None, flag="--model", metavar="PATH_OR_ID",
+        help="Hugging Face causal LM: a local directory or a hub id, loaded with "
+             "AutoModelForCausalLM/AutoTokenizer. Default: the embedded tiny Llama that sftctl "
+             "builds from its own config and tokenizer (saved to OUTPUT_DIR/base/, no download).")
+    tokenizer: str | None = _f(
+        None, flag="--tokenizer", metavar="PATH_OR_ID",
+        help="Tokenizer directory or hub id when it differs from --model.")
+    revision: str | None = _f(None, flag="--revision", help="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = _f(
+        False, flag="--trust-remote-code", cli="store_true",
+        help="Allow model/tokenizer code from the hub repository to run (off by default).")
+    attn_implementation: str | None = _f(
+        None, flag="--attn-implementation",
+        choices=(None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+        help="Attention kernel passed to from_pretrained (default: transformers' choice, sdpa).")
+    gradient_checkpointing: bool = _f(
+        False, flag="--gradient-checkpointing", cli="bool",
+        help="Recompute activations in backward to save memory.")
+    compile: bool = _f(
+        False, flag="--compile", cli="bool",
+        help="torch.compile the forward of every transformer block (the model's "
+             "_no_split_modules; the whole model's forward when it names none). Parameter "
+             "names, checkpoints, DDP/FSDP hooks and the loss kernels are unchanged; the first "
+             "steps pay the compilation.")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("adamw", flag="--optimizer",
+                   help="Optimizer registered by a plugin (built-ins: adamw, adam, sgd, adafactor).")
+    lr: float = _f(2e-5, flag="--lr", minimum=0.0, help="Peak learning rate.")
+    weight_decay: float = _f(0.0, flag="--weight-decay", minimum=0.0, help="Weight decay.")
+    betas: list[float] = _f(factory=lambda: [0.9, 0.999], flag="--betas", cli="nargs",
+                            help="Adam betas (two floats).")
+    eps: float = _f(1e-8, flag="--adam-eps", minimum=0.0, help="Adam epsilon.")
+    momentum: float = _f(0.9, flag="--momentum", minimum=0.0, help="SGD momentum.")
+    grad_clip: float = _f(1.0, flag="--grad-clip", minimum=0.0,
+                          help="Clip the global gradient norm to this value (0: no clipping).")
+    scheduler: str = _f("cosine", flag="--scheduler",
+                        help="LR schedule registered by a plugin (built-ins: cosine, linear, "
+                             "constant; each with warmup).")
+    warmup_steps: int = _f(0, flag="--warmup-steps", minimum=0, help="Linear warmup steps.")
+    warmup_ratio: float = _f(0.0, flag="--warmup-ratio", minimum=0.0, maximum=1.0,
+                             help="Warmup as a fraction of the total steps (used when "
+                                  "--warmup-steps is 0).")
+    min_lr_ratio: float = _f(0.0, flag="--min-lr-ratio", minimum=0.0, maximum=1.0,
+                             help="Final LR as a fraction of the peak (cosine, linear).")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str | None = _f(
+        None, flag="--output-dir", metavar="DIR",
+        help="Run directory (config.yaml, metrics.jsonl, summary.json, model/). Default: "
+             "runs/<YYYYmmdd-HHMMSS> under the current directory.")
+    epochs: int = _f(1, flag="--epochs", minimum=1, help="Passes over the training data.")
+    max_steps: int | None = _f(None, flag="--max-steps", minimum=1,
+                               help="Stop after this many optimizer steps (overrides --epochs).")
+    batch_size: int = _f(8, flag="--batch-size", minimum=1,
+                         help="Examples (packed rows with --packing) per micro-batch per device.")
+    grad_accum: int = _f(1, flag="--grad-accum", minimum=1,
+                         help="Micro-batches per optimizer step.")
+    seed: int = _f(42, flag="--seed", minimum=0, help="Seed for data order, init and dropout.")
+    precision: str = _f("auto", flag="--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="Autocast precision; weights stay fp32. auto: bf16 on CUDA when "
+                             "supported, else fp32.")
+    device: str = _f("auto", flag="--device",
+                     help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N.")
+    threads: int | None = _f(None, flag="--threads", minimum=1,
+                             help="CPU threads for torch (default: torch's choice, one per core). "
+                                  "On a shared machine fewer threads avoid contention.")
+    strategy: str = _f("auto", flag="--strategy", choices=("auto", "none", "ddp", "fsdp"),
+                       help="Multi-process strategy under torchrun: ddp, or fsdp (FSDP2, sharded "
+                            "per transformer block); none: one process. auto: none when "
+                            "WORLD_SIZE is 1, else ddp. See docs/distributed.md.")
+    loss_impl: str = _f("fused", flag="--loss-impl", choices=("fused", "torch"),
+                        help="fused: sftctl's compiled cross-entropy and label op (default); "
+                             "torch: the plain PyTorch reference path.")
+    log_every: int = _f(1, flag="--log-every", minimum=1,
+                        help="Write a metrics line every N optimizer steps.")
+    quiet: bool = _f(False, flag="--quiet", cli="store_true",
+                     help="No progress bars and only warnings on stderr.")
+    overwrite: bool = _f(False, flag="--overwrite", cli="store_true",
+                         help="Allow an output directory that already holds a run.")
+    save_every: int = _f(
+        0, flag="--save-every", minimum=0,
+        help="Save a resumable checkpoint (weights, optimizer, scheduler, RNGs, data position) "
+             "every N optimizer steps to OUTPUT_DIR/checkpoints/step-N, atomically (0: only on "
+             "SIGTERM/SIGINT). See docs/reliability.md.")
+    keep_last: int = _f(2, flag="--keep-last", minimum=0,
+                        help="Keep the newest K complete checkpoints; older ones are deleted "
+                             "only after a new one is complete (0: keep all).")
+    resume: str | None = _f(
+        None, flag="--resume", cli="optional", metavar="PATH|latest",
+        help="Continue an interrupted run exactly: 'latest' (the default when the flag has no "
+             "value) takes the newest complete checkpoint of --output-dir and starts fresh if "
+             "there is none; PATH is a checkpoint or a run directory. Use the interrupted run's "
+             "options.")
+    on_nonfinite: str = _f(
+        "stop", flag="--on-nonfinite", choices=("stop", "skip"),
+        help="A step with a non-finite loss or gradient norm is never applied. stop: end the run "
+             "with an error naming the step (nothing is saved); skip: skip such steps, count "
+             "them, and stop after --max-nonfinite-in-a-row.")
+    max_nonfinite_in_a_row: int = _f(
+        5, flag="--max-nonfinite-in-a-row", minimum=1,
+        help="With --on-nonfinite skip: stop after this many skipped steps in a row.")
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = _f(True, flag="--no-eval", cli="store_false",
+                       help="Skip the post-training benchmarks and report.")
+    every: int = _f(0, flag="--eval-every", minimum=0,
+                    help="Validation loss and perplexity every N steps (0: at the end only).")
+    initial: bool = _f(True, flag="--initial-eval", cli="bool",
+                       help="Validate once before the first step (the untrained baseline).")
+    batch_size: int | None = _f(None, flag="--val-batch-size", minimum=1,
+                                help="Micro-batch size for validation (default: --batch-size).")
+    tasks: list[str] = _f(factory=list, flag="--tasks", cli="nargs",
+                          help="Benchmarks to run after training (default: those registered by "
+                               "the --plugin plugins).")
+    limit: int | None = _f(None, flag="--eval-limit", minimum=1,
+                           help="Evaluate at most this many examples per benchmark.")
