@@ -257,13 +257,16 @@ class Trainer:
         cfg = self.config
         src = cfg.model.name_or_path
         if src is None:
-            from .demo_model import build_default_base
-
+            if self.format.demo_base is None:
+                raise ConfigError(f"model.name_or_path: format {self.format.name!r} (plugin "
+                                  f"{self.format.plugin!r}) has no embedded demo model; pass "
+                                  "--model PATH_OR_ID")
             base = self.out_dir / "base"
             if self.is_main:
-                log.info("building the embedded tiny Llama base model in %s", base)
+                log.info("building the embedded base model of plugin %r in %s",
+                         self.format.plugin, base)
                 with ckpt.atomic_directory(base) as tmp:
-                    build_default_base(tmp, seed=0)
+                    self.format.demo_base(tmp, 0)
             self.strategy.barrier()
             self.base_model = str(base.resolve())
             return self.base_model
