@@ -185,7 +185,7 @@ class Trainer:
                               f"registered: {', '.join(sorted(schedulers))}")
         if cfg.train.loss_impl == "fused":
             try:
-                from . import ops  # noqa: F401
+                from .. import ops  # noqa: F401
             except Exception as e:
                 raise ConfigError(f"--loss-impl fused needs the compiled extension sftctl._C, "
                                   f"which failed to load ({type(e).__name__}: {e}); rebuild it "
