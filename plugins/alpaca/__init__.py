@@ -63,7 +63,8 @@ def _splits(seed: int, n_train: int | None, n_heldout: int | None):
     return default_splits(seed=seed, n_train=n_train, n_heldout=n_heldout)
 
 
-def demo_data(config) -> dict:
+def demo_records(config) -> dict:
+    # not named demo_data: importing the submodule .demo_data rebinds that package attribute
     train, heldout = _splits(config.option("alpaca.demo_seed"),
                              config.option("alpaca.demo_train_size"),
                              config.option("alpaca.demo_heldout_size"))
@@ -101,7 +102,7 @@ def sftctl_register_dataset_formats(register):
         required=("instruction", "output"),
         description="Stanford Alpaca: instruction, optional input, output (prompt template "
                     "with and without input)",
-        demo_data=demo_data,
+        demo_data=demo_records,
         demo_config=str(DEFAULT_CONFIG),
         demo_base=demo_base,
     ))
