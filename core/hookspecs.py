@@ -11,7 +11,8 @@ Design choices (after pytest, datasette, simonw/llm and tox 4)
   run was configured still receives the call.
 - ``sftctl_load_dataset`` is *firstresult*: the first plugin that recognizes a data source
   answers; the others are not asked.
-- Lifecycle hooks receive the ``Trainer``; any of them may be implemented as a wrapper
+- Lifecycle hooks receive ``run``, a read-only ``RunContext`` (never the trainer, whose
+  internals are not API); any of them may be implemented as a wrapper
   (``@hookimpl(wrapper=True)``, ``result = yield``) to run code around the other plugins.
 - Hook arguments are passed by name, so an implementation may accept only the ones it needs.
 """
@@ -95,36 +96,53 @@ def sftctl_load_dataset(source, config):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training lifecycle (rank 0 and every other rank call these; check ``trainer.is_main``)
+# Training lifecycle: called on every rank (check ``run.is_main`` before writing files).
+#
+# ``run`` is a ``sftctl.training.context.RunContext``: a read-only view of the run (``config``,
+# ``output_dir``, ``is_main``, ``rank``, ``world_size``, ``device``, ``model`` (unwrapped),
+# ``tokenizer``, ``step``, ``epoch``, ``total_steps``, ``history``, ``resumed_from``) plus
+# ``request_stop(reason)`` and ``extras`` (a dict for a plugin's per-run state).
+#
+# Order within ``sftctl train``: configure -> (setup: data, model loaded, wrapped for DDP/FSDP,
+# optimizer built, ``--resume`` restored) -> train_start -> [step_end every --log-every steps,
+# evaluate after each validation pass]* -> save (final model, into its temporary directory) ->
+# after_train -> (rank 0, unless --no-eval) post_train.
 
 
 @hookspec
-def sftctl_train_start(trainer):
+def sftctl_train_start(run):
     """Training is about to start: model, optimizer, data and output dir are ready.
 
-    ``trainer.state.step`` is the step training starts from (non-zero after a resume).
+    ``run.step`` is the step training starts from (non-zero after a resume).
     """
 
 
 @hookspec
-def sftctl_step_end(trainer, step, metrics):
-    """An optimizer step finished. ``metrics``: the dict written to metrics.jsonl for this step
-    (keys ``kind``, ``step``, ``epoch``, ``loss``, ``lr``, ``tokens``, ``tokens_total``,
-    ``tokens_per_s``, ``grad_norm``, ``time``); called every ``--log-every`` steps.
-    ``trainer.request_stop(reason)`` ends training after this step (validation and the final
+def sftctl_step_end(run, step, metrics):
+    """An optimizer step finished. ``metrics``: a copy of the dict written to metrics.jsonl for
+    this step (keys ``kind``, ``step``, ``epoch``, ``loss``, ``lr``, ``tokens``,
+    ``tokens_total``, ``tokens_per_s``, ``grad_norm``, ``time``); called every ``--log-every``
+    steps. ``run.request_stop(reason)`` ends training after this step (validation and the final
     save still happen)."""
 
 
 @hookspec
-def sftctl_evaluate(trainer, step, metrics):
+def sftctl_evaluate(run, step, metrics):
     """A validation pass finished; ``metrics`` has ``kind="val"``, ``step``, ``val_loss``,
-    ``val_ppl``. Plugins may add keys (they are logged)."""
+    ``val_ppl``. Plugins may add keys (they are logged and written to metrics.jsonl)."""
 
 
 @hookspec
-def sftctl_save(trainer, path):
-    """A checkpoint is being written to ``path`` (a temporary directory renamed into place when
-    every hook returned). Write extra files into ``path`` to make them part of the checkpoint."""
+def sftctl_save(run, path):
+    """The final model is being written to ``path`` (a temporary directory renamed into place
+    when every hook returned; rank 0 only). Write extra files into ``path`` to make them part
+    of the checkpoint."""
+
+
+@hookspec
+def sftctl_after_train(run, summary):
+    """Training ended and the final checkpoint is complete. ``summary`` is the dict written to
+    summary.json; plugins may add keys to it (written after this hook)."""
 
 
 @hookspec
@@ -134,12 +152,6 @@ def sftctl_post_train(run_dir, config, pm):
     (the built-in ``evals`` plugin benchmarks the base model and the SFT checkpoint and writes the
     report). ``run_dir``: ``Path``; ``config``: the run config; ``pm``: the plugin manager.
     Return an exit status (0: fine) or ``None``; the command exits with the largest one."""
-
-
-@hookspec
-def sftctl_after_train(trainer, summary):
-    """Training ended and the final checkpoint is complete. ``summary`` is the dict written to
-    summary.json; plugins may add keys to it (written after this hook)."""
 
 
 # ---------------------------------------------------------------------------------------------

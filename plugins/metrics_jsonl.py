@@ -2,10 +2,10 @@
 
 Design choices
 - Written by rank 0 only, flushed after every line so a crashed run keeps its curve.
-- At train start the file is rewritten from ``trainer.state.history`` (empty for a fresh run,
+- At train start the file is rewritten from ``run.history`` (empty for a fresh run,
   the restored history after a resume), so the file always matches the state the run continues
   from, with no duplicated or orphaned lines.
-- The open file lives in ``trainer.extras`` (not in module globals), so several trainers in one
+- The open file lives in ``run.extras`` (not in module globals), so several runs in one
   process (tests) do not share it.
 """
 
@@ -19,38 +19,38 @@ from sftctl import hookimpl
 KEY = "metrics_jsonl.file"
 
 
-def _write(trainer, metrics: dict) -> None:
-    f = trainer.extras.get(KEY)
+def _write(run, metrics: dict) -> None:
+    f = run.extras.get(KEY)
     if f is not None:
         f.write(json.dumps(metrics) + "\n")
         f.flush()
 
 
 @hookimpl
-def sftctl_train_start(trainer):
-    if not trainer.is_main:
+def sftctl_train_start(run):
+    if not run.is_main:
         return
-    path = Path(trainer.out_dir) / "metrics.jsonl"
+    path = Path(run.output_dir) / "metrics.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "w", encoding="utf-8")
-    trainer.extras[KEY] = f
-    for line in trainer.state.history:
+    run.extras[KEY] = f
+    for line in run.history:
         f.write(json.dumps(line) + "\n")
     f.flush()
 
 
 @hookimpl
-def sftctl_step_end(trainer, metrics):
-    _write(trainer, metrics)
+def sftctl_step_end(run, metrics):
+    _write(run, metrics)
 
 
 @hookimpl
-def sftctl_evaluate(trainer, metrics):
-    _write(trainer, metrics)
+def sftctl_evaluate(run, metrics):
+    _write(run, metrics)
 
 
 @hookimpl
-def sftctl_after_train(trainer):
-    f = trainer.extras.pop(KEY, None)
+def sftctl_after_train(run):
+    f = run.extras.pop(KEY, None)
     if f is not None:
         f.close()

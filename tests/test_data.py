@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sftctl.run.config import build_config
-from sftctl.data import collate, prepare_data, resolve_source
+from sftctl.data import collate, resolve_source
+from sftctl.training.trainer import prepare_run_data
 from sftctl.errors import DataError
 from sftctl.run.plugin_manager import get_plugin_manager
 
@@ -44,7 +45,7 @@ def prep(pm, tok, paths, data=None, **kw):
     data_kw = {"paths": [str(p) for p in paths], **(data or {})}
     cfg = build_config([("test", {"data": data_kw, "train": {"quiet": True, **kw}})],
                        pm.config_options())
-    return prepare_data(cfg, pm.dataset_formats()[cfg.data.format or "alpaca"], tok, pm)
+    return prepare_run_data(cfg, pm.dataset_formats()[cfg.data.format or "alpaca"], tok, pm)
 
 
 def test_tokens_and_masks_are_exact(pm, tok, tmp_path):
@@ -149,7 +150,7 @@ def test_demo_data_splits(pm, tok):
                                "options": {"alpaca.demo_train_size": 50,
                                            "alpaca.demo_heldout_size": 10}})],
                        pm.config_options())
-    d = prepare_data(cfg, pm.dataset_formats()["alpaca"], tok, pm)
+    d = prepare_run_data(cfg, pm.dataset_formats()["alpaca"], tok, pm)
     assert d.train.stats.used == 50 and d.val.stats.used == 10
     assert d.sources == ["demo:alpaca:train"]
 
@@ -175,7 +176,7 @@ def test_collate_padded_and_packed(pm, tok, tmp_path):
 def test_pad_token_fallback(tmp_path, pm):
     from transformers import AutoTokenizer
 
-    from sftctl.training.trainer import Trainer
+    from sftctl.training.model import load_tokenizer
 
     base = build_tiny_base(tmp_path / "b")
     cfg = json.loads((base / "tokenizer_config.json").read_text())
@@ -187,6 +188,6 @@ def test_pad_token_fallback(tmp_path, pm):
         m.pop("pad_token", None)
         special.write_text(json.dumps(m))
     assert AutoTokenizer.from_pretrained(base).pad_token is None
-    tr = Trainer(build_config([("t", {"train": {"output_dir": str(tmp_path / "o")}})]), pm)
-    tok = tr._load_tokenizer(str(base))
+    cfg = build_config([("t", {"train": {"output_dir": str(tmp_path / "o")}})])
+    tok = load_tokenizer(str(base), cfg.model)
     assert tok.pad_token == tok.unk_token == "<unk>"

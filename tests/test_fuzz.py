@@ -108,7 +108,8 @@ def new_path(env, suffix: str) -> Path:
 def check(env, path: Path, *, skip_invalid: bool, max_seq_len: int) -> None:
     """The property: a named DataError, or a consistent, trainable split."""
     from sftctl.run.config import build_config
-    from sftctl.data import collate, prepare_data
+    from sftctl.data import collate
+    from sftctl.training.trainer import prepare_run_data
     from sftctl.training.loss import sft_labels, token_loss
 
     cfg = build_config([("fuzz", {
@@ -117,7 +118,7 @@ def check(env, path: Path, *, skip_invalid: bool, max_seq_len: int) -> None:
         "train": {"quiet": True, "output_dir": str(env["tmp"] / "out")}})],
         env["pm"].config_options())
     try:
-        data = prepare_data(cfg, env["fmt"], env["tok"], env["pm"])
+        data = prepare_run_data(cfg, env["fmt"], env["tok"], env["pm"])
     except DataError as e:
         msg = str(e)
         assert path.name in msg or "train split" in msg, msg

@@ -280,9 +280,9 @@ def test_state_dict_round_trip_continues_the_run_exactly(base, tmp_path):
 
     class StopAt2:
         @hookimpl
-        def sftctl_step_end(self, trainer, step):
+        def sftctl_step_end(self, run, step):
             if step == 2:
-                trainer.request_stop("test")
+                run.request_stop("test")
 
     pm.add_plugin(StopAt2(), "stop_at_2")
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import DataError
 from .batching import Batch, BatchPlan, FillerRow, collate, pack_first_fit
@@ -52,10 +52,17 @@ def _validate_records_in_memory(records: Sequence[Mapping], name: str):
         raise DataError(f"{name}: cannot build a dataset from the records: {e}") from None
 
 
-def prepare_data(config, fmt: DatasetFormat, tokenizer, pm=None) -> PreparedData:
-    """Load, validate and tokenize the train (and validation) data of a run config."""
-    dc = config.data
-    quiet = config.train.quiet
+def prepare_data(dc, fmt: DatasetFormat, tokenizer, *, seed: int, options: Mapping[str, Any],
+                 quiet: bool = False, plugin_loader: Callable[[str], Any] | None = None,
+                 demo_data: Callable[[], Mapping[str, Sequence[Mapping]]] | None = None
+                 ) -> PreparedData:
+    """Load, validate and tokenize the train (and validation) data.
+
+    ``dc``: the ``DataConfig``; ``seed``: of the ``--val-fraction`` hold-out; ``options``: the
+    plugin options (formats read theirs there); ``plugin_loader(source)``: a dataset for a
+    source a plugin knows, or None (the ``sftctl_load_dataset`` hook); ``demo_data()``: the
+    format's demo records, used when ``dc.paths`` is empty.
+    """
     import datasets
 
     if quiet:
@@ -67,9 +74,7 @@ def prepare_data(config, fmt: DatasetFormat, tokenizer, pm=None) -> PreparedData
         parts = []
         counts = {"skipped": 0, "skipped_messages": []}
         for spec in specs:
-            ds = None
-            if pm is not None:
-                ds = pm.hook.sftctl_load_dataset(source=spec, config=config)
+            ds = plugin_loader(spec) if plugin_loader is not None else None
             if ds is not None:
                 src = Source(spec, "plugin")
                 if isinstance(ds, list):
@@ -78,7 +83,7 @@ def prepare_data(config, fmt: DatasetFormat, tokenizer, pm=None) -> PreparedData
                 src = resolve_source(spec)
                 ds = load_source(src, split, cache_dir=dc.cache_dir, fmt=fmt,
                                  skip_invalid=dc.skip_invalid, counts=counts,
-                                 options=config.options)
+                                 options=options)
             parts.append((src, ds))
         stats.skipped += counts["skipped"]
         stats.records += counts["skipped"]
@@ -90,10 +95,10 @@ def prepare_data(config, fmt: DatasetFormat, tokenizer, pm=None) -> PreparedData
         train_parts = load_all(dc.paths, dc.split, train_stats)
         sources = [s.label for s, _ in train_parts]
     else:
-        if fmt.demo_data is None:
+        if demo_data is None:
             raise DataError(f"no --data given and format {fmt.name!r} (plugin {fmt.plugin!r}) has "
                             "no demo data; pass --data PATH_OR_ID")
-        demo = fmt.demo_data(config)
+        demo = demo_data()
         train_parts = [(Source(f"demo:{fmt.name}:train", "demo"),
                         _validate_records_in_memory(demo["train"], f"{fmt.name} demo train"))]
         sources = [f"demo:{fmt.name}:train"]
@@ -121,11 +126,11 @@ def prepare_data(config, fmt: DatasetFormat, tokenizer, pm=None) -> PreparedData
         train_parts = kept
     kw = dict(max_seq_len=dc.max_seq_len, train_on_prompt=dc.train_on_prompt,
               skip_invalid=dc.skip_invalid, num_proc=dc.num_proc, quiet=quiet,
-              options=config.options)
+              options=options)
     train = tokenize_split("train", train_parts, fmt, tokenizer, pre_skipped=train_stats, **kw)
     val = None
     if dc.val_fraction > 0:
-        train, val = hold_out(train, dc.val_fraction, config.train.seed, dc.max_seq_len)
+        train, val = hold_out(train, dc.val_fraction, seed, dc.max_seq_len)
         return PreparedData(train, val, sources, [f"{fraction_label(dc.val_fraction)} of train"],
                             fmt.name)
     if val_parts:

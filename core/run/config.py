@@ -6,8 +6,10 @@ Design choices
   ``model:``, ``data:``, ``optim:``, ``train:``, ``eval:``, plus ``plugins:`` and ``options:``).
 - Every field carries its help text and, where it has one, its command-line flag in the field's
   metadata; the CLI is generated from this table, so ``--help``, YAML keys and flags cannot drift.
-- Layers are merged as plain dicts, then validated once: dataclass defaults < a plugin's tuned
-  defaults (only for the embedded demo model) < ``--config run.yaml`` < flags and ``--set``.
+- Layers are merged as plain dicts, then validated once: dataclass defaults < derived defaults
+  (the dataset format of the first ``--plugin`` that registers one) < a format's tuned defaults
+  (only for its embedded demo model) < ``--config run.yaml`` < flags and ``--set``. The rules
+  live here (``run_layers``); the CLI only parses arguments into dicts.
   Validation is strict: unknown keys (with a "did you mean" hint), wrong types and out-of-range
   values are ``ConfigError``s naming the source and the dotted key.
 - Plugins add options through the ``sftctl_add_options`` hook; those live under ``options:``
@@ -187,22 +189,9 @@ def _check_range(value, meta: dict, where: str) -> None:
             raise ConfigError(f"{where}: {value!r} is below the minimum {lo}")
         if hi is not None and value > hi:
             raise ConfigError(f"{where}: {value!r} is above the maximum {hi}")
-
-
-def _build_section(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise _unknown_key(key, fields, where)
-        sub = f"{where}.{key}" if where else key
-        v = coerce(value, hints[key], sub)
-        _check_range(v, fields[key].metadata, sub)
-        kwargs[key] = v
-    return cls(**kwargs)
+        below = meta.get("below")
+        if below is not None and value >= below:
+            raise ConfigError(f"{where}: {value!r} must be below {below}")
 
 
 def build_config(layers: list[tuple[str, dict]],
@@ -331,3 +320,54 @@ def iter_fields():
                 yield f"{f.name}.{sf.name}", sf, sec_hints[sf.name]
         elif f.name != "options":
             yield f.name, f, hints[f.name]
+
+
+def run_layers(cli: dict, file_layer: dict, file_name: str, pm) -> list[tuple[str, dict]]:
+    """The config layers of ``sftctl train``, lowest first (see the module docstring):
+
+    1. derived defaults: the enabled plugins (from the file and the command line) and the dataset
+       format (``data.format``, else the first ``--plugin`` that registers one, else alpaca);
+    2. the format's tuned defaults (``DatasetFormat.demo_config``), only when training its
+       embedded demo model (no ``model.name_or_path`` anywhere);
+    3. the ``--config`` file;
+    4. the command line (flags and ``--set``);
+    5. a fresh ``runs/<timestamp>`` output directory when none is given and nothing is resumed.
+
+    ``cli`` and ``file_layer`` are nested dicts; unknown plugins are refused by ``pm.require``.
+    """
+    def get(layer, dotted):
+        head, _, rest = dotted.partition(".")
+        sec = layer.get(head)
+        if not rest:
+            return sec
+        return sec.get(rest) if isinstance(sec, dict) else None
+
+    def given(dotted):
+        return get(cli, dotted) or get(file_layer, dotted)
+
+    plugins: list[str] = []
+    for layer in (file_layer, cli):
+        for name in (get(layer, "plugins") or []):
+            if isinstance(name, str) and name not in plugins:
+                plugins.append(name)
+    pm.require(plugins)
+    derived: dict = {"plugins": plugins}
+    fmt = given("data.format")
+    if fmt is None:
+        owned = [f for name in plugins for f in
+                 ([name] if name in pm.formats_of(name) else pm.formats_of(name)[:1])]
+        fmt = owned[0] if owned else "alpaca"
+        set_dotted(derived, "data.format", fmt)
+    layers: list[tuple[str, dict]] = [("defaults", derived)]
+    formats = pm.dataset_formats()
+    if given("model.name_or_path") is None and fmt in formats and formats[fmt].demo_config:
+        path = formats[fmt].demo_config
+        layers.append((path, load_yaml(path)))
+    layers.append((file_name, {k: v for k, v in file_layer.items() if k != "plugins"}))
+    layers.append(("command line", {k: v for k, v in cli.items() if k != "plugins"}))
+    if not given("train.output_dir") and not given("train.resume"):  # resume picks the dir
+        import time
+
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        layers.append(("defaults", {"train": {"output_dir": str(Path("runs") / stamp)}}))
+    return layers

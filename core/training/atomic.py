@@ -1,4 +1,5 @@
-"""Writing checkpoints: the final Hugging Face model directory, atomically; RNG state capture.
+"""Atomic writes: directories that appear complete or not at all, fsynced files, the final Hugging
+Face model directory.
 
 Design choices
 - A checkpoint directory appears under its final name only when complete: everything is written
@@ -10,8 +11,6 @@ Design choices
   tokenizer, the generation config) plus ``sftctl_config.yaml`` (the resolved run config) and
   ``sftctl_summary.json``, so ``AutoModelForCausalLM.from_pretrained(dir)`` loads it and the run
   that produced it is documented inside it.
-- RNG states are returned as tensors and plain types, loadable with ``torch.load(weights_only=
-  True)`` (the resumable checkpoints of the reliability work reuse these helpers).
 """
 
 from __future__ import annotations
@@ -19,13 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-import torch
 
 
 def fsync_tree(path: Path) -> None:
@@ -114,42 +110,6 @@ def save_hf_model(model, tokenizer, path: Path, *, config_yaml: str, summary: di
         gen.save_pretrained(path)
     write_text(path / "sftctl_config.yaml", config_yaml)
     write_json(path / "sftctl_summary.json", summary)
-
-
-# ---------------------------------------------------------------------------------- RNG state
-
-
-def rng_state() -> dict:
-    """Python, NumPy, torch CPU and CUDA RNG states as tensors / plain types."""
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def checkpoint_complete(model_dir: Path) -> bool:

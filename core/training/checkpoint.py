@@ -33,8 +33,12 @@ Design choices
   in ``TrainState``; with the weights, optimizer, scheduler, scaler and RNG states restored bit
   for bit, the resumed run repeats the uninterrupted run's steps exactly (on the CPU; on GPUs up
   to the nondeterminism of their kernels).
+- The checkpointer gets the parts it saves, not the trainer: the ``RunState`` bundle (one
+  ``state_dict``/``load_state_dict`` for model, optimizer, scheduler, scaler, RNGs and counters),
+  the strategy, its settings, the config text and the data fingerprint. ``before_save`` lets the
+  non-finite guard veto a save past an unread bad step.
 - Plugins: ``sftctl_save`` stays the hook of the final model only (its documented meaning);
-  plugin state kept in ``trainer.extras`` is not part of a resumable checkpoint.
+  plugin state kept in ``run.extras`` is not part of a resumable checkpoint.
 - Multi-process runs: every rank takes part (the state dict may be collective); rank 0 writes,
   each other rank adds its RNG file to the temporary directory, and the ranks agree on success
   through one all-reduce before the rename (the temporary name is deterministic for that
@@ -53,6 +57,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -60,6 +65,7 @@ import torch
 from . import atomic as ckpt
 from ..errors import ConfigError, TrainingError
 from .guards import Preempted, Preemption, fault_at, kill_self, slow_step
+from .state import RunState
 
 log = logging.getLogger("sftctl")
 
@@ -272,10 +278,10 @@ def prepare_resume(cfg, output_dir_given: bool = True) -> None:
                           "train it again or another --output-dir")
 
 
-def data_fingerprint(trainer) -> str:
+def data_fingerprint(lengths) -> str:
     """Hash of the tokenized training split's example lengths and count (cheap, and any change
     of data, tokenizer, template or max_seq_len changes it)."""
-    lengths = np.ascontiguousarray(trainer.data.train.lengths, dtype=np.int64)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     h = hashlib.sha256(lengths.tobytes())
     h.update(str(len(lengths)).encode())
     return h.hexdigest()[:16]
@@ -347,19 +353,31 @@ def _os_error(e: Exception) -> OSError:
 
 
 class Checkpointer:
-    """Periodic and preemption checkpoints of one trainer, and ``--resume``."""
+    """Periodic and preemption checkpoints of one run's ``RunState``, and ``--resume``."""
 
-    def __init__(self, trainer, *, faults: dict[str, str] | None = None):
-        self.trainer = trainer
-        cfg = trainer.config.train
-        self.save_every = cfg.save_every
-        self.keep_last = cfg.keep_last
-        self.root = Path(trainer.out_dir) / CHECKPOINTS
+    def __init__(self, run_dir: Path, state: RunState, strategy, *, save_every: int,
+                 keep_last: int, total_steps: int, config: dict, config_yaml: str,
+                 data_fingerprint: str, device: torch.device,
+                 before_save: Callable[[int], None] | None = None,
+                 faults: dict[str, str] | None = None):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / CHECKPOINTS
+        self.state = state
+        self.strategy = strategy
+        self.save_every = save_every
+        self.keep_last = keep_last
+        self.total_steps = total_steps
+        self.config = config                # the run config as a dict, compared on resume
+        self.config_yaml = config_yaml      # written next to every checkpoint
+        self.fingerprint = data_fingerprint
+        self.device = device
+        self.before_save = before_save or (lambda step: None)
         self.faults = faults or {}
+        self.sharded = bool(getattr(strategy, "sharded_state", False))
         self.preemption = Preemption()
         self.saved_step: int | None = None
         self.resumed_from: Path | None = None
-        if trainer.is_main:
+        if strategy.is_main:
             self._clean_stale()
 
     # ------------------------------------------------------------------------------ restore
@@ -368,19 +386,18 @@ class Checkpointer:
         info = latest_checkpoint(self.root, warn=False)
         return info.path if info else None
 
-    def restore(self) -> None:
-        """Apply ``train.resume`` (after ``Trainer.setup`` built everything)."""
-        t = self.trainer
-        spec = t.config.train.resume
+    def restore(self, spec: str | None) -> Path | None:
+        """Apply ``--resume SPEC`` (``latest`` or a path) to the state; returns the checkpoint
+        resumed from, or None for a fresh start."""
         if not spec:
-            return
-        info = resolve_resume(spec, t.out_dir)
+            return None
+        info = resolve_resume(spec, self.run_dir)
         if info is None:
             incomplete = [c for c in list_checkpoints(self.root) if not c.complete]
             log.warning("--resume latest: no complete checkpoint in %s%s: starting a new run",
                         self.root, f" ({len(incomplete)} incomplete ignored)" if incomplete
                         else "")
-            return
+            return None
         path = info.path
         meta = json.loads((path / MARKER).read_text(encoding="utf-8"))
         try:
@@ -390,86 +407,80 @@ class Checkpointer:
         except (OSError, ValueError) as e:
             raise TrainingError(f"{path / CONFIG}: cannot read the checkpoint's config: {e}") \
                 from None
-        diffs = config_differences(saved_cfg, t.config.to_dict())
+        diffs = config_differences(saved_cfg, self.config)
         if diffs:
             raise ConfigError(f"--resume {path}: this run's config differs from the checkpoint's "
                               "in keys that change training:\n  " + "\n  ".join(diffs) +
                               "\nresume with the interrupted run's options (or start a new run)")
-        fp = data_fingerprint(t)
-        if meta.get("data") not in (None, fp):
+        if meta.get("data") not in (None, self.fingerprint):
             raise ConfigError(f"--resume {path}: the tokenized training data differs from the "
-                              f"checkpoint's (fingerprint {meta.get('data')} there, {fp} now: "
-                              "other data files, tokenizer, template or max_seq_len)")
+                              f"checkpoint's (fingerprint {meta.get('data')} there, "
+                              f"{self.fingerprint} now: other data files, tokenizer, template or "
+                              "max_seq_len)")
         try:
             sd = torch.load(path / STATE, map_location="cpu", weights_only=True)
-            weights = None if sd.get("sharded") else load_weights(path / WEIGHTS)
-            rank = t.strategy.rank
+            rank = self.strategy.rank
             if rank > 0:
                 sd["rng"] = torch.load(path / f"rng-rank{rank}.pt", map_location="cpu",
                                        weights_only=True)
+            if not sd.get("sharded"):
+                sd["model"] = load_weights(path / WEIGHTS)
         except Exception as e:  # a damaged file despite the marker: name it
             raise TrainingError(f"cannot load the checkpoint {path}: {type(e).__name__}: {e}") \
                 from None
         if sd.get("format") != FORMAT:
             raise TrainingError(f"{path / STATE}: checkpoint format {sd.get('format')!r}, this "
                                 f"sftctl reads format {FORMAT}")
+        self._check_layout(path, sd)
         try:
-            if sd.get("sharded"):
-                self._load_sharded(path, sd)
-            else:
-                sd["model"] = weights
-                t.load_state_dict(sd)
+            if self.sharded:  # model + optimizer shards through the strategy, the rest below
+                self.strategy.load_sharded(path / SHARDED, self.state.model, self.state.optimizer)
+            self.state.load_state_dict(sd, sharded=self.sharded)
         except (RuntimeError, KeyError, ValueError) as e:
             raise TrainingError(f"cannot restore the checkpoint {path}: {e}") from None
         self.resumed_from = path
-        self.saved_step = t.state.step
-        t.extras["resumed_from"] = str(path)
-        st = t.state
+        self.saved_step = self.state.counters.step
+        st = self.state.counters
         log.info("resumed from %s: step %d of %d (epoch %d, micro-batch %d of the epoch)",
-                 path, st.step, t.total_steps, st.epoch, st.micro_in_epoch)
+                 path, st.step, self.total_steps, st.epoch, st.micro_in_epoch)
+        return path
 
-    def _load_sharded(self, path: Path, sd: dict) -> None:
-        """Sharded (FSDP) checkpoint: model + optimizer through the strategy, the rest here."""
-        from .trainer import TrainState  # noqa: PLC0415 (reshaped below)
-
-        t = self.trainer
-        if not getattr(t.strategy, "sharded_state", False) or \
-                sd.get("world_size") != t.strategy.world_size:
-            raise TrainingError(f"{path} holds sharded state of {sd.get('world_size')} ranks; "
-                                f"this run has strategy {t.strategy.name!r} with "
-                                f"{t.strategy.world_size}")
-        t.strategy.load_sharded(path / SHARDED, t.model, t.optimizer)
-        t.scheduler.load_state_dict(sd["scheduler"])
-        t.scaler.load_state_dict(sd["scaler"])
-        t.state = TrainState()
-        t.state.load_state_dict(sd["state"])
-        ckpt.set_rng_state(sd["rng"])
+    def _check_layout(self, path: Path, sd: dict) -> None:
+        """The checkpoint's world size and sharding must be this run's."""
+        saved_ws, ws = sd.get("world_size", 1), self.strategy.world_size
+        if bool(sd.get("sharded")) != self.sharded:
+            if self.sharded:
+                raise TrainingError(f"{path}: the state was saved whole (by --strategy ddp or "
+                                    "none); resume it with that strategy, not --strategy fsdp")
+            raise TrainingError(f"{path} holds sharded state of {saved_ws} ranks; this run has "
+                                f"strategy {self.strategy.name!r} with {ws}")
+        if saved_ws != ws:
+            raise TrainingError(f"the state was saved with world size {saved_ws}, this run has "
+                                f"{ws}")
 
     # ---------------------------------------------------------------------------------- save
 
     def step_end(self) -> None:
         """After each optimizer step (and its validation): periodic save, preemption."""
-        t = self.trainer
-        step = t.state.step
+        step = self.state.counters.step
         slow_step(self.faults)
         sig = self._agree_flag(self.preemption.requested is not None)
         if sig:
             path = self.last_complete() if self.saved_step == step else self.save(
                 reason=self.preemption.requested or "preemption")
             raise Preempted(f"{self.preemption.requested or 'a signal on another rank'} received: "
-                            f"checkpoint {path} saved at step {step} of {t.total_steps}; continue "
-                            "with the same command and --resume latest")
-        if self.save_every and step % self.save_every == 0 and step < t.total_steps \
+                            f"checkpoint {path} saved at step {step} of {self.total_steps}; "
+                            "continue with the same command and --resume latest")
+        if self.save_every and step % self.save_every == 0 and step < self.total_steps \
                 and self.saved_step != step:
             self.save(reason="periodic")
 
     def _agree_flag(self, flag: bool) -> bool:
         """Ranks agree on a host flag (a tiny all-reduce, only with several processes)."""
-        st = self.trainer.strategy
-        if st.world_size <= 1:
+        if self.strategy.world_size <= 1:
             return flag
-        t = torch.tensor(int(flag), device=self.trainer.device)
-        return int(st.all_reduce_sum(t)) > 0
+        t = torch.tensor(int(flag), device=self.device)
+        return int(self.strategy.all_reduce_sum(t)) > 0
 
     def _disk_error(self, e: OSError, what: str) -> TrainingError:
         prev = self.last_complete()
@@ -479,28 +490,19 @@ class Checkpointer:
 
     def save(self, reason: str = "periodic") -> Path:
         """Write a complete checkpoint of the current state; returns its path."""
-        t = self.trainer
-        st = t.state
-        step = st.step
-        t.guard.sync(step)  # never checkpoint past an unread non-finite step
-        sharded = getattr(t.strategy, "sharded_state", False)
-        if sharded:  # FSDP: model + optimizer go through torch.distributed.checkpoint below
-            sd = {"scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(),
-                  "rng": ckpt.rng_state(), "state": t.state.state_dict(),
-                  "world_size": t.strategy.world_size}
-            weights = None
-        else:
-            sd = t.state_dict()
-            weights = sd.pop("model")
-        sd["sharded"] = sharded
+        step = self.state.counters.step
+        self.before_save(step)  # the guard: never checkpoint past an unread non-finite step
+        strategy, is_main = self.strategy, self.strategy.is_main
+        sd = self.state.state_dict(sharded=self.sharded)
+        weights = sd.pop("model", None)
+        sd.update(sharded=self.sharded, format=FORMAT, world_size=strategy.world_size)
         rng = sd["rng"]
-        sd["format"] = FORMAT
         name = step_dir_name(step)
         final = self.root / name
         tmp = self.root / f".{name}.tmp"
         t0 = time.perf_counter()
         error: OSError | None = None
-        if t.is_main:
+        if is_main:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 if tmp.exists():
@@ -512,29 +514,29 @@ class Checkpointer:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / STATE))
                 with open(tmp / STATE, "wb") as f:  # a Python file: write errors are OSErrors
                     torch.save(sd, f)
-                ckpt.write_text(tmp / CONFIG, ckpt.config_yaml(t.config))
+                ckpt.write_text(tmp / CONFIG, self.config_yaml)
             except Exception as e:  # noqa: BLE001 (only OS errors are kept, see _os_error)
                 error = _os_error(e)
         self._check_all(error, tmp, f"the checkpoint {final}")
-        if t.strategy.world_size > 1 or sharded:  # FSDP shards even with one process
+        if strategy.world_size > 1 or self.sharded:  # FSDP shards even with one process
             error = None
             try:
-                if t.strategy.rank > 0:
-                    with open(tmp / f"rng-rank{t.strategy.rank}.pt", "wb") as f:
+                if strategy.rank > 0:
+                    with open(tmp / f"rng-rank{strategy.rank}.pt", "wb") as f:
                         torch.save(rng, f)
-                if sharded:  # every rank writes its shards
-                    t.strategy.save_sharded(tmp / SHARDED, t.model, t.optimizer)
+                if self.sharded:  # every rank writes its shards
+                    strategy.save_sharded(tmp / SHARDED, self.state.model, self.state.optimizer)
             except Exception as e:  # noqa: BLE001 (only OS errors are kept, see _os_error)
                 error = _os_error(e)
-            self._check_all(error, tmp, f"the RNG state of rank {t.strategy.rank} into {final}")
-        if t.is_main:
+            self._check_all(error, tmp, f"the RNG state of rank {strategy.rank} into {final}")
+        if is_main:
             try:
                 self._publish(tmp, final, step, reason)
             except Exception as e:  # noqa: BLE001 (only OS errors are kept, see _os_error)
                 error = _os_error(e)
         self._check_all(error, tmp, f"the checkpoint {final}")
         self.saved_step = step
-        if t.is_main:
+        if is_main:
             self._rotate(keep=final)
             log.info("checkpoint %s saved (%s, %.1f s)", final, reason, time.perf_counter() - t0)
         return final
@@ -544,7 +546,7 @@ class Checkpointer:
         failed = self._agree_flag(error is not None)
         if not failed:
             return
-        if self.trainer.is_main:
+        if self.strategy.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         if error is not None:
             raise self._disk_error(error, what) from None
@@ -566,11 +568,11 @@ class Checkpointer:
         ckpt._fsync_dir(final.parent)
         if fault_at(self.faults, "save_before_marker", step):
             kill_self()
-        t = self.trainer
-        meta = {"format": FORMAT, "step": step, "total_steps": t.total_steps,
-                "epoch": t.state.epoch, "micro_in_epoch": t.state.micro_in_epoch,
+        st = self.state.counters
+        meta = {"format": FORMAT, "step": step, "total_steps": self.total_steps,
+                "epoch": st.epoch, "micro_in_epoch": st.micro_in_epoch,
                 "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "world_size": t.strategy.world_size, "data": data_fingerprint(t),
+                "world_size": self.strategy.world_size, "data": self.fingerprint,
                 "files": files}
         ckpt.write_json(final / MARKER, meta)
         ckpt._fsync_dir(final)

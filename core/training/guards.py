@@ -40,6 +40,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -105,14 +106,21 @@ def kill_self() -> None:
 class NonFiniteGuard:
     """Decides whether an optimizer step is applied; see the module docstring."""
 
-    def __init__(self, trainer, *, faults: dict[str, str] | None = None):
-        cfg = trainer.config.train
-        self.trainer = trainer
-        self.policy = cfg.on_nonfinite
-        self.limit = cfg.max_nonfinite_in_a_row
-        self.device = trainer.device
-        self.scaling = trainer.scaler.is_enabled()
-        can_mask = bool(getattr(trainer.optimizer, "_step_supports_amp_scaling", False))
+    def __init__(self, *, policy: str, limit: int, counters, optimizer, scaling: bool,
+                 device: torch.device, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+                 world_size: int = 1, last_checkpoint: Callable[[], object] | None = None):
+        """``counters``: the run's ``TrainState`` (updated in place); ``scaling``: a grad
+        scaler is active (fp16); ``all_reduce_sum``/``world_size``: the strategy's, so every
+        rank decides alike; ``last_checkpoint``: the newest complete checkpoint (for messages)."""
+        self.policy = policy
+        self.limit = limit
+        self.counters = counters
+        self.device = device
+        self.scaling = scaling
+        self.all_reduce_sum = all_reduce_sum
+        self.world_size = world_size
+        self.last_checkpoint = last_checkpoint or (lambda: None)
+        can_mask = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         if self.device.type != "cuda":
             self.mode = "host"
         elif self.scaling or can_mask:
@@ -121,14 +129,10 @@ class NonFiniteGuard:
             self.mode = "host"
             log.info("non-finite guard: optimizer %s cannot skip an update on the device; its "
                      "flag is read every step (one host sync per step, as GradScaler does)",
-                     type(trainer.optimizer).__name__)
+                     type(optimizer).__name__)
         self.skipped_now = False  # the current step was skipped (known on the host)
         self._found_inf: torch.Tensor | None = None
         self._reset_device_counters()
-        self._hook = None
-        faults = faults or {}
-        if "nan_at_step" in faults:
-            self._install_nan_fault(faults)
 
     # -- device-side counters (device mode); read and folded into TrainState by ``sync``
     def _reset_device_counters(self) -> None:
@@ -137,10 +141,14 @@ class NonFiniteGuard:
         self._count = z(torch.float32)      # skip: bad steps since the last read
         self._first = z(torch.long)         # first bad step since the last read (0: none)
         self._last = z(torch.long)          # last bad step since the last read
-        run = float(self.trainer.state.nonfinite_in_a_row)
+        run = float(self.counters.nonfinite_in_a_row)
         self._run = torch.full((), run, dtype=torch.float32, device=self.device)
         self._max_run = self._run.clone()
         self._pending = False
+
+    def reset_from_counters(self) -> None:
+        """Start over from the counters (after a resume restored them)."""
+        self._reset_device_counters()
 
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, sync: bool) -> bool:
         """Call after clipping, before the optimizer step. Returns False when the host knows
@@ -153,7 +161,7 @@ class NonFiniteGuard:
         self._found_inf = None
         if self.mode == "host":
             if self._all_ranks(~finite) == 0:
-                self.trainer.state.nonfinite_in_a_row = 0
+                self.counters.nonfinite_in_a_row = 0
                 return True
             self._on_bad_host(step, float(loss), float(grad_norm))
             self.skipped_now = True
@@ -181,7 +189,7 @@ class NonFiniteGuard:
                 "the step was not applied")
 
     def _on_bad_host(self, step: int, loss: float, grad_norm: float) -> None:
-        st = self.trainer.state
+        st = self.counters
         if self.policy == "stop":
             raise TrainingError(self._message(step, loss, grad_norm) + self._stop_hint())
         st.nonfinite_skipped += 1
@@ -196,8 +204,7 @@ class NonFiniteGuard:
                                 + self._stop_hint())
 
     def _stop_hint(self) -> str:
-        ck = getattr(self.trainer, "checkpointer", None)
-        last = ck.last_complete() if ck is not None else None
+        last = self.last_checkpoint()
         where = f"the last checkpoint {last} is untouched" if last else "no checkpoint was saved"
         return (f"; training stopped and nothing was saved ({where}). Check the data and the "
                 "learning rate, or pass --on-nonfinite skip")
@@ -207,7 +214,7 @@ class NonFiniteGuard:
         into ``TrainState``. Called at logging boundaries and before every checkpoint."""
         if self.mode == "host" or not self._pending:
             return
-        st = self.trainer.state
+        st = self.counters
         first, last = int(self._first), int(self._last)
         if self.policy == "stop":
             if self._all_ranks(self._poisoned) > 0:
@@ -235,9 +242,8 @@ class NonFiniteGuard:
     def _all_ranks(self, t: torch.Tensor) -> float:
         """Host value of ``t`` summed over ranks, so every rank takes the same decision (the
         loss is per rank; under fp16 only the loss is checked)."""
-        strategy = self.trainer.strategy
-        if strategy.world_size > 1:
-            t = strategy.all_reduce_sum(t.to(torch.float32))
+        if self.world_size > 1:
+            t = self.all_reduce_sum(t.to(torch.float32))
         return float(t)
 
     @contextlib.contextmanager
@@ -253,26 +259,27 @@ class NonFiniteGuard:
         finally:
             del optimizer.grad_scale, optimizer.found_inf
 
-    # -- fault injection: NaN logits at one training step
-    def _install_nan_fault(self, faults: dict[str, str]) -> None:
-        trainer = self.trainer
-        arg = faults["nan_at_step"]
-        try:
-            lo, _, hi = arg.partition("-")
-            first, last = int(lo), int(hi or lo)
-        except ValueError:
-            raise ConfigError(f"SFTCTL_FAULT: nan_at_step:{arg}: expected N or N-M") from None
-        head = trainer.unwrapped_model.get_output_embeddings()
-        if head is None:
-            raise ConfigError("SFTCTL_FAULT nan_at_step: the model has no output embeddings")
 
-        def poison(module, inputs, output):
-            if module.training and first <= trainer.state.step + 1 <= last:
-                return output * float("nan")
-            return None
+def install_nan_fault(faults: dict[str, str], model: torch.nn.Module, counters) -> None:
+    """``nan_at_step:N[-M]`` fault: the logits of training steps N..M become NaN (a forward
+    hook on the output layer of the unwrapped ``model``; ``counters``: the run's TrainState)."""
+    arg = faults["nan_at_step"]
+    try:
+        lo, _, hi = arg.partition("-")
+        first, last = int(lo), int(hi or lo)
+    except ValueError:
+        raise ConfigError(f"SFTCTL_FAULT: nan_at_step:{arg}: expected N or N-M") from None
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ConfigError("SFTCTL_FAULT nan_at_step: the model has no output embeddings")
 
-        self._hook = head.register_forward_hook(poison)
-        log.warning("SFTCTL_FAULT: the logits of training steps %d-%d will be NaN", first, last)
+    def poison(module, inputs, output):
+        if module.training and first <= counters.step + 1 <= last:
+            return output * float("nan")
+        return None
+
+    head.register_forward_hook(poison)
+    log.warning("SFTCTL_FAULT: the logits of training steps %d-%d will be NaN", first, last)
 
 
 # ---------------------------------------------------------------------------------- preemption

@@ -1,24 +1,31 @@
-"""The SFT trainer: setup (every input checked before the first step), the loop, the final save.
+"""The SFT trainer: it wires the parts (data, model, optimizer, loss, guard, checkpointer), runs
+the loop and saves the final model.
 
 Design choices
-- Everything that a resumable checkpoint needs lives in two places: the objects the trainer holds
-  (model, optimizer, scheduler, grad scaler) and ``TrainState`` (step, epoch, micro-batch
-  position inside the epoch, token counters, metrics history, wall time). ``Trainer.state_dict``
-  / ``load_state_dict`` cover both plus every RNG, and the data order is a pure function of
-  (seed, epoch), so restoring them continues the exact same run.
-- ``setup`` does all the checking and loading (plugins' registrations, model path, tokenizer,
-  data, optimizer) before any step, so bad input never leaves a trained-looking directory.
-- One optimizer step = ``grad_accum`` micro-batches. Their labels are built first, the number of
-  trainable targets is summed (and, through the strategy, summed over ranks) into a tensor, and
-  each micro-batch's loss is ``sum / that count``: the accumulated gradient is exactly that of the
-  token-mean loss of the whole step. No host sync is needed for it.
+- The trainer only wires parts built elsewhere: model and tokenizer loading (``model.py``), data
+  (``sftctl.data.prepare_data``), the loss (``loss.py``), the non-finite guard (``guards.py``),
+  checkpoints and resume (``checkpoint.py``), distribution (``distributed.py``). Each part gets
+  what it needs, never the trainer.
+- Everything a resumable checkpoint needs is one bundle, ``RunState`` (``state.py``): model,
+  optimizer, scheduler, grad scaler and the counters (``TrainState``), with every RNG captured
+  on save. The data order is a pure function of (seed, epoch), so restoring the bundle continues
+  the exact same run; the checkpointer saves and restores it in one place.
+- ``setup`` does all the checking and loading (registrations, model path, tokenizer, data,
+  optimizer) before any step, so bad input never leaves a trained-looking directory.
+- One optimizer step = ``grad_accum`` micro-batches and reads as labels -> forward and loss ->
+  backward -> update. The labels of all micro-batches are built first and their trainable
+  targets summed (over ranks too) into a device tensor; each micro-batch's loss is
+  ``sum / that count``, so the accumulated gradient is exactly that of the token-mean loss of
+  the whole step, with no host sync.
 - Mixed precision: weights and optimizer state stay fp32; the forward runs under autocast
   (bf16/fp16); fp16 uses a GradScaler whose scale is handed to the fused loss as ``grad_scale``
   so the scaled backward costs no extra pass over the logits gradient.
 - Distribution goes through ``Strategy`` (``distributed.py``): the model is wrapped by it, the
   batch plan shards rows by rank, and only rank 0 logs, shows progress and writes files.
-- Metrics go through the ``sftctl_step_end`` / ``sftctl_evaluate`` hooks (the JSONL writer is a
-  built-in plugin) and into ``state.history``.
+- Plugins see the run through ``RunContext`` (``context.py``): read-only views plus
+  ``request_stop`` and ``extras``, never the trainer itself. Metrics go through the
+  ``sftctl_step_end`` / ``sftctl_evaluate`` hooks (the JSONL writer is a built-in plugin) and
+  into the counters' history.
 """
 
 from __future__ import annotations
@@ -29,59 +36,27 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .. import OMP_WAIT_POLICY_REASON
-from . import atomic as ckpt
-from . import guards
-from ..data import BatchPlan, PreparedData, collate, prepare_data
-from .distributed import Strategy, select_strategy
-from ..errors import ConfigError, ModelError, TrainingError
 from .._runtime import cpu_threads_info
+from ..data import BatchPlan, PreparedData, collate, prepare_data
+from ..errors import ConfigError, TrainingError
+from . import atomic, guards
+from .checkpoint import Checkpointer, data_fingerprint
+from .context import RunContext
+from .distributed import Strategy, select_strategy
 from .loss import kernel_name, resolve_impl, sft_labels, token_loss
+from .model import (autocast_dtype, check_lengths, compile_blocks, load_model, load_tokenizer,
+                    model_source)
+from .optim import param_groups
+from .state import RunState, TrainState, seed_everything
 
 log = logging.getLogger("sftctl")
 
 EMBEDDED_MODEL = "embedded:tiny_llama"
-
-
-@dataclass
-class TrainState:
-    """Counters and history of a run: what, with the trainer's objects, makes a run resumable."""
-
-    step: int = 0                 # optimizer steps done
-    epoch: int = 0                # current epoch
-    micro_in_epoch: int = 0       # micro-batches of the current epoch already consumed
-    tokens_total: int = 0         # input tokens processed (padding excluded), this rank
-    trainable_total: int = 0      # trainable targets seen (global), known at log steps
-    examples_total: int = 0
-    train_time_s: float = 0.0     # wall time spent in training steps (over resumes)
-    history: list[dict] = field(default_factory=list)
-    nonfinite_skipped: int = 0    # steps not applied because of a non-finite loss/grad norm
-    nonfinite_in_a_row: int = 0
-    nonfinite_last_step: int = 0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, d: dict) -> None:
-        for k, v in d.items():
-            if not hasattr(self, k):
-                raise ValueError(f"unknown TrainState field {k!r}")
-            setattr(self, k, v)
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "fp32"
-    return precision, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def versions() -> dict:
@@ -108,28 +83,24 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss_kb) * (1 if sys.platform == "darwin" else 1024), "cpu_max_rss"
 
 
-def compile_blocks(model: torch.nn.Module) -> str:
-    """``torch.compile`` the ``forward`` of each transformer block in place; returns what was
-    compiled, for the log and the summary.
+def prepare_run_data(config, fmt, tokenizer, pm=None) -> PreparedData:
+    """``sftctl.data.prepare_data`` wired to a run: its data config, plugin options, seed, the
+    ``sftctl_load_dataset`` hook and the format's demo data."""
+    def from_plugins(spec):
+        return pm.hook.sftctl_load_dataset(source=spec, config=config)
 
-    Only ``forward`` is replaced (an instance attribute), not ``__call__``: module hooks (FSDP2's
-    all-gathers, DDP's, gradient checkpointing's) stay eager around the compiled code, and
-    parameter names (hence checkpoints) do not change, which wrapping blocks in an
-    ``OptimizedModule`` would do. Blocks of one class share their compiled code.
-    """
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
-    if not blocks:
-        model.forward = torch.compile(model.forward)
-        return f"the whole model's forward ({type(model).__name__}; it names no block class)"
-    for block in blocks:
-        block.forward = torch.compile(block.forward)
-    kinds = sorted({type(b).__name__ for b in blocks})
-    return f"{len(blocks)} blocks ({', '.join(kinds)}), forward of each"
+    loader = from_plugins if pm is not None else None
+    demo = (lambda: fmt.demo_data(config)) if fmt.demo_data is not None else None
+    return prepare_data(config.data, fmt, tokenizer, seed=config.train.seed,
+                        options=config.options, quiet=config.train.quiet,
+                        plugin_loader=loader, demo_data=demo)
 
 
 class Trainer:
-    """Build with a validated ``RunConfig`` and a loaded plugin manager; ``setup()``, ``train()``."""
+    """Build with a validated run config and a loaded plugin manager; ``setup()``, ``train()``.
+
+    ``benchmarks``: what summary.json records for the post-training evaluation (dicts).
+    """
 
     def __init__(self, config, pm, strategy: Strategy | None = None, *,
                  benchmarks: list[dict] | None = None):
@@ -137,28 +108,21 @@ class Trainer:
         self.pm = pm
         self.strategy = strategy or select_strategy(config)
         self.out_dir = Path(config.train.output_dir)
-        self.state = TrainState()
-        self.model = None
-        self.tokenizer = None
-        self.optimizer = None
-        self.scheduler = None
-        self.scaler = None
-        self.data: PreparedData | None = None
-        self.base_model: str | None = None
-        self.extras: dict[str, Any] = {}  # per-run storage for plugins
-        self.stop_reason: str | None = None  # set by request_stop (e.g. an early-stopping plugin)
+        self.benchmarks = list(benchmarks or [])
+        self.state = TrainState()                # the counters (part of ``run_state``)
+        self.run_state: RunState | None = None   # built by setup()
+        self.stop_reason: str | None = None      # set through RunContext.request_stop
+        self.resumed_from: str | None = None
+        self.compiled: str | None = None
+        self.extras: dict = {}                   # per-run storage of plugins (RunContext.extras)
+        self.context = RunContext(self)
         self._t0 = time.time()
-        self.benchmarks = list(benchmarks or [])  # recorded in summary.json for the evaluation
         # historic: plugins registered later still see it; a plugin may reject the config here
         pm.hook.sftctl_configure.call_historic(kwargs=dict(config=config, pm=pm))
 
     @property
     def is_main(self) -> bool:
         return self.strategy.is_main
-
-    def request_stop(self, reason: str) -> None:
-        """End training after the current step (then validate and save as usual)."""
-        self.stop_reason = reason
 
     @property
     def unwrapped_model(self):
@@ -167,6 +131,28 @@ class Trainer:
     # ------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
+        """Check and build everything, in this order: plugin parts, runtime, tokenizer and
+        data, model, batch plans, optimization, loss, reliability (guard, checkpoints, resume)."""
+        self._plugin_parts()
+        self._runtime()
+        src, self.base_model = model_source(self.config.model.name_or_path, self.format,
+                                            self.out_dir, self.strategy)
+        self.tokenizer = load_tokenizer(self.config.model.tokenizer or src, self.config.model)
+        with self.strategy.main_first():  # rank 0 fills the tokenization cache, the rest read it
+            self.data = prepare_run_data(self.config, self.format, self.tokenizer, self.pm)
+        self._log_data()
+        self.model = self._build_model(src)
+        self._plans()
+        self._optimization()
+        self._loss()
+        self._reliability()
+        log.info("model %s on %s (%s), %d parameters; %d steps (%d warmup), loss: %s",
+                 self.base_model, self.device, self.precision,
+                 sum(p.numel() for p in self.unwrapped_model.parameters()), self.total_steps,
+                 self.warmup_steps, self.loss_kernel)
+
+    def _plugin_parts(self) -> None:
+        """The dataset format, optimizer and scheduler the config names, and the fused op."""
         cfg = self.config
         formats = self.pm.dataset_formats()
         if cfg.data.format is None:  # the CLI resolves it; API users get the default format
@@ -175,14 +161,15 @@ class Trainer:
             raise ConfigError(f"data.format: unknown dataset format {cfg.data.format!r}; "
                               f"registered: {', '.join(sorted(formats))}")
         self.format = formats[cfg.data.format]
-        optimizers = self.pm.optimizers()
+        optimizers, schedulers = self.pm.optimizers(), self.pm.schedulers()
         if cfg.optim.name not in optimizers:
             raise ConfigError(f"optim.name: unknown optimizer {cfg.optim.name!r}; registered: "
                               f"{', '.join(sorted(optimizers))}")
-        schedulers = self.pm.schedulers()
         if cfg.optim.scheduler not in schedulers:
             raise ConfigError(f"optim.scheduler: unknown scheduler {cfg.optim.scheduler!r}; "
                               f"registered: {', '.join(sorted(schedulers))}")
+        self.optimizer_spec = optimizers[cfg.optim.name]
+        self.scheduler_spec = schedulers[cfg.optim.scheduler]
         if cfg.train.loss_impl == "fused":
             try:
                 from .. import ops  # noqa: F401
@@ -191,192 +178,104 @@ class Trainer:
                                   f"which failed to load ({type(e).__name__}: {e}); rebuild it "
                                   "(pip install --no-build-isolation -e .) or pass --loss-impl "
                                   "torch") from None
+
+    def _runtime(self) -> None:
+        """Threads, device, precision, seed."""
+        cfg = self.config
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         if OMP_WAIT_POLICY_REASON and self.is_main:
             log.info("OMP_WAIT_POLICY=PASSIVE: %s (set OMP_WAIT_POLICY to choose yourself)",
                      OMP_WAIT_POLICY_REASON)
         self.device = self.strategy.device(cfg.train.device)
-        self.precision, self.amp_dtype = _autocast_dtype(cfg.train.precision, self.device)
-        if self.precision == "bf16" and self.device.type == "cuda" and \
-                not torch.cuda.is_bf16_supported():
-            raise ConfigError("train.precision: bf16 is not supported by this GPU; use fp16")
-        ckpt.seed_everything(cfg.train.seed)
+        self.precision, self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
+        seed_everything(cfg.train.seed)
 
-        model_src = self._model_source()
-        self.tokenizer = self._load_tokenizer(cfg.model.tokenizer or model_src)
-        with self.strategy.main_first():  # rank 0 fills the tokenization cache, the rest read it
-            self.data = prepare_data(cfg, self.format, self.tokenizer, self.pm)
-        self._log_data()
-        self.model = self._load_model(model_src)
-        self._check_lengths()
-        self.model = self.strategy.wrap_model(self.model, self.amp_dtype)
+    def _build_model(self, src: str):
+        cfg = self.config
+        model = load_model(src, cfg.model, self.tokenizer, self.device)
+        if cfg.model.compile:
+            self.compiled = compile_blocks(model)
+            if self.is_main:
+                log.info("torch.compile: %s", self.compiled)
+        if cfg.data.packing:
+            check_lengths(model.config, cfg.data.max_seq_len, "packed rows of --max-seq-len")
+        else:
+            longest = max(self.data.train.lengths.max(),
+                          self.data.val.lengths.max() if self.data.val is not None else 0)
+            check_lengths(model.config, int(longest), "the longest example")
+        return self.strategy.wrap_model(model, self.amp_dtype)
 
+    def _plans(self) -> None:
+        cfg, st = self.config, self.strategy
         self.plan = BatchPlan(self.data.train.lengths, cfg.train.batch_size, cfg.data.max_seq_len,
                               cfg.data.packing, cfg.train.seed, shuffle=True,
-                              world_size=self.strategy.world_size, rank=self.strategy.rank)
+                              world_size=st.world_size, rank=st.rank)
         self.val_plan = None
         if self.data.val is not None:
             self.val_plan = BatchPlan(self.data.val.lengths,
                                       cfg.eval.batch_size or cfg.train.batch_size,
                                       cfg.data.max_seq_len, cfg.data.packing, cfg.train.seed,
-                                      shuffle=False, world_size=self.strategy.world_size,
-                                      rank=self.strategy.rank)
+                                      shuffle=False, world_size=st.world_size, rank=st.rank)
         self.total_steps = self._count_steps()
+
+    def _optimization(self) -> None:
+        """Optimizer, LR scheduler (with warmup) and grad scaler (fp16 only)."""
+        cfg = self.config
         warm = cfg.optim.warmup_steps or int(round(cfg.optim.warmup_ratio * self.total_steps))
         self.warmup_steps = min(warm, self.total_steps)
-        self.optimizer = optimizers[cfg.optim.name].build(self._param_groups(), cfg.optim,
-                                                          self.device)
-        self.scheduler = schedulers[cfg.optim.scheduler].build(self.optimizer, self.total_steps,
-                                                               self.warmup_steps, cfg.optim)
+        groups = param_groups(self.unwrapped_model.named_parameters(), cfg.optim.weight_decay)
+        self.optimizer = self.optimizer_spec.build(groups, cfg.optim, self.device)
+        self.scheduler = self.scheduler_spec.build(self.optimizer, self.total_steps,
+                                                   self.warmup_steps, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def _loss(self) -> None:
+        """Which loss implementation runs; a fallback from the fused kernel is counted."""
         from .._ext import has_kernel
 
-        self.loss_impl, why = resolve_impl(cfg.train.loss_impl, self.device, has_kernel)
-        self.fallbacks = [] if why is None else [{"what": "loss", "asked": cfg.train.loss_impl,
+        asked = self.config.train.loss_impl
+        self.loss_impl, why = resolve_impl(asked, self.device, has_kernel)
+        self.fallbacks = [] if why is None else [{"what": "loss", "asked": asked,
                                                   "used": self.loss_impl, "reason": why}]
         if why is not None and self.is_main:
             log.warning("fallback: %s", why)
         self.loss_kernel = kernel_name(self.loss_impl, self.device)
-        log.info("model %s on %s (%s), %d parameters; %d steps (%d warmup), loss: %s",
-                 self.base_model, self.device, self.precision,
-                 sum(p.numel() for p in self.unwrapped_model.parameters()), self.total_steps,
-                 self.warmup_steps, self.loss_kernel)
-        # reliability (resume.py, guards.py): periodic/preemption checkpoints, --resume, and the
-        # non-finite guard (built after the restore: it reads the restored counters)
-        from .checkpoint import Checkpointer
 
+    def _reliability(self) -> None:
+        """The saveable bundle, the non-finite guard, the checkpointer; then ``--resume``."""
+        cfg = self.config
+        self.run_state = RunState(self.model, self.optimizer, self.scheduler, self.scaler,
+                                  self.state, unwrap=self.strategy.unwrap)
         faults = guards.parse_faults()
         if faults:
             log.warning("SFTCTL_FAULT is set (test fault injection): %s", faults)
-        self.checkpointer = Checkpointer(self, faults=faults)
-        self.checkpointer.restore()
-        self.guard = guards.NonFiniteGuard(self, faults=faults)
-
-    def _model_source(self) -> str:
-        cfg = self.config
-        src = cfg.model.name_or_path
-        if src is None:
-            if self.format.demo_base is None:
-                raise ConfigError(f"model.name_or_path: format {self.format.name!r} (plugin "
-                                  f"{self.format.plugin!r}) has no embedded demo model; pass "
-                                  "--model PATH_OR_ID")
-            base = self.out_dir / "base"
-            if self.is_main:
-                log.info("building the embedded base model of plugin %r in %s",
-                         self.format.plugin, base)
-                with ckpt.atomic_directory(base) as tmp:
-                    self.format.demo_base(tmp, 0)
-            self.strategy.barrier()
-            self.base_model = str(base.resolve())
-            return self.base_model
-        p = Path(src).expanduser()
-        if p.exists():
-            if not (p / "config.json").is_file():
-                raise ModelError(f"{p}: not a Hugging Face model directory (no config.json)")
-            self.base_model = str(p.resolve())
-            return self.base_model
-        if src.startswith((".", "/", "~")) or src.count("/") > 1 or "\\" in src:
-            raise ModelError(f"model path not found: {src}")
-        self.base_model = src  # a hub id
-        return src
-
-    def _load_tokenizer(self, src: str):
-        from transformers import AutoTokenizer
-
-        cfg = self.config.model
-        try:
-            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code,
-                                                revision=cfg.revision)
-        except Exception as e:
-            raise ModelError(f"cannot load the tokenizer {src!r}: {type(e).__name__}: "
-                             f"{str(e)[:400]}") from None
-        if tok.eos_token_id is None:
-            raise ModelError(f"tokenizer {src!r} has no eos_token; SFT appends EOS to every "
-                             "response so the model learns to stop")
-        if tok.pad_token_id is None:
-            # Padding positions are masked by attention/loss masks, never by the pad id, so
-            # reusing an existing special token is safe and avoids resizing the embeddings.
-            tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
-            log.warning("tokenizer has no pad token: using %r (padding is masked, never trained)",
-                        tok.pad_token)
-        tok.padding_side = "right"
-        return tok
-
-    def _load_model(self, src: str):
-        from transformers import AutoModelForCausalLM
-
-        cfg = self.config.model
-        kw = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
-                  dtype=torch.float32)
-        if cfg.attn_implementation:
-            kw["attn_implementation"] = cfg.attn_implementation
-        try:
-            model = AutoModelForCausalLM.from_pretrained(src, **kw)
-        except Exception as e:
-            raise ModelError(f"cannot load the model {src!r}: {type(e).__name__}: "
-                             f"{str(e)[:400]}") from None
-        emb = model.get_input_embeddings().weight.shape[0]
-        if len(self.tokenizer) > emb:
-            raise ModelError(f"tokenizer has {len(self.tokenizer)} tokens but the model's "
-                             f"embedding has {emb} rows")
-        model.config.pad_token_id = self.tokenizer.pad_token_id
-        if getattr(model, "generation_config", None) is not None and \
-                model.generation_config.pad_token_id is None:
-            model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        if cfg.gradient_checkpointing:
-            # transformers 5 renamed it; non-reentrant checkpointing works with any input
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-        model = model.to(self.device)
-        if cfg.compile:
-            self.compiled = compile_blocks(model)
-            if self.is_main:
-                log.info("torch.compile: %s", self.compiled)
-        return model
-
-    compiled: str | None = None
-
-    def _check_lengths(self) -> None:
-        """A sequence longer than the model's positions would fail deep inside the model (learned
-        positions) or silently degrade (RoPE): refuse it before training."""
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if not limit:
-            return
-        longest = self.config.data.max_seq_len if self.config.data.packing else \
-            int(max(self.data.train.lengths.max(),
-                    self.data.val.lengths.max() if self.data.val is not None else 0))
-        if longest > limit:
-            what = "packed rows of --max-seq-len" if self.config.data.packing else \
-                "the longest example"
-            raise ConfigError(f"data.max_seq_len: {what} has {longest} tokens but the model "
-                              f"supports {limit} positions (max_position_embeddings); lower "
-                              f"--max-seq-len to {limit} or less")
-
-    def _param_groups(self) -> list[dict]:
-        decay, no_decay = [], []
-        for name, p in self.unwrapped_model.named_parameters():
-            if not p.requires_grad:
-                continue
-            # biases and norm weights (1-D) are not decayed
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.config.optim.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+            if "nan_at_step" in faults:
+                guards.install_nan_fault(faults, self.unwrapped_model, self.state)
+        self.checkpointer = Checkpointer(
+            self.out_dir, self.run_state, self.strategy, save_every=cfg.train.save_every,
+            keep_last=cfg.train.keep_last, total_steps=self.total_steps,
+            config=cfg.to_dict(), config_yaml=atomic.config_yaml(cfg),
+            data_fingerprint=data_fingerprint(self.data.train.lengths), device=self.device,
+            faults=faults)
+        self.guard = guards.NonFiniteGuard(
+            policy=cfg.train.on_nonfinite, limit=cfg.train.max_nonfinite_in_a_row,
+            counters=self.state, optimizer=self.optimizer, scaling=self.scaler.is_enabled(),
+            device=self.device, all_reduce_sum=self.strategy.all_reduce_sum,
+            world_size=self.strategy.world_size,
+            last_checkpoint=self.checkpointer.last_complete)
+        self.checkpointer.before_save = self.guard.sync
+        resumed = self.checkpointer.restore(cfg.train.resume)
+        if resumed is not None:
+            self.resumed_from = str(resumed)
+        self.guard.reset_from_counters()  # a restore changed the in-a-row count it starts from
 
     def _count_steps(self) -> int:
         accum = self.config.train.grad_accum
         if self.config.train.max_steps is not None:
             return self.config.train.max_steps
-        total = 0
-        for epoch in range(self.config.train.epochs):
-            total += math.ceil(self.plan.num_batches(epoch) / accum)
+        total = sum(math.ceil(self.plan.num_batches(epoch) / accum)
+                    for epoch in range(self.config.train.epochs))
         if total == 0:
             raise ConfigError("no training steps: the training data gives no micro-batch")
         return total
@@ -406,16 +305,46 @@ class Trainer:
 
     def train_step(self, rows_list) -> dict:
         """One optimizer step over the micro-batches ``rows_list``; returns step metrics."""
-        cfg = self.config
-        impl = self.loss_impl
         t0 = time.perf_counter()
         micro = self._micro_batches(rows_list)
+        labels, normalizer = self._labels(micro)
+        loss_sum = self._forward_backward(micro, labels, normalizer)
+        grad_norm = self._unscale_and_clip()
+        step = self.state.step + 1
+        log_now = step % self.config.train.log_every == 0 or step == self.total_steps
+        lr = self.optimizer.param_groups[0]["lr"]
+        tokens = sum(mb.num_tokens for mb in micro)  # this rank's
+        totals = self._global_totals(loss_sum, tokens) if log_now else None
+        # the guard raises (stop) or returns False (skip) before the update; on CUDA it reads
+        # its device flag only where the loss is read anyway (log_now)
+        apply = self.guard.check(loss_sum, grad_norm, step, sync=log_now)
+        self._update(apply)
+        if self.device.type == "cuda" and log_now:
+            torch.cuda.synchronize(self.device)
+        out = {"tokens": tokens, "examples": sum(mb.num_examples for mb in micro),
+               "time": time.perf_counter() - t0, "lr": lr}
+        if totals is not None:
+            loss_v, step_tokens, tokens_all = totals
+            out.update(loss=loss_v, grad_norm=float(grad_norm), trainable=int(normalizer),
+                       step_tokens=step_tokens, tokens_all_ranks=tokens_all)
+            if self.guard.skipped_now:
+                out["skipped_nonfinite"] = True
+        return out
+
+    def _labels(self, micro) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Labels of every micro-batch and the step's trainable-target count over all ranks
+        (a 0-dim fp32 device tensor: the loss normalizer)."""
         labels, count = [], torch.zeros((), dtype=torch.long, device=self.device)
         for mb in micro:
-            lab, n = sft_labels(mb, impl)
+            lab, n = sft_labels(mb, self.loss_impl)
             labels.append(lab)
             count = count + n
-        normalizer = self.strategy.all_reduce_sum(count).to(torch.float32)  # global, 0-dim
+        return labels, self.strategy.all_reduce_sum(count).to(torch.float32)
+
+    def _forward_backward(self, micro, labels, normalizer) -> torch.Tensor:
+        """Forward, loss and backward of each micro-batch (gradients synced on the last one);
+        returns this rank's summed loss (a device tensor)."""
+        impl = self.loss_impl
         self.model.train()
         scaling = self.scaler.is_enabled()
         grad_scale = self.scaler.scale(torch.ones((), device=self.device)) if scaling else None
@@ -432,51 +361,37 @@ class Trainer:
                 (self.scaler.scale(scaled) if scaling else scaled).backward()
             loss_sum += loss.detach()
             del logits, loss, scaled
-        if scaling:
+        return loss_sum
+
+    def _unscale_and_clip(self) -> torch.Tensor:
+        """The global gradient norm (before clipping), gradients unscaled and clipped."""
+        if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = self.strategy.clip_grad_norm_(params, clip)  # global over ranks
-        lr = self.optimizer.param_groups[0]["lr"]
-        log_now = (self.state.step + 1) % cfg.train.log_every == 0 or \
-            self.state.step + 1 == self.total_steps
-        metrics = None
-        tokens = sum(mb.num_tokens for mb in micro)  # this rank's
-        if log_now:
-            step_tokens, tokens_total = tokens, self.state.tokens_total + tokens
-            if self.strategy.world_size > 1:  # each rank holds its share of the step's loss
-                sums = self.strategy.all_reduce_sum(torch.tensor(
-                    [float(loss_sum), tokens, tokens_total], dtype=torch.float64,
-                    device=self.device))  # [3]
-                loss_sum, step_tokens, tokens_total = sums[0], int(sums[1]), int(sums[2])
-        # non-finite guard (guards.py): raises (stop) or returns False (skip) before the update;
-        # on CUDA it reads its flag only where the loss is read anyway (log_now)
-        apply = self.guard.check(loss_sum, grad_norm, self.state.step + 1, sync=log_now)
-        if log_now:
-            loss_v, gn_v = float(loss_sum), float(grad_norm)
-            metrics = {"loss": loss_v, "grad_norm": gn_v, "trainable": int(normalizer),
-                       "step_tokens": step_tokens, "tokens_all_ranks": tokens_total}
-            if self.guard.skipped_now:
-                metrics["skipped_nonfinite"] = True
-        if not apply:
-            if scaling:
-                self.scaler.update()  # its inf check ran in unscale_; the scale backs off
-        elif scaling:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
+        clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
+        return self.strategy.clip_grad_norm_(params, clip)  # global over ranks
+
+    def _global_totals(self, loss_sum: torch.Tensor, tokens: int) -> tuple[float, int, int]:
+        """(step loss, step tokens, tokens so far) summed over ranks: read on logging steps."""
+        step_tokens, tokens_total = tokens, self.state.tokens_total + tokens
+        if self.strategy.world_size > 1:  # each rank holds its share of the step's loss
+            sums = self.strategy.all_reduce_sum(torch.tensor(
+                [float(loss_sum), tokens, tokens_total], dtype=torch.float64,
+                device=self.device))  # [3]
+            return float(sums[0]), int(sums[1]), int(sums[2])
+        return float(loss_sum), step_tokens, tokens_total
+
+    def _update(self, apply: bool) -> None:
+        """Optimizer step (unless the guard said skip), scheduler step, zeroed gradients."""
+        if self.scaler.is_enabled():
+            if apply:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()  # on a skip: its inf check ran in unscale_; the scale backs off
+        elif apply:
             with self.guard.masked_update(self.optimizer):
                 self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda" and log_now:
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
-        out = {"tokens": tokens, "examples": sum(mb.num_examples for mb in micro), "time": dt,
-               "lr": lr}
-        if metrics:
-            out.update(metrics)
-        return out
 
     def train(self) -> dict:
         """Run to ``total_steps``, validate, save the final model; return the summary."""
@@ -485,7 +400,7 @@ class Trainer:
         accum = cfg.train.grad_accum
         from tqdm.auto import tqdm
 
-        self.pm.hook.sftctl_train_start(trainer=self)
+        self.pm.hook.sftctl_train_start(run=self.context)
         if self.val_plan is not None and cfg.eval.initial and st.step == 0:
             self.evaluate()
         bar = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step",
@@ -520,7 +435,8 @@ class Trainer:
                 if m.get("skipped_nonfinite"):
                     metrics["skipped_nonfinite"] = True
                 st.history.append(metrics)
-                self.pm.hook.sftctl_step_end(trainer=self, step=st.step, metrics=metrics)
+                self.pm.hook.sftctl_step_end(run=self.context, step=st.step,
+                                             metrics=dict(metrics))
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
@@ -562,7 +478,8 @@ class Trainer:
                    "val_ppl": math.exp(min(val_loss, 700.0)), "val_tokens": n,
                    "time": round(time.time() - self._t0, 3),
                    "eval_time_s": round(time.perf_counter() - t0, 3)}
-        self.pm.hook.sftctl_evaluate(trainer=self, step=self.state.step, metrics=metrics)
+        # plugins may add keys to the validation metrics (documented in the hook spec)
+        self.pm.hook.sftctl_evaluate(run=self.context, step=self.state.step, metrics=metrics)
         self.state.history.append(metrics)
         if self.is_main:
             log.info("step %d: val_loss %.4f, val_ppl %.3f", self.state.step, val_loss,
@@ -572,34 +489,19 @@ class Trainer:
     # --------------------------------------------------------------------------- resumability
 
     def state_dict(self) -> dict:
-        """Everything needed to continue this run exactly: model, optimizer, scheduler, grad
-        scaler, every RNG and the counters/history. Tensors and plain types only, so it
-        round-trips through ``torch.save`` / ``torch.load(weights_only=True)``."""
-        return {
-            "model": self.unwrapped_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": ckpt.rng_state(),
-            "state": self.state.state_dict(),
-            "world_size": self.strategy.world_size,
-        }
+        """The run's ``RunState`` as a dict (see ``state.py``), plus the world size."""
+        sd = self.run_state.state_dict()
+        sd["world_size"] = self.strategy.world_size
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore a ``state_dict`` into a trainer that ran ``setup()`` with the same config."""
+        """Restore a ``state_dict`` into a trainer that ran ``setup()`` with the same config
+        (what the checkpointer does from files)."""
         if sd.get("world_size", 1) != self.strategy.world_size:
             raise TrainingError(f"the state was saved with world size {sd.get('world_size')}, "
-                                f"this run has {self.strategy.world_size}")
-        if self.strategy.sharded_state:  # whole tensors do not load into FSDP's sharded ones
-            raise TrainingError("the state was saved whole (by --strategy ddp or none); resume "
-                                "it with that strategy, not --strategy fsdp")
-        self.unwrapped_model.load_state_dict(sd["model"])
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.scheduler.load_state_dict(sd["scheduler"])
-        self.scaler.load_state_dict(sd["scaler"])
-        self.state = TrainState()
-        self.state.load_state_dict(sd["state"])
-        ckpt.set_rng_state(sd["rng"])
+                              f"this run has {self.strategy.world_size}")
+        self.run_state.load_state_dict(sd)
+        self.guard.reset_from_counters()
 
     # -------------------------------------------------------------------------------- finish
 
@@ -610,6 +512,7 @@ class Trainer:
         train_hist = [h for h in st.history if h["kind"] == "train"]
         val_hist = [h for h in st.history if h["kind"] == "val"]
         cfg = self.config
+        tokens = getattr(self, "_tokens_all_ranks", st.tokens_total)
         return {
             "status": "complete",
             "model": cfg.model.name_or_path or EMBEDDED_MODEL,
@@ -624,12 +527,11 @@ class Trainer:
             "steps": st.step,
             "epochs": round(st.epoch + (st.micro_in_epoch / max(self.plan.num_batches(st.epoch),
                                                                 1)), 4),
-            "tokens": getattr(self, "_tokens_all_ranks", st.tokens_total),
+            "tokens": tokens,
             "trainable_tokens": st.trainable_total,
             "wall_time_s": round(time.time() - self._t0, 3),
             "train_time_s": round(st.train_time_s, 3),
-            "tokens_per_s": getattr(self, "_tokens_all_ranks", st.tokens_total) /
-            max(st.train_time_s, 1e-9),
+            "tokens_per_s": tokens / max(st.train_time_s, 1e-9),
             "peak_memory_bytes": mem,
             "peak_memory_kind": mem_kind,
             "loss_kernel": self.loss_kernel,
@@ -649,7 +551,7 @@ class Trainer:
             "val_ppl": val_hist[-1]["val_ppl"] if val_hist else None,
             "stopped_early": self.stop_reason,
             "nonfinite_skipped": st.nonfinite_skipped,
-            "resumed_from": self.extras.get("resumed_from"),
+            "resumed_from": self.resumed_from,
             "plugins": list(cfg.plugins),
             "versions": versions(),
             "benchmarks": self.benchmarks,
@@ -667,12 +569,13 @@ class Trainer:
         full = self.strategy.full_state_dict(self.model)  # every rank: FSDP gathers the shards
         if self.is_main:
             with self.checkpointer.wrap_disk_errors(f"the final model {self.out_dir / 'model'}"), \
-                    ckpt.atomic_directory(self.out_dir / "model") as tmp:
-                ckpt.save_hf_model(model, self.tokenizer, tmp, config_yaml=ckpt.config_yaml(self.config),
-                                   summary=summary, state_dict=full)
-                self.pm.hook.sftctl_save(trainer=self, path=tmp)
+                    atomic.atomic_directory(self.out_dir / "model") as tmp:
+                atomic.save_hf_model(model, self.tokenizer, tmp,
+                                     config_yaml=atomic.config_yaml(self.config),
+                                     summary=summary, state_dict=full)
+                self.pm.hook.sftctl_save(run=self.context, path=tmp)
         self.strategy.barrier()
-        self.pm.hook.sftctl_after_train(trainer=self, summary=summary)
+        self.pm.hook.sftctl_after_train(run=self.context, summary=summary)
         if self.is_main:
-            ckpt.write_json(self.out_dir / "summary.json", summary)
+            atomic.write_json(self.out_dir / "summary.json", summary)
         return summary

@@ -1,0 +1,149 @@
+"""Loading what is trained: the model source, the tokenizer, the model, and checks between them.
+
+Design choices
+- Plain functions that take the parts they need (the ``model:`` config section, a device, the
+  tokenizer), so the trainer only wires them and a test can call each one alone.
+- Weights load in fp32 whatever the checkpoint's dtype: the optimizer keeps fp32 master weights
+  and the forward runs under autocast (``autocast_dtype``).
+- The embedded default model is the dataset format's (``DatasetFormat.demo_base``): the core
+  knows no particular model, and the format that tuned its defaults brings the base they were
+  tuned for.
+- ``compile_blocks`` compiles each transformer block's ``forward`` in place, not the module:
+  hooks (FSDP2's all-gathers, DDP's, activation checkpointing's) stay eager around the compiled
+  code and parameter names (hence checkpoints) do not change, as wrapping blocks in an
+  ``OptimizedModule`` would make them. Blocks of one class share their compiled code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, ModelError
+from . import atomic
+
+log = logging.getLogger("sftctl")
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """(resolved precision name, autocast dtype or None for fp32); ``auto``: bf16 on a GPU that
+    has it, else fp16 on a GPU, fp32 on the CPU."""
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision: bf16 is not supported by this GPU; use fp16")
+    return precision, PRECISIONS[precision]
+
+
+def model_source(name_or_path: str | None, fmt, run_dir: Path, strategy) -> tuple[str, str]:
+    """(what ``from_pretrained`` loads, the base model recorded in summary.json). With no
+    ``--model``, rank 0 builds the format's embedded base into ``run_dir/base`` (atomically)."""
+    if name_or_path is None:
+        if fmt.demo_base is None:
+            raise ConfigError(f"model.name_or_path: format {fmt.name!r} (plugin {fmt.plugin!r}) "
+                              "has no embedded demo model; pass --model PATH_OR_ID")
+        base = Path(run_dir) / "base"
+        if strategy.is_main:
+            log.info("building the embedded base model of plugin %r in %s", fmt.plugin, base)
+            with atomic.atomic_directory(base) as tmp:
+                fmt.demo_base(tmp, 0)
+        strategy.barrier()
+        path = str(base.resolve())
+        return path, path
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p}: not a Hugging Face model directory (no config.json)")
+        return str(p.resolve()), str(p.resolve())
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or \
+            "\\" in name_or_path:
+        raise ModelError(f"model path not found: {name_or_path}")
+    return name_or_path, name_or_path  # a hub id
+
+
+def load_tokenizer(src: str, model_cfg):
+    """The tokenizer, right-padded, with EOS required and a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model_cfg.trust_remote_code,
+                                            revision=model_cfg.revision)
+    except Exception as e:
+        raise ModelError(f"cannot load the tokenizer {src!r}: {type(e).__name__}: "
+                         f"{str(e)[:400]}") from None
+    if tok.eos_token_id is None:
+        raise ModelError(f"tokenizer {src!r} has no eos_token; SFT appends EOS to every "
+                         "response so the model learns to stop")
+    if tok.pad_token_id is None:
+        # Padding positions are masked by attention/loss masks, never by the pad id, so
+        # reusing an existing special token is safe and avoids resizing the embeddings.
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+        log.warning("tokenizer has no pad token: using %r (padding is masked, never trained)",
+                    tok.pad_token)
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(src: str, model_cfg, tokenizer, device: torch.device) -> torch.nn.Module:
+    """The causal LM in fp32 on ``device``, checked against the tokenizer, training-ready
+    (no KV cache, activation checkpointing when asked)."""
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
+              dtype=torch.float32)
+    if model_cfg.attn_implementation:
+        kw["attn_implementation"] = model_cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **kw)
+    except Exception as e:
+        raise ModelError(f"cannot load the model {src!r}: {type(e).__name__}: "
+                         f"{str(e)[:400]}") from None
+    emb = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > emb:
+        raise ModelError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                         f"{emb} rows")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and \
+            model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model_cfg.gradient_checkpointing:
+        # transformers 5 renamed it; non-reentrant checkpointing works with any input
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def compile_blocks(model: torch.nn.Module) -> str:
+    """``torch.compile`` the ``forward`` of each transformer block in place (see the module
+    docstring); returns what was compiled, for the log and the summary."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    if not blocks:
+        model.forward = torch.compile(model.forward)
+        return f"the whole model's forward ({type(model).__name__}; it names no block class)"
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+    kinds = sorted({type(b).__name__ for b in blocks})
+    return f"{len(blocks)} blocks ({', '.join(kinds)}), forward of each"
+
+
+def check_lengths(model_config, longest: int, what: str) -> None:
+    """A sequence longer than the model's positions would fail deep inside the model (learned
+    positions) or silently degrade (RoPE): refuse it before training."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and longest > limit:
+        raise ConfigError(f"data.max_seq_len: {what} has {longest} tokens but the model supports "
+                          f"{limit} positions (max_position_embeddings); lower --max-seq-len to "
+                          f"{limit} or less")
