@@ -7,7 +7,7 @@ tokenizer and a tiny Llama through ``sftctl.demo_data`` / ``sftctl.demo_model``,
 number of optimizer steps, then scores the held-out split by greedy decoding (stop at newline or
 EOS) and exact match, per task.
 
-The argument defaults are the chosen defaults (sftctl/configs/alpaca_default.yaml, tiny_llama.json):
+The argument defaults are the chosen defaults (plugins/alpaca/default_config.yaml, tiny_llama.json):
     python bench/tune_default.py                       # the default run, scored
     python bench/tune_default.py --dim 128 --layers 4 --lr 3e-3 --steps 3000 --tag x
     python bench/tune_default.py --score RUN/model     # score a trainer checkpoint

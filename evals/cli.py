@@ -28,6 +28,25 @@ from typing import Any
 
 __all__ = ["add_eval_parser", "add_report_parser", "cmd_eval", "cmd_report"]
 
+# config keys whose `sftctl train` flags `sftctl eval` shares (dotted key -> attribute used here):
+# --plugin, --tasks (comma-separated lists work too), --eval-limit (alias --limit), --device
+# (default here: cuda when present), --quiet (logs go to eval/)
+SHARED_FLAGS = {"plugins": "plugin", "eval.tasks": "tasks", "eval.limit": "limit",
+                "train.device": "device", "train.quiet": "quiet"}
+
+
+def _shared(args) -> None:
+    """Copy the shared config-key values onto the short names cmd_eval reads (absent: unset)."""
+    for dotted, name in SHARED_FLAGS.items():
+        setattr(args, name, getattr(args, dotted, None))
+    args.plugin = args.plugin or []
+    args.quiet = bool(args.quiet)
+    if args.device == "auto":
+        args.device = None
+    if args.limit is not None and args.limit < 1:
+        ConfigError, _ = _errors()
+        raise ConfigError(f"--eval-limit: expected a positive integer, got {args.limit}")
+
 
 def _errors():
     from sftctl.errors import ConfigError, ModelError
@@ -55,22 +74,17 @@ def add_eval_parser(subparsers) -> Any:
     p.add_argument("--base", metavar="MODEL", default=None,
                    help="base model to compare against (default: the run's base_model; "
                         "'none': evaluate the checkpoint alone)")
-    p.add_argument("--tasks", nargs="+", metavar="TASK", default=None,
-                   help="benchmarks to run (registered names or standard lm-eval task names; "
-                        "comma-separated lists work too)")
     p.add_argument("--output-dir", metavar="DIR", default=None,
                    help="where eval/ and the report go (default: the run directory, else "
                         "CHECKPOINT-eval)")
-    p.add_argument("--plugin", action="append", default=[], metavar="NAME",
-                   help="also take the benchmarks this plugin registers (repeatable)")
-    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
-                   help="evaluate at most N documents per benchmark")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
                    help="lm-eval batch size (default 16)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--dtype", default=None,
                    help="model dtype for lm-eval (default: float32 on CPU, the checkpoint's on CUDA)")
-    p.add_argument("--quiet", action="store_true", help="no progress output (logs go to eval/)")
+    # the options `sftctl train` also has come from the same config fields (one flag, one help)
+    from sftctl.run.cli import add_config_arguments
+
+    add_config_arguments(p, {}, only=set(SHARED_FLAGS), aliases={"eval.limit": ["--limit"]})
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -108,6 +122,7 @@ def cmd_eval(args, pm=None, options=None) -> int:
     from .spec import BenchmarkSpec, specs_from_json
 
     ConfigError, ModelError = _errors()
+    _shared(args)
     ref = args.checkpoint
     local = Path(ref).expanduser()
     if local.exists():

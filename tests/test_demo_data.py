@@ -161,6 +161,6 @@ def test_jsonl_round_trip_and_bad_line(tmp_path):
 def test_default_config_matches_module_sizes():
     from pathlib import Path
 
-    cfg = yaml.safe_load((Path(demo_data.__file__).parent / "configs" / "alpaca_default.yaml").read_text())
+    cfg = yaml.safe_load((Path(demo_data.__file__).parent / "default_config.yaml").read_text())
     assert cfg["options"]["alpaca.demo_train_size"] == demo_data.DEFAULT_N_TRAIN
     assert cfg["options"]["alpaca.demo_heldout_size"] == demo_data.DEFAULT_N_HELDOUT
