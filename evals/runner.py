@@ -445,111 +445,140 @@ def _quiet_git_hash() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def worker_main(job_path: str) -> int:
-    # The offline switches must be in place before lm_eval/transformers/datasets are imported.
-    for k, v in OFFLINE_ENV.items():
-        os.environ.setdefault(k, v)
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    label, model_ref = job["label"], job["model"]
-    out_dir = Path(job["out_dir"])
-    opts = EvalOptions(**job["options"])
-    specs = [BenchmarkSpec.from_dict(d) for d in job["specs"]]
-    (out_dir / "lm_eval.log").write_text("", encoding="utf-8")
-    _setup_worker_logging(out_dir / "lm_eval.log")
+class _Worker:
+    """One evaluation worker: a job (model, benchmarks, options) read from JSON; its steps are
+    load the model, then run each benchmark and record its status (one failure does not stop
+    the others)."""
 
-    def say(msg: str) -> None:
-        print(f"[sftctl eval] {label}: {msg}", file=sys.stderr, flush=True)
+    def __init__(self, job: dict):
+        self.label, self.model_ref = job["label"], job["model"]
+        self.out_dir = Path(job["out_dir"])
+        self.opts = EvalOptions(**job["options"])
+        self.specs = [BenchmarkSpec.from_dict(d) for d in job["specs"]]
+        self._managers: dict[bool, Any] = {}
 
-    def record(spec: BenchmarkSpec, st: dict) -> None:
-        d = out_dir / spec.name
+    def say(self, msg: str) -> None:
+        print(f"[sftctl eval] {self.label}: {msg}", file=sys.stderr, flush=True)
+
+    def record(self, spec: BenchmarkSpec, status: dict) -> None:
+        d = self.out_dir / spec.name
         d.mkdir(parents=True, exist_ok=True)
-        (d / "status.json").write_text(json.dumps(st, indent=2) + "\n", encoding="utf-8")
+        (d / "status.json").write_text(json.dumps(status, indent=2) + "\n", encoding="utf-8")
 
-    import lm_eval
-    import lm_eval.evaluator
-    from lm_eval.loggers import EvaluationTracker
-    from lm_eval.tasks import TaskManager
-
-    # lm-eval records `git describe` of the working directory and lets git print "fatal: not a
-    # git repository" on the terminal; same lookup, without the noise.
-    lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
-    device = _pick_device(opts.device)
-    dtype = opts.dtype or ("float32" if device == "cpu" else "auto")
-    model_args = {"pretrained": model_ref, "dtype": dtype, "trust_remote_code": False}
-    t0 = time.time()
-    try:
-        lm = _hf_model_class().create_from_arg_obj(
-            model_args, {"batch_size": opts.batch_size, "device": device, "max_batch_size": None})
-    except Exception as exc:
-        tb = traceback.format_exc()
-        where = "" if _is_local_model(model_ref) else (
-            " (not a local directory; as a hub id it must already be in the local cache, since "
-            "evaluation runs offline)")
-        err = f"cannot load model {model_ref!r}{where}: {type(exc).__name__}: {exc}"
-        say(err)
-        for spec in specs:
-            record(spec, {"status": "error", "error": err, "traceback": tb, "wall_time_s": 0.0})
-        return 1
-    (out_dir / "model_info.json").write_text(json.dumps({
-        "model_args": model_args, "device": device, "batch_size": opts.batch_size,
-        "lm_eval_model": "hf (sftctl: context kept whole at a clean token boundary)",
-        "load_time_s": round(time.time() - t0, 3),
-        "num_parameters": getattr(lm, "_model", None) and sum(
-            p.numel() for p in lm._model.parameters()),
-    }, indent=2) + "\n", encoding="utf-8")
-
-    local_paths = sorted({s.include_path for s in specs if s.include_path})
-    managers: dict[bool, Any] = {}
-
-    def manager(builtin: bool):
-        if builtin not in managers:
-            if builtin:
-                say("building lm-eval's built-in task index (a standard task was asked for)")
-            managers[builtin] = TaskManager(include_path=local_paths or None,
-                                            include_defaults=builtin)
-        return managers[builtin]
-
-    failed = 0
-    for i, spec in enumerate(specs, 1):
-        say(f"benchmark {i}/{len(specs)}: {spec.name}")
-        t = time.time()
-        tm = None
+    def load_model(self):
+        """lm-eval's ``hf`` model (with sftctl's tokenization fix), or None after recording
+        the load error for every benchmark."""
+        device = _pick_device(self.opts.device)
+        dtype = self.opts.dtype or ("float32" if device == "cpu" else "auto")
+        model_args = {"pretrained": self.model_ref, "dtype": dtype, "trust_remote_code": False}
+        t0 = time.time()
         try:
-            tm = manager(spec.builtin)
-            limits = [x for x in (spec.limit, opts.limit) if x is not None]
-            task_dir = out_dir / spec.name
-            task_dir.mkdir(parents=True, exist_ok=True)
-            tracker = EvaluationTracker(output_path=str(task_dir / "results.json"))
-            res = lm_eval.simple_evaluate(
-                model=lm, tasks=[spec.name], task_manager=tm,
-                limit=min(limits) if limits else None, num_fewshot=spec.num_fewshot,
-                log_samples=True, evaluation_tracker=tracker,
-                bootstrap_iters=opts.bootstrap_iters)
-            if res is None:
-                raise BenchmarkError("lm-eval returned no results (not rank 0?)")
-            samples = res.pop("samples", {}) or {}
-            tracker.save_results_aggregated(results=res, samples=samples)
-            for task_name in res.get("configs", {}):
-                tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-            # The tracker logs and swallows write errors; a missing file is a failure here.
-            results_files = sorted(task_dir.glob("results_*.json"))
-            sample_files = sorted(task_dir.glob("samples_*.jsonl"))
-            if not results_files:
-                raise BenchmarkError(f"lm-eval wrote no results file into {task_dir}")
-            st = {"status": "ok", "error": None, "traceback": None,
+            lm = _hf_model_class().create_from_arg_obj(
+                model_args, {"batch_size": self.opts.batch_size, "device": device,
+                             "max_batch_size": None})
+        except Exception as exc:
+            tb = traceback.format_exc()
+            where = "" if _is_local_model(self.model_ref) else (
+                " (not a local directory; as a hub id it must already be in the local cache, "
+                "since evaluation runs offline)")
+            err = f"cannot load model {self.model_ref!r}{where}: {type(exc).__name__}: {exc}"
+            self.say(err)
+            for spec in self.specs:
+                self.record(spec, {"status": "error", "error": err, "traceback": tb,
+                                   "wall_time_s": 0.0})
+            return None
+        (self.out_dir / "model_info.json").write_text(json.dumps({
+            "model_args": model_args, "device": device, "batch_size": self.opts.batch_size,
+            "lm_eval_model": "hf (sftctl: context kept whole at a clean token boundary)",
+            "load_time_s": round(time.time() - t0, 3),
+            "num_parameters": getattr(lm, "_model", None) and sum(
+                p.numel() for p in lm._model.parameters()),
+        }, indent=2) + "\n", encoding="utf-8")
+        return lm
+
+    def task_manager(self, builtin: bool):
+        """A TaskManager over the plugins' task folders; lm-eval's built-in index (slow) only
+        when a standard task is asked for."""
+        from lm_eval.tasks import TaskManager
+
+        if builtin not in self._managers:
+            if builtin:
+                self.say("building lm-eval's built-in task index (a standard task was asked for)")
+            local_paths = sorted({s.include_path for s in self.specs if s.include_path})
+            self._managers[builtin] = TaskManager(include_path=local_paths or None,
+                                                  include_defaults=builtin)
+        return self._managers[builtin]
+
+    def run_benchmark(self, lm, spec: BenchmarkSpec) -> tuple[dict, str]:
+        """One ``simple_evaluate`` call whose results and samples lm-eval's own tracker writes;
+        returns (status, one-line summary). Raises on failure."""
+        import lm_eval
+        from lm_eval.loggers import EvaluationTracker
+
+        t = time.time()
+        tm = self.task_manager(spec.builtin)
+        limits = [x for x in (spec.limit, self.opts.limit) if x is not None]
+        task_dir = self.out_dir / spec.name
+        task_dir.mkdir(parents=True, exist_ok=True)
+        tracker = EvaluationTracker(output_path=str(task_dir / "results.json"))
+        res = lm_eval.simple_evaluate(
+            model=lm, tasks=[spec.name], task_manager=tm,
+            limit=min(limits) if limits else None, num_fewshot=spec.num_fewshot,
+            log_samples=True, evaluation_tracker=tracker,
+            bootstrap_iters=self.opts.bootstrap_iters)
+        if res is None:
+            raise BenchmarkError("lm-eval returned no results (not rank 0?)")
+        samples = res.pop("samples", {}) or {}
+        tracker.save_results_aggregated(results=res, samples=samples)
+        for task_name in res.get("configs", {}):
+            tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+        # The tracker logs and swallows write errors; a missing file is a failure here.
+        results_files = sorted(task_dir.glob("results_*.json"))
+        sample_files = sorted(task_dir.glob("samples_*.jsonl"))
+        if not results_files:
+            raise BenchmarkError(f"lm-eval wrote no results file into {task_dir}")
+        status = {"status": "ok", "error": None, "traceback": None,
                   "results_file": str(results_files[-1]),
                   "samples_file": str(sample_files[-1]) if sample_files else None,
                   "wall_time_s": round(time.time() - t, 3)}
-            say(f"{spec.name}: {_fmt_metrics(res, spec.name)} ({st['wall_time_s']:.1f} s)")
-        except Exception as exc:
-            failed += 1
-            known = list(getattr(tm, "all_tasks", []) or [])
-            err = _explain(spec, exc, known)
-            st = {"status": "error", "error": err, "traceback": traceback.format_exc(),
-                  "wall_time_s": round(time.time() - t, 3)}
-            say(f"{spec.name}: FAILED: {err}")
-        record(spec, st)
-    return 1 if failed else 0
+        return status, f"{_fmt_metrics(res, spec.name)} ({status['wall_time_s']:.1f} s)"
+
+    def run(self) -> int:
+        import lm_eval.evaluator
+
+        # lm-eval records `git describe` of the working directory and lets git print "fatal:
+        # not a git repository" on the terminal; same lookup, without the noise.
+        lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
+        lm = self.load_model()
+        if lm is None:
+            return 1
+        failed = 0
+        for i, spec in enumerate(self.specs, 1):
+            self.say(f"benchmark {i}/{len(self.specs)}: {spec.name}")
+            t = time.time()
+            try:
+                status, line = self.run_benchmark(lm, spec)
+                self.say(f"{spec.name}: {line}")
+            except Exception as exc:
+                failed += 1
+                known = list(getattr(self._managers.get(spec.builtin), "all_tasks", []) or [])
+                err = _explain(spec, exc, known)
+                status = {"status": "error", "error": err, "traceback": traceback.format_exc(),
+                          "wall_time_s": round(time.time() - t, 3)}
+                self.say(f"{spec.name}: FAILED: {err}")
+            self.record(spec, status)
+        return 1 if failed else 0
+
+
+def worker_main(job_path: str) -> int:
+    """The worker process: offline switches first (before lm_eval/transformers/datasets are
+    imported), logging to the job's folder, then the job."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    worker = _Worker(json.loads(Path(job_path).read_text(encoding="utf-8")))
+    (worker.out_dir / "lm_eval.log").write_text("", encoding="utf-8")
+    _setup_worker_logging(worker.out_dir / "lm_eval.log")
+    return worker.run()
 
 
 def main(argv: list[str] | None = None) -> int:
