@@ -16,7 +16,10 @@ Design choices
   model path), reported before any training step; 1 for a failure during training; otherwise
   the evaluation's own status; 75 when SIGTERM/SIGINT stopped training after saving a
   resumable checkpoint (see docs/reliability.md). Errors are one message naming the file,
-  record and field.
+  record and field, and the plugin and hook when a plugin raised it (2 before training starts,
+  1 once it has); ``--debug`` (any position) or ``SFTCTL_DEBUG=1`` also prints the traceback.
+- A broken third-party plugin (see ``plugin_manager``) stops every command except ``plugins``
+  and ``doctor`` (which list it) and ``--help``.
 - Output: logging on stderr through tqdm (bars are not broken by log lines); ``--quiet`` keeps
   warnings only and hides the bars; ranks other than 0 only report errors.
 """
@@ -31,11 +34,12 @@ import logging
 import os
 import sys
 import time
+import traceback
 import typing
 from pathlib import Path
 
 from . import config as C
-from ..errors import ConfigError, SftctlError
+from ..errors import ConfigError, PluginError, PluginHookError, SftctlError
 
 log = logging.getLogger("sftctl")
 
@@ -366,8 +370,10 @@ def _post_train(trainer, out: Path, cfg, pm) -> int:
 def cmd_plugins(args, pm, options) -> int:
     info = pm.describe()
     formats = pm.dataset_formats()
+    broken = [b.to_dict() for b in pm.broken.values()]
     if args.json:
         payload = {"plugins": info,
+                   "broken": broken,
                    "installed_not_loaded": pm.skipped_entry_points,
                    "dataset_formats": {n: {"plugin": f.plugin, "description": f.description,
                                            "fields": dict(f.fields), "required": list(f.required),
@@ -385,10 +391,22 @@ def cmd_plugins(args, pm, options) -> int:
             if p[key]:
                 print(f"    {key.replace('_', ' ')}: {', '.join(p[key])}")
         print(f"    hooks: {', '.join(h.removeprefix('sftctl_') for h in p['hooks'])}")
+    _print_broken(pm)
     if pm.skipped_entry_points:
         print("installed but not loaded (SFTCTL_PLUGINS / SFTCTL_DISABLE_PLUGIN_AUTOLOAD): "
               + ", ".join(pm.skipped_entry_points))
     return EXIT_OK
+
+
+def _print_broken(pm) -> None:
+    for b in pm.broken.values():
+        print(f"{b.name}  BROKEN: {b.problem} ({b.where})")
+        print(f"    {b.error_text()}")
+    if pm.broken:
+        from .plugin_manager import WAYS_OUT
+
+        print(f"    commands other than plugins and doctor stop until it is fixed or "
+              f"uninstalled; {WAYS_OUT}")
 
 
 def doctor_report() -> dict:
@@ -445,6 +463,7 @@ def doctor_report() -> dict:
 def cmd_doctor(args, pm, options) -> int:
     rep = doctor_report()
     rep["plugins"] = sorted(pm.infos)
+    rep["broken_plugins"] = [b.to_dict() for b in pm.broken.values()]
     if args.json:
         print(json.dumps(rep, indent=2, default=str))
     else:
@@ -477,7 +496,9 @@ def cmd_doctor(args, pm, options) -> int:
               + (f" (set by sftctl: {t['omp_wait_policy_set_by_sftctl']})"
                  if t['omp_wait_policy_set_by_sftctl'] else ""))
         print(f"plugins: {', '.join(rep['plugins'])}")
-    return EXIT_OK if rep["extension"]["loaded"] else EXIT_FAILED
+        _print_broken(pm)
+    healthy = rep["extension"]["loaded"] and not pm.broken
+    return EXIT_OK if healthy else EXIT_FAILED
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -488,6 +509,9 @@ def build_parser(pm, options) -> argparse.ArgumentParser:
         prog="sftctl",
         description="Supervised fine-tuning of Hugging Face causal LMs with fused loss kernels, "
                     "plugins and post-training benchmark reports.")
+    # main() takes --debug out of the arguments wherever it is; declared here for --help
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, also print the traceback (any position; or SFTCTL_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     build_train_parser(sub, options)
@@ -497,20 +521,51 @@ def build_parser(pm, options) -> argparse.ArgumentParser:
     pd = sub.add_parser("doctor", help="versions, extension kernels, devices")
     pd.add_argument("--json", action="store_true", help="machine-readable output")
     pd.set_defaults(func=cmd_doctor)
-    pm.hook.sftctl_add_commands(subparsers=sub)
+    pm.add_commands(sub)
     return p
+
+
+DIAGNOSTIC_COMMANDS = ("plugins", "doctor")  # they run with a broken plugin installed
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("SFTCTL_DEBUG", "") not in ("", "0")
+
+
+def _report_error(e: SftctlError, debug: bool) -> None:
+    """One line on stderr (the traceback before it with --debug)."""
+    from .plugin_manager import BUILTIN_PLUGINS
+
+    if debug:
+        traceback.print_exception(e, file=sys.stderr)
+    msg = str(e)
+    if e.plugin and not isinstance(e, PluginHookError) and e.plugin not in BUILTIN_PLUGINS:
+        msg += f" [raised by plugin {e.plugin!r} in {e.hook}]"
+    if not debug and (isinstance(e, PluginHookError) or
+                      (isinstance(e, PluginError) and e.__cause__ is not None)):
+        msg += " (sftctl --debug prints the traceback)"
+    print(f"sftctl: error: {msg}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
     setup_logging(quiet="--quiet" in argv, rank=int(os.environ.get("RANK", "0")))
     try:
         from .plugin_manager import get_plugin_manager
 
-        pm = get_plugin_manager(_requested_plugins(argv))
+        pm = get_plugin_manager(_requested_plugins(argv), strict=False)
         options = pm.config_options()
         parser = build_parser(pm, options)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # --help, or a usage error (a broken plugin's command is missing)
+            for b in pm.broken.values():
+                log.warning("%s", b.describe())
+            raise
+        if pm.broken and args.command not in DIAGNOSTIC_COMMANDS:
+            raise pm.broken_error()
         func = args.func
         import inspect
 
@@ -525,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.close()
         except Exception:
             pass
-        print(f"sftctl: error: {e}", file=sys.stderr)
+        _report_error(e, debug)
         return e.exit_code
     except KeyboardInterrupt:
         print("sftctl: interrupted", file=sys.stderr)

@@ -8,9 +8,27 @@ Design choices
   ``SFTCTL_PLUGINS=a,b`` loads only those third-party plugins;
   ``SFTCTL_DISABLE_PLUGIN_AUTOLOAD=1`` loads none unless named by ``SFTCTL_PLUGINS`` or
   ``--plugin``. Built-ins always load.
-- Failures are named: a plugin that raises on import is reported with its entry point and
-  distribution; ``check_pending`` turns a misspelled ``sftctl_*`` hook into an error that names
-  the plugin and the hook.
+- Every hook implementation is wrapped when its plugin is registered (``HookImpl.function``,
+  generators of ``wrapper=True``/``hookwrapper=True`` implementations included) so that an
+  exception escaping it is marked with the plugin and the hook, then re-raised unchanged: a
+  wrapper around it still catches the type the plugin raised, and an exception passing through
+  a wrapper keeps the name of the plugin that raised it. Where the hook call returns to sftctl
+  (hook-call monitoring, i.e. every ``pm.hook.*`` call, historic replays included, and
+  ``call_impl``), a marked exception becomes ``PluginHookError`` chained to the original (whose
+  traceback ``sftctl --debug`` prints); an ``SftctlError`` the plugin raised on purpose
+  (``ConfigError`` from ``sftctl_configure``) keeps its type, message and exit code and is
+  stamped with the plugin and hook. Exit 2 for a failure before training starts (registration,
+  configuration, data, ``sftctl_train_start``), 1 for the hooks of a started run
+  (``TRAINING_HOOKS``) and for a plugin's subcommand.
+- A third-party plugin that cannot be loaded (its import raises, pluggy refuses it, or it
+  implements an unknown hook, e.g. ``sftctl_stepend``) is *broken*: it is not registered and is
+  kept in ``broken`` with its error. Like pytest, and unlike llm (which warns and goes on), a
+  run does not start with a broken plugin installed, even one it did not ask for: every loaded
+  plugin's lifecycle hooks take part in a run, so silently missing one (a logger, a checkpoint
+  uploader) would be found out hours later. The CLI still answers ``--help``, ``plugins`` and
+  ``doctor`` (they list the broken plugin and its error), and the message names the ways out,
+  ``SFTCTL_PLUGINS`` and ``SFTCTL_DISABLE_PLUGIN_AUTOLOAD``. ``get_plugin_manager`` raises the
+  same error unless ``strict=False``.
 - Registration hooks are called one implementation at a time, so every registered item is
   stamped with its plugin and a duplicate name is an error naming both plugins.
 """
@@ -18,6 +36,7 @@ Design choices
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -29,7 +48,7 @@ import pluggy
 from .. import hookspecs
 from ..hookspecs import hookimpl  # noqa: F401 (re-exported)
 from .config import ConfigOption
-from ..errors import PluginError
+from ..errors import PluginError, PluginHookError, SftctlError
 from ..data.formats import DatasetFormat
 from ..training.optim import OptimizerSpec, SchedulerSpec
 from .benchmarks import BenchmarkSpec
@@ -47,6 +66,145 @@ BUILTIN_PLUGINS = {
     "metrics_jsonl": "sftctl.plugins.metrics_jsonl",
     "evals": "sftctl.evals.plugin",
 }
+
+
+# hooks called once training has started: a plugin failing there exits 1 (a run was under way);
+# every other hook runs before the first step, so its failure is an input-time error (exit 2)
+TRAINING_HOOKS = frozenset({"sftctl_step_end", "sftctl_evaluate", "sftctl_save",
+                            "sftctl_after_train", "sftctl_post_train", "sftctl_report_sections"})
+
+WAYS_OUT = (f"to run without it, name the plugins to load with {ENV_PLUGINS}=a,b or set "
+            f"{ENV_DISABLE_AUTOLOAD}=1 (then only --plugin names load)")
+
+
+_ORIGIN = "_sftctl_plugin_hook"  # (plugin, hook) set on an exception by the innermost guard
+
+
+def _mark(e: BaseException, plugin: str, hook: str) -> None:
+    """Remember where ``e`` escaped a plugin; the innermost guard wins, so an exception that
+    passes through a wrapper keeps the name of the implementation that raised it."""
+    if isinstance(e, Exception) and getattr(e, _ORIGIN, None) is None:
+        try:
+            setattr(e, _ORIGIN, (plugin, hook))
+        except AttributeError:  # an exception type that refuses attributes: left unnamed
+            pass
+
+
+def plugin_failure(e: BaseException) -> BaseException:
+    """What the caller of a hook raises for ``e``: an ``SftctlError`` stamped with its plugin
+    and hook (raised on purpose), a ``PluginHookError`` for any other exception a plugin raised,
+    ``e`` itself when no plugin raised it."""
+    origin = getattr(e, _ORIGIN, None)
+    if origin is None or isinstance(e, PluginHookError):
+        return e
+    plugin, hook = origin
+    if isinstance(e, SftctlError):
+        if e.plugin is None:
+            e.plugin, e.hook = plugin, hook
+        return e
+    err = PluginHookError(plugin, hook, e, exit_code=1 if hook in TRAINING_HOOKS else 2)
+    err.__cause__ = e
+    return err
+
+
+def guard(function, plugin: str, hook: str, *, generator: bool = False):
+    """``function`` marking what it raises with ``plugin`` and ``hook`` (see module doc).
+
+    The exception itself is re-raised unchanged, so wrapper implementations and pluggy see the
+    type the plugin raised; the hook call's boundary (``plugin_failure``) turns it into the
+    named error. ``generator``: a wrapper implementation, which pluggy drives with ``next``,
+    ``send`` and ``throw``.
+    """
+    if getattr(function, "_sftctl_guarded", False):
+        return function
+
+    if not generator:
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except BaseException as e:
+                _mark(e, plugin, hook)
+                raise
+    else:
+        def wrapfail(what):
+            e = RuntimeError(f"the wrapper {what}")
+            _mark(e, plugin, hook)
+            return e
+
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            gen = function(*args, **kwargs)
+            yielded, thrown = False, None
+            try:
+                next(gen)
+                yielded = True
+                try:
+                    sent = yield
+                except GeneratorExit:
+                    gen.close()
+                    raise
+                except BaseException as e:  # another implementation's failure
+                    thrown = e
+                    gen.throw(e)
+                else:
+                    gen.send(sent)
+            except StopIteration as stop:
+                if not yielded:
+                    raise wrapfail("returned without yielding") from None
+                return stop.value
+            except GeneratorExit:
+                raise
+            except BaseException as e:
+                if e is not thrown:  # its own failure, not one passing through
+                    _mark(e, plugin, hook)
+                raise
+            gen.close()
+            raise wrapfail("yielded twice")
+
+    call._sftctl_guarded = True
+    return call
+
+
+def _command(func, plugin: str, name: str):
+    """A plugin's subcommand: what it raises names the plugin (exit 1: it was running)."""
+    @functools.wraps(func)
+    def run(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except Exception as e:
+            if isinstance(e, SftctlError):
+                if e.plugin is None:
+                    e.plugin, e.hook = plugin, f"command {name!r}"
+                raise
+            raise PluginHookError(plugin, f"command {name!r}", e, exit_code=1) from e
+    return run
+
+
+@dataclass
+class BrokenPlugin:
+    """A third-party plugin that could not be loaded (see module doc)."""
+
+    name: str
+    where: str  # "entry point mod:obj, distribution d 1.0" or "module m"
+    problem: str  # "failed to import", "cannot be registered", "implements unknown hook(s) x"
+    error: BaseException
+
+    def error_text(self) -> str:
+        e = self.error
+        return str(e) if isinstance(e, SftctlError) else f"{type(e).__name__}: {e}"
+
+    def describe(self) -> str:
+        return f"plugin {self.name!r} {self.problem} ({self.where}): {self.error_text()}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "where": self.where, "problem": self.problem,
+                "error": self.error_text()}
+
+
+def _ep_where(ep) -> str:
+    dist = f", distribution {ep.dist.name} {ep.dist.version}" if ep.dist else ""
+    return f"entry point {ep.value}{dist}"
 
 
 @dataclass
@@ -72,9 +230,50 @@ class PluginManager(pluggy.PluginManager):
     def __init__(self):
         super().__init__(PROJECT)
         self.add_hookspecs(hookspecs)
+        self.add_hookcall_monitoring(lambda *a: None, self._name_failure)
         self.infos: dict[str, PluginInfo] = {}
         self.skipped_entry_points: list[str] = []  # installed but not loaded (env restriction)
+        self.broken: dict[str, BrokenPlugin] = {}  # installed, asked for, but not loadable
         self._available_entry_points: dict[str, metadata.EntryPoint] = {}
+
+    # ------------------------------------------------------------------------ guarding hooks
+
+    def _guard_impl(self, hook_name: str, impl) -> None:
+        impl.function = guard(impl.function, impl.plugin_name, hook_name,
+                              generator=bool(impl.hookwrapper or impl.wrapper))
+
+    @staticmethod
+    def _name_failure(outcome, *_):
+        # hook-call monitoring: the boundary of every pm.hook.* call (historic replays too)
+        e = outcome.exception
+        if e is not None and (new := plugin_failure(e)) is not e:
+            outcome.force_exception(new)
+
+    def call_impl(self, impl, **kwargs):
+        """Call one implementation directly (registration hooks are called one at a time),
+        with the same naming of failures as a hook call."""
+        try:
+            return impl.function(**{a: kwargs[a] for a in impl.argnames})
+        except Exception as e:
+            new = plugin_failure(e)
+            if new is e:
+                raise
+            raise new from e
+
+    def _verify_hook(self, hook, hookimpl) -> None:
+        # pluggy calls this for each implementation of a specified hook while registering,
+        # before replaying a historic call (sftctl_configure): the earliest point to wrap it
+        super()._verify_hook(hook, hookimpl)
+        self._guard_impl(hook.name, hookimpl)
+
+    def register(self, plugin, name=None):
+        name = super().register(plugin, name)
+        # the same for any implementation _verify_hook did not see (kept if pluggy changes)
+        for caller in self.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and caller.spec is not None:
+                    self._guard_impl(caller.name, impl)
+        return name
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -87,8 +286,14 @@ class PluginManager(pluggy.PluginManager):
                               f"and {getattr(plugin, '__name__', type(plugin).__name__)}")
         try:
             self.register(plugin, name=name)
-        except ValueError as e:
-            raise PluginError(f"cannot register plugin {name!r}: {e}") from None
+        except (ValueError, pluggy.PluginValidationError) as e:
+            if self.is_registered(plugin):
+                self.unregister(plugin)
+            raise PluginError(f"cannot register plugin {name!r}: {e}") from e
+        except BaseException:  # a historic hook replayed on registration raised
+            if self.is_registered(plugin):
+                self.unregister(plugin)
+            raise
         module = getattr(plugin, "__name__", type(plugin).__module__ + "." + type(plugin).__name__)
         self.infos[name] = PluginInfo(name, source, module, distribution, version)
 
@@ -131,14 +336,18 @@ class PluginManager(pluggy.PluginManager):
                     raise PluginError(f"entry point {name!r} ({ep.value}, distribution {dist}) "
                                       f"clashes with the built-in plugin {name!r}")
                 continue
+            dist, version = (ep.dist.name, ep.dist.version) if ep.dist else (None, None)
             try:
                 plugin = ep.load()
-            except Exception as e:
-                dist = f", distribution {ep.dist.name} {ep.dist.version}" if ep.dist else ""
-                raise PluginError(f"plugin {name!r} (entry point {ep.value}{dist}) failed to "
-                                  f"import: {type(e).__name__}: {e}") from e
-            self.add_plugin(plugin, name, "entry point",
-                            ep.dist.name if ep.dist else None, ep.dist.version if ep.dist else None)
+            except Exception as e:  # kept as broken: --help, plugins and doctor still work
+                self.broken[name] = BrokenPlugin(name, _ep_where(ep), "failed to import", e)
+                continue
+            try:
+                self.add_plugin(plugin, name, "entry point", dist, version)
+            except Exception as e:  # pluggy refused it, or its historic sftctl_configure raised
+                self.broken[name] = BrokenPlugin(name, _ep_where(ep), "cannot be registered",
+                                                 e.__cause__ if type(e) is PluginError and
+                                                 e.__cause__ else e)
         if only is not None:
             missing = [n for n in only if n not in eps and n not in BUILTIN_PLUGINS]
             if missing:
@@ -147,22 +356,39 @@ class PluginManager(pluggy.PluginManager):
                                   f"{', '.join(sorted(eps)) or 'none'}")
 
     def check(self) -> None:
-        """``check_pending`` with an error that names the plugin and the unknown hook."""
-        try:
-            self.check_pending()
-        except pluggy.PluginValidationError as e:
-            name = self.get_name(e.plugin) or repr(e.plugin)
-            unknown = [n for n in self.hook_names(specified=False)
-                       if getattr(self.hook, n).spec is None and
-                       any(i.plugin is e.plugin for i in getattr(self.hook, n).get_hookimpls())]
-            raise PluginError(f"plugin {name!r} implements unknown hook(s) "
-                              f"{', '.join(unknown) or '?'} ({e}); the hooks are: "
-                              f"{', '.join(self.hook_names())}") from None
+        """``check_pending``: a plugin implementing an unknown hook is unregistered and kept in
+        ``broken`` (its message names the plugin, the unknown hook and the valid names)."""
+        while True:
+            try:
+                self.check_pending()
+                break
+            except pluggy.PluginValidationError as e:
+                name = self.get_name(e.plugin) or repr(e.plugin)
+                unknown = [n for n in self.hook_names(specified=False)
+                           if getattr(self.hook, n).spec is None and
+                           any(i.plugin is e.plugin for i in getattr(self.hook, n).get_hookimpls())]
+                info = self.infos.pop(name, None)
+                self.unregister(e.plugin)
+                where = f"module {info.module}" if info else repr(e.plugin)
+                if info and info.distribution:
+                    ep = self._available_entry_points.get(name)
+                    where = _ep_where(ep) if ep else f"{where}, distribution {info.distribution}"
+                self.broken[name] = BrokenPlugin(
+                    name, where, f"implements unknown hook(s) {', '.join(unknown) or '?'}",
+                    PluginError(f"the hooks are: {', '.join(self.hook_names())}"))
         for name, info in self.infos.items():
             plugin = self.get_plugin(name)
             info.hooks = sorted(impl_name for impl_name in self.hook_names()
                                 if any(i.plugin is plugin for i in
                                        getattr(self.hook, impl_name).get_hookimpls()))
+
+    def broken_error(self, names: list[str] | None = None) -> PluginError:
+        """The error for broken plugins (all, or ``names``): each with its problem, then the
+        ways to run without them."""
+        items = [b for n, b in self.broken.items() if names is None or n in names]
+        err = PluginError("; ".join(b.describe() for b in items) + f"; {WAYS_OUT}")
+        err.__cause__ = items[0].error if items else None
+        return err
 
     def hook_names(self, specified: bool = True) -> list[str]:
         """Names of the ``sftctl_*`` hooks (only those with a spec unless ``specified=False``)."""
@@ -172,6 +398,8 @@ class PluginManager(pluggy.PluginManager):
     def require(self, names: list[str]) -> None:
         """Every ``--plugin`` name must be loaded; an unknown one lists the available names."""
         for name in names:
+            if name in self.broken:
+                raise self.broken_error([name])
             if not self.has_plugin(name):
                 avail = sorted(set(self.infos) | set(self._available_entry_points))
                 raise PluginError(f"unknown plugin {name!r}; available: {', '.join(avail)}")
@@ -197,8 +425,7 @@ class PluginManager(pluggy.PluginManager):
                                       f"{items[item.name].plugin!r} and by plugin {_plugin!r}")
                 items[item.name] = dataclasses.replace(item, plugin=_plugin)
 
-            kwargs = {"register": register, **(extra or {})}
-            impl.function(**{a: kwargs[a] for a in impl.argnames})
+            self.call_impl(impl, register=register, **(extra or {}))
         return items
 
     def dataset_formats(self) -> dict[str, DatasetFormat]:
@@ -231,6 +458,23 @@ class PluginManager(pluggy.PluginManager):
     def formats_of(self, plugin_name: str) -> list[str]:
         return [n for n, f in self.dataset_formats().items() if f.plugin == plugin_name]
 
+    def add_commands(self, subparsers) -> None:
+        """``sftctl_add_commands``, remembering which plugin added which subcommand so that an
+        exception from a command names its plugin (exit 1: the command was running)."""
+        hook = self.hook.sftctl_add_commands
+        impls = hook.get_hookimpls()
+        if any(i.hookwrapper or i.wrapper for i in impls):
+            hook(subparsers=subparsers)  # a wrapper must run around the others: no attribution
+            return
+        for impl in reversed(impls):  # pluggy's order: last registered first
+            before = set(subparsers.choices)
+            self.call_impl(impl, subparsers=subparsers)
+            for cmd in set(subparsers.choices) - before:
+                parser = subparsers.choices[cmd]
+                func = parser.get_default("func")
+                if callable(func):
+                    parser.set_defaults(func=_command(func, impl.plugin_name, cmd))
+
     def call_lifecycle(self, hook_name: str, **kwargs) -> list:
         return getattr(self.hook, hook_name)(**kwargs)
 
@@ -255,11 +499,13 @@ class PluginManager(pluggy.PluginManager):
 
 
 def get_plugin_manager(requested: list[str] | None = None, *, entry_points: bool = True,
-                       extra: list[tuple[str, Any]] | None = None) -> PluginManager:
+                       extra: list[tuple[str, Any]] | None = None,
+                       strict: bool = True) -> PluginManager:
     """Build a plugin manager with the built-ins, entry-point plugins and ``extra`` objects.
 
     ``extra``: ``(name, plugin)`` pairs registered after the built-ins (tests use this for
-    temporary plugins).
+    temporary plugins). ``strict``: raise ``broken_error()`` when a plugin could not be loaded;
+    the CLI passes ``False`` and decides per command (see module doc).
     """
     pm = PluginManager()
     pm.load_builtins()
@@ -268,5 +514,7 @@ def get_plugin_manager(requested: list[str] | None = None, *, entry_points: bool
     if entry_points:
         pm.load_entry_point_plugins(requested)
     pm.check()
+    if strict and pm.broken:
+        raise pm.broken_error()
     return pm
 
