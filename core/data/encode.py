@@ -5,6 +5,11 @@ Design choices
   ``datasets.map`` (batched, ``num_proc`` workers) that never raises: it returns an ``error``
   column, so errors from worker processes arrive intact, can be listed several at a time, and
   ``--skip-invalid`` can drop exactly those records and count them.
+- Only ``RecordError`` means invalid data. Anything else ``to_segments`` raises is a bug of the
+  plugin: it goes to a separate ``crash`` column, is never skipped, and the first one is raised
+  as a ``PluginHookError`` naming the plugin, the format and the record; the failing record is
+  run through the format once more in this process so the exception carries a real traceback
+  (the worker's message is kept if it does not fail again).
 - Tokens: BOS (when the tokenizer adds one) + each segment tokenized without special tokens +
   EOS; ``loss_mask`` marks response tokens (and the EOS after a trainable segment). Segments are
   tokenized separately so the prompt/response boundary is exact in tokens.
@@ -24,7 +29,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import DataError
-from .formats import DatasetFormat, RecordError, Segment, check_segments, invalid_unicode
+from .formats import (DatasetFormat, RecordError, Segment, check_segments, format_bug,
+                      invalid_unicode)
 from .sources import MAX_ERRORS_SHOWN, Source
 
 log = logging.getLogger("sftctl")
@@ -68,7 +74,7 @@ class TokenizedSplit:
         return list(zip(batch["input_ids"], batch["loss_mask"]))
 
 
-TOKENIZE_VERSION = 1  # bump when the token layout below changes
+TOKENIZE_VERSION = 2  # bump when the token layout below changes
 
 
 def _sftctl_version() -> str:
@@ -102,6 +108,7 @@ class _Tokenize:
         keys = list(batch)
         segs_all: list[list[Segment] | None] = []
         errors = [""] * n
+        crashes = [""] * n
         texts: list[str] = []
         for i in range(n):
             rec = {k: batch[k][i] for k in keys}
@@ -111,15 +118,15 @@ class _Tokenize:
                 errors[i] = str(e)
                 segs_all.append(None)
                 continue
-            except Exception as e:  # a bug in a format plugin: still name the record
-                errors[i] = f"format {self.fmt.name!r} failed: {type(e).__name__}: {e}"
+            except Exception as e:  # a bug in the format plugin, not invalid data
+                crashes[i] = f"{type(e).__name__}: {e}"
                 segs_all.append(None)
                 continue
             segs_all.append(segs)
             texts.extend(s.text for s in segs)
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         out = {"input_ids": [], "loss_mask": [], "length": [], "full_length": [], "error": errors,
-               "index": list(indices), "trainable": []}
+               "crash": crashes, "index": list(indices), "trainable": []}
         k = 0
         for i in range(n):
             segs = segs_all[i]
@@ -175,8 +182,12 @@ def tokenize_split(name: str, parts: list[tuple[Source, Any]], fmt: DatasetForma
         mapped = ds.map(fn, batched=True, batch_size=1000, with_indices=True,
                         remove_columns=ds.column_names, num_proc=nproc if nproc > 1 else None,
                         desc=f"tokenizing {name} ({Path(source.label).name})")
-        errs = mapped.filter(lambda e: e != "", input_columns="error",
-                             desc="checking records", num_proc=None)
+        problems = mapped.filter(lambda e, c: e != "" or c != "", input_columns=["error", "crash"],
+                                 desc="checking records", num_proc=None)
+        crashed = [(i, c) for i, c in zip(problems["index"], problems["crash"]) if c]
+        if crashed:
+            raise _plugin_bug(fmt, source, ds, *crashed[0], options)
+        errs = problems  # only invalid records are left
         if len(errs):
             msgs = [f"{source.where(i)}: {e}" for i, e in zip(errs["index"][:MAX_ERRORS_SHOWN],
                                                               errs["error"][:MAX_ERRORS_SHOWN])]
@@ -212,7 +223,7 @@ def tokenize_split(name: str, parts: list[tuple[Source, Any]], fmt: DatasetForma
                         n_trunc, max_seq_len)
         pieces.append(mapped)
     ds = pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
-    ds = ds.remove_columns([c for c in ("error",) if c in ds.column_names])
+    ds = ds.remove_columns([c for c in ("error", "crash") if c in ds.column_names])
     lengths = np.asarray(ds["length"], dtype=np.int64)
     stats.used = len(ds)
     stats.tokens = int(lengths.sum())
@@ -222,6 +233,21 @@ def tokenize_split(name: str, parts: list[tuple[Source, Any]], fmt: DatasetForma
                         f"{stats.skipped} invalid and skipped, {stats.dropped} without a "
                         "trainable token)")
     return TokenizedSplit(name, ds.with_format(None), lengths, stats)
+
+
+def _plugin_bug(fmt: DatasetFormat, source: Source, ds, index: int, message: str,
+                options: dict | None) -> Exception:
+    """The error for a record whose ``to_segments`` crashed (see module doc)."""
+    error: Exception = RuntimeError(message)
+    try:
+        fmt.segments(ds[int(index)], dict(options or {}))
+    except RecordError:
+        pass  # not reproducible here: keep the worker's message
+    except Exception as e:
+        error = e
+    exc = format_bug(fmt, source.where(int(index)), error)
+    exc.__cause__ = error
+    return exc
 
 
 def fraction_label(f: float) -> str:

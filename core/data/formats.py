@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from ..errors import PluginHookError
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -76,6 +78,14 @@ class DatasetFormat:
         if self.uses_options:
             return self.to_segments(record, dict(options or {}))
         return self.to_segments(record)
+
+
+def format_bug(fmt: DatasetFormat, where: str, error: BaseException) -> PluginHookError:
+    """The error for ``to_segments`` raising anything but ``RecordError`` at record ``where``."""
+    return PluginHookError(fmt.plugin, f"dataset format {fmt.name!r} (to_segments)", error,
+                           where=f" at {where}",
+                           hint=" (a bug in the plugin, not invalid data: --skip-invalid does "
+                                "not skip it)")
 
 
 def surrogate(text: str) -> str | None:

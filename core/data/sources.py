@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from .formats import DatasetFormat, RecordError, check_segments, invalid_unicode
+from ..errors import DataError, SftctlError
+from .formats import DatasetFormat, RecordError, check_segments, format_bug, invalid_unicode
 
 log = logging.getLogger("sftctl")
 
@@ -126,7 +126,7 @@ def load_source(source: Source, split: str, *, cache_dir: str | None = None,
                 if "split" in str(e).lower():
                     raise DataError(f"{source.spec}: no split {split!r} ({e})") from None
                 raise
-    except DataError:
+    except SftctlError:  # already named (DataError; a format plugin's bug)
         raise
     except FileNotFoundError as e:
         raise DataError(f"{source.label}: not found ({e})") from None
@@ -325,6 +325,8 @@ def read_json_records(source: Source, fmt: DatasetFormat | None, *, stop_at_firs
                 check_segments(fmt.segments(rec, options), fmt)
             except RecordError as e:
                 bad.append(f"{where}: {e}")
+            except Exception as e:  # a plugin bug, not bad data: never counted as invalid
+                raise format_bug(fmt, where, e) from e
             else:
                 good.append((no, rec))
         else:
