@@ -2,7 +2,10 @@
 
 Design choices
 - ``import sftctl`` works even when the compiled extension is missing, so ``sftctl doctor`` can
-  say so; ``sftctl.ops`` / ``sftctl.modules`` then raise an ImportError that tells how to build.
+  say so; ``sftctl.ops`` then raises an ImportError that tells how to build.
+- The package is layered (docs/architecture.md): ``sftctl.ops`` (fused ops), ``sftctl.data``,
+  ``sftctl.training``, ``sftctl.run`` (config, plugin manager, CLI); ``sftctl.hookspecs`` is the
+  plugin API, and this module re-exports what plugin authors import.
 - When the extension loads, ``ops`` is imported eagerly: its fake and autograd registrations
   must be in place before anyone calls ``torch.ops.sftctl.*`` directly.
 - Started as the CLI (``sftctl ...``, ``python -m sftctl``, ``torchrun -m sftctl``) on a machine
@@ -36,12 +39,12 @@ else:
 
 def __getattr__(name):
     # Reached only when the eager import above was skipped: importing raises the build hint.
-    if name in ("ops", "modules"):
+    if name == "ops":
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["__version__", "extension_info", "ops", "modules", "ExtensionNotBuilt"]
+__all__ = ["__version__", "extension_info", "ops", "ExtensionNotBuilt"]
 
 # Plugin API (what plugin authors import; see docs/plugins.md): the hook marker and the specs
 # that registration hooks accept.
@@ -53,4 +56,5 @@ from .run.benchmarks import BenchmarkSpec, ReportSection  # noqa: E402
 from .training.optim import OptimizerSpec, SchedulerSpec  # noqa: E402
 
 __all__ += ["hookimpl", "ConfigOption", "DatasetFormat", "OptimizerSpec", "SchedulerSpec",
-            "Segment", "RecordError", "SftctlError", "ConfigError", "DataError"]
+            "BenchmarkSpec", "ReportSection", "Segment", "RecordError", "SftctlError",
+            "ConfigError", "DataError"]
