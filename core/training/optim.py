@@ -6,12 +6,16 @@ Design choices
   ``sftctl_register_schedulers``, and the plugin manager stamps the registering plugin's name.
 - Weight decay is decided here, not by the optimizer plugins: biases and norm weights (1-D
   parameters) are never decayed; frozen parameters never reach the optimizer.
+- Plugin options reach a builder as an argument, opt-in with ``uses_options=True`` (as for
+  ``DatasetFormat``): builders never read module globals, so a builder sees the options of the
+  run it builds for, whoever configured the process before. The trainer calls ``create``, which
+  passes them or not; builders written before the option keep their three/four arguments.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -19,27 +23,47 @@ class OptimizerSpec:
     """``build(params, optim_config, device) -> torch.optim.Optimizer``.
 
     ``params`` are parameter groups (list of dicts with "params" and "weight_decay"), so weight
-    decay is applied only where the trainer decides (not to biases and norms).
+    decay is applied only where the trainer decides (not to biases and norms). ``optim_config``
+    is the run's ``optim`` section (``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum``
+    ...), ``device`` the ``torch.device`` the model is on. With ``uses_options=True`` it is
+    called as ``build(params, optim_config, device, options)``, ``options`` being the run's
+    plugin options (``config.options``, dotted names such as ``"myplugin.beta3"``).
     """
 
     name: str
     build: Callable[..., Any]
     description: str = ""
+    uses_options: bool = False
     plugin: str | None = None
+
+    def create(self, params, optim_config, device, options: Mapping[str, Any] | None = None):
+        if self.uses_options:
+            return self.build(params, optim_config, device, dict(options or {}))
+        return self.build(params, optim_config, device)
 
 
 @dataclass(frozen=True)
 class SchedulerSpec:
     """``build(optimizer, total_steps, warmup_steps, optim_config) -> LRScheduler``.
 
-    The scheduler is stepped once per optimizer step and must have a ``state_dict`` (a
-    ``LambdaLR`` with a picklable-free lambda is fine: its state is the step count).
+    ``total_steps``: the optimizer steps of the whole run; ``warmup_steps``: resolved from
+    ``--warmup-steps``/``--warmup-ratio``. The scheduler is stepped once per optimizer step and
+    must have a ``state_dict`` (a ``LambdaLR`` is fine: its state is the step count). With
+    ``uses_options=True`` it is called with the run's plugin options as a fifth argument.
     """
 
     name: str
     build: Callable[..., Any]
     description: str = ""
+    uses_options: bool = False
     plugin: str | None = None
+
+    def create(self, optimizer, total_steps: int, warmup_steps: int, optim_config,
+               options: Mapping[str, Any] | None = None):
+        if self.uses_options:
+            return self.build(optimizer, total_steps, warmup_steps, optim_config,
+                              dict(options or {}))
+        return self.build(optimizer, total_steps, warmup_steps, optim_config)
 
 
 def param_groups(named_parameters, weight_decay: float) -> list[dict]:

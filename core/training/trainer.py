@@ -225,9 +225,9 @@ class Trainer:
         warm = cfg.optim.warmup_steps or int(round(cfg.optim.warmup_ratio * self.total_steps))
         self.warmup_steps = min(warm, self.total_steps)
         groups = param_groups(self.unwrapped_model.named_parameters(), cfg.optim.weight_decay)
-        self.optimizer = self.optimizer_spec.build(groups, cfg.optim, self.device)
-        self.scheduler = self.scheduler_spec.build(self.optimizer, self.total_steps,
-                                                   self.warmup_steps, cfg.optim)
+        self.optimizer = self.optimizer_spec.create(groups, cfg.optim, self.device, cfg.options)
+        self.scheduler = self.scheduler_spec.create(self.optimizer, self.total_steps,
+                                                    self.warmup_steps, cfg.optim, cfg.options)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def _loss(self) -> None:
