@@ -9,6 +9,8 @@ Design choices
 - csrc/sources.txt is the single list of compiled files, read here and by CMakeLists.txt.
 - CUDA sources are compiled only when the installed torch has CUDA and nvcc is found;
   ``SFTCTL_FORCE_CPU=1`` forces a CPU-only build.
+  ``SFTCTL_CE_TUNING=1`` builds the CUDA launcher with its benchmark knobs (the ``SFTCTL_CE_*``
+  environment variables, read at every launch; see csrc/cuda/cross_entropy.cu); never for users.
 - The extension shares the process's one shared libstdc++ (the one torch uses) and never carries
   a private copy: LINK_ARGS names libstdc++.so.6 before the compiler driver's implicit -lstdc++,
   so the linker resolves every C++ runtime symbol there and pulls nothing from a libstdc++.a.
@@ -110,6 +112,9 @@ def extensions():
     sources = read_sources("cpu")
     if cuda_wanted():
         define.append(("SFTCTL_WITH_CUDA", None))
+        if os.environ.get("SFTCTL_CE_TUNING", "") not in ("", "0"):
+            # Benchmark/test builds only: the launcher then reads its SFTCTL_CE_* plan knobs.
+            define.append(("SFTCTL_CE_TUNING", None))
         sources += read_sources("cuda")
         nvcc = ["-O3", "-std=c++17", "-lineinfo",
                 "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80",

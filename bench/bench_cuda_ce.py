@@ -98,7 +98,7 @@ def reference_loss(logits, targets, chunk=1024):
 
 
 def with_env(fn, env):
-    """Run fn with extra environment (the launcher reads its SFTCTL_CE_* knobs at every call)."""
+    """Run fn with extra environment (a SFTCTL_CE_TUNING build reads SFTCTL_CE_* at every call)."""
     def wrapped(*args):
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -267,6 +267,11 @@ def main():
     bw, copy_ms = copy_bandwidth()
     dev = torch.cuda.get_device_name()
     print(f"{dev}: D2D copy {bw / 1e12:.2f} TB/s ({copy_ms:.3f} ms for 4 GiB)", flush=True)
+    import sftctl
+
+    if args.sftctl_env and not sftctl.extension_info().get("ce_tuning"):
+        sys.exit("--sftctl-env needs sftctl._C built with SFTCTL_CE_TUNING=1 (a production build "
+                 "ignores the SFTCTL_CE_* knobs)")
     variants = make_variants([s for s in args.variants.split(",") if s],
                              [k for k in args.sftctl_env.split(";") if k])
     result = {"device": dev, "date": datetime.date.today().isoformat(),

@@ -22,7 +22,8 @@ build_pid=
 if [[ $steps == *pytest* || $steps == *bench* ]]; then
   # --use-pep517: that machine's setuptools turns a legacy `setup.py develop` into a nested,
   # build-isolated pip call, which fails offline; PEP 660 honours --no-build-isolation.
-  (export MAX_JOBS=12 SFTCTL_PTXAS_VERBOSE=1
+  # SFTCTL_CE_TUNING=1: the tests and bench/ switch kernel plans through SFTCTL_CE_* knobs.
+  (export MAX_JOBS=12 SFTCTL_PTXAS_VERBOSE=1 SFTCTL_CE_TUNING=1
    python3 -m pip install --no-build-isolation --no-deps --use-pep517 -e . > "$OUT/build.log" 2>&1
    echo "build rc=$?" >> "$OUT/build.log") &
   build_pid=$!
@@ -35,7 +36,7 @@ fi
 if [[ $steps == *standalone* ]]; then
   B=/tmp/standalone
   mkdir -p $B
-  F="-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc"
+  F="-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc -DSFTCTL_CE_TUNING"
   nvcc $F -c csrc/cuda/cross_entropy.cu -o $B/ce.o & p1=$!
   nvcc $F -c csrc/cuda/sft_labels.cu -o $B/sl.o & p2=$!
   nvcc $F -c csrc/cuda/standalone_test.cu -o $B/st.o & p3=$!

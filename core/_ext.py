@@ -13,6 +13,7 @@ Design choices
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -70,6 +71,8 @@ def extension_info() -> dict:
     info["cpu_capability"] = cap if cap in ("AVX2", "AVX512") else "DEFAULT"
     info["cuda_compiled"] = has("sftctl::cross_entropy", "CUDA")
     info["cuda"] = info["cuda_compiled"] and torch.cuda.is_available()
+    # A tuning build (SFTCTL_CE_TUNING=1) lets the SFTCTL_CE_* variables override the CUDA plan.
+    info["ce_tuning"] = bool(getattr(sys.modules.get("sftctl._C"), "ce_tuning", 0))
     return info
 
 

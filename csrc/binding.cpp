@@ -392,5 +392,18 @@ TORCH_LIBRARY_IMPL(sftctl, CUDA, m) {
 // module itself is empty.
 static PyModuleDef sftctl_c_module = {PyModuleDef_HEAD_INIT, "sftctl._C",
                                       "Loads the sftctl ops into torch.ops.sftctl.", -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&sftctl_c_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&sftctl_c_module);
+#ifdef SFTCTL_CE_TUNING
+  const long tuning = 1;
+#else
+  const long tuning = 0;
+#endif
+  // Tells bench/ and the CUDA tests whether the SFTCTL_CE_* plan knobs are compiled in.
+  if (m && PyModule_AddIntConstant(m, "ce_tuning", tuning) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
 #endif

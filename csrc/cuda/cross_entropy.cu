@@ -13,7 +13,10 @@
 //   see bench/NOTES_cuda.md for the measured alternatives); elsewhere, or when no cluster shape
 //   fits, the one-CTA-per-row kernel that re-reads the row from L2.
 // - SFTCTL_CE_SLICE_KB, SFTCTL_CE_THREADS (256|512), SFTCTL_CE_CHUNKS and SFTCTL_CE_KERNEL
-//   (cluster|global) override the plan; they exist for bench/ and the tests, not for users.
+//   (cluster|global) override the plan at every launch, but only in a tuning build (compiled
+//   with -DSFTCTL_CE_TUNING: bench/run_cuda_device.sh, the standalone test, or the extension
+//   built with SFTCTL_CE_TUNING=1). A production build never reads the environment on the launch
+//   path: its plan is the constants below, so it depends on shape and device alone.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -59,6 +62,7 @@ DeviceInfo device_info() {
   return d;
 }
 
+#ifdef SFTCTL_CE_TUNING
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   if (!v || !*v) return fallback;
@@ -66,6 +70,36 @@ int env_int(const char* name, int fallback) {
   const long x = std::strtol(v, &end, 10);
   if (*end != '\0' || x <= 0) throw std::runtime_error(std::string(name) + " must be a positive integer");
   return static_cast<int>(x);
+}
+#endif
+
+// The plan's defaults (bench/NOTES_cuda.md); a tuning build may override each per launch.
+constexpr int kDefaultThreads = 256;
+constexpr int kDefaultSliceKb = 64;
+constexpr int kDefaultChunks = 4;
+
+struct Knobs {
+  bool force_global = false;
+  int threads = kDefaultThreads;
+  int slice_kb = kDefaultSliceKb;
+  int chunks = kDefaultChunks;
+};
+
+Knobs plan_knobs() {
+  Knobs k;
+#ifdef SFTCTL_CE_TUNING
+  const char* force = std::getenv("SFTCTL_CE_KERNEL");
+  const std::string want = force ? force : "";
+  if (!want.empty() && want != "global" && want != "cluster")
+    throw std::runtime_error("SFTCTL_CE_KERNEL must be global or cluster");
+  k.force_global = want == "global";
+  k.threads = env_int("SFTCTL_CE_THREADS", kDefaultThreads);
+  if (k.threads != 256 && k.threads != 512)
+    throw std::runtime_error("SFTCTL_CE_THREADS must be 256 or 512");
+  k.slice_kb = env_int("SFTCTL_CE_SLICE_KB", kDefaultSliceKb);
+  k.chunks = env_int("SFTCTL_CE_CHUNKS", kDefaultChunks);
+#endif
+  return k;
 }
 
 size_t dtype_size(DType t) { return t == DType::Float32 ? 4 : 2; }
@@ -157,20 +191,14 @@ const void* pick_kernel(const Plan& plan, DType dt, bool full) {
 
 Plan make_plan(const CrossEntropyParams& p, bool full) {
   const DeviceInfo dev = device_info();
-  const char* force = std::getenv("SFTCTL_CE_KERNEL");
-  const std::string want = force ? force : "";
-  if (!want.empty() && want != "global" && want != "cluster")
-    throw std::runtime_error("SFTCTL_CE_KERNEL must be global or cluster");
+  const Knobs knobs = plan_knobs();
   Plan plan;
-  plan.threads = env_int("SFTCTL_CE_THREADS", 256);
-  if (plan.threads != 256 && plan.threads != 512)
-    throw std::runtime_error("SFTCTL_CE_THREADS must be 256 or 512");
-  if (dev.major < 9 || want == "global") return plan;
+  plan.threads = knobs.threads;
+  if (dev.major < 9 || knobs.force_global) return plan;
 
   const int64_t elt = static_cast<int64_t>(dtype_size(p.dtype));
   const int64_t nvec_max = std::max<int64_t>(1, p.vocab * elt / 16);  // body vectors, worst case
-  const int64_t slice_target =
-      static_cast<int64_t>(env_int("SFTCTL_CE_SLICE_KB", 64)) * 1024 / 16;
+  const int64_t slice_target = static_cast<int64_t>(knobs.slice_kb) * 1024 / 16;
   const int64_t static_smem = 4096;  // barriers and reduction scratch, generous
   const int64_t cap_vec = (dev.smem_optin - static_smem) / 16;
   int64_t csize = (nvec_max + slice_target - 1) / slice_target;
@@ -181,7 +209,7 @@ Plan make_plan(const CrossEntropyParams& p, bool full) {
   plan.vpc = static_cast<int>(vpc);
   plan.kind = Kind::Cluster;
   plan.nchunk = static_cast<int>(std::min<int64_t>(
-      std::min(env_int("SFTCTL_CE_CHUNKS", 4), kMaxChunks), std::max<int64_t>(1, vpc / 256)));
+      std::min(knobs.chunks, kMaxChunks), std::max<int64_t>(1, vpc / 256)));
   const void* fn = pick_kernel(plan, p.dtype, full);
   const int smem = plan.vpc * 16;
   prepare_kernel(fn, smem, plan.csize > 8);

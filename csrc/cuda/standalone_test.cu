@@ -1,7 +1,7 @@
 // Torch-free device test and micro-benchmark of the CUDA launchers in cuda/launch.h.
 //
 // Build (not part of the extension; sources.txt does not list it):
-//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc \
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc -DSFTCTL_CE_TUNING \
 //        csrc/cuda/standalone_test.cu csrc/cuda/cross_entropy.cu csrc/cuda/sft_labels.cu \
 //        -o build/standalone_test
 // Run: build/standalone_test [--quick] [--large] [--bench]
@@ -13,6 +13,7 @@
 // - The large shape (N*V > 2^31) is filled on the device with a counter hash; the reference
 //   covers sampled rows, including the last one, whose offsets exceed 2^31 elements.
 // - --bench times kernel plans through the SFTCTL_CE_* environment knobs with CUDA events
+//   (they exist only in a -DSFTCTL_CE_TUNING build of cross_entropy.cu, as above)
 //   (median of repeats, inputs rotated so L2 holds none of them) next to a device-to-device
 //   copy of the same bytes; it is how each kernel version in bench/NOTES_cuda.md was measured.
 #include <cuda_bf16.h>
@@ -29,6 +30,12 @@
 #include <vector>
 
 #include "cuda/launch.h"
+
+// Its cases switch kernel variants through SFTCTL_CE_*, which only a tuning build honours:
+// without the flag every case would silently run the default plan.
+#ifndef SFTCTL_CE_TUNING
+#error "build the standalone test and cross_entropy.cu with -DSFTCTL_CE_TUNING"
+#endif
 
 using namespace sftctl;
 
