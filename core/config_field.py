@@ -15,14 +15,16 @@ from typing import Callable
 
 def config_field(default=dataclasses.MISSING, *, help: str, flag: str | None = None,
        choices: tuple | None = None, minimum: float | None = None, maximum: float | None = None,
-       factory: Callable | None = None, metavar: str | None = None, cli: str = "value"):
+       below: float | None = None, factory: Callable | None = None, metavar: str | None = None,
+       cli: str = "value"):
     """A config field with its documentation and CLI flag.
 
     ``cli`` says how the flag behaves: "value" (takes a value), "bool" (--x / --no-x),
     "store_true", "store_false", "append" (repeatable, builds a list), "nargs" (one or more values).
+    ``minimum``/``maximum`` are inclusive bounds, ``below`` an exclusive upper bound.
     """
     meta = {"help": help, "flag": flag, "choices": choices, "minimum": minimum,
-            "maximum": maximum, "metavar": metavar, "cli": cli}
+            "maximum": maximum, "below": below, "metavar": metavar, "cli": cli}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)

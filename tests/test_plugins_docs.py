@@ -72,6 +72,11 @@ def test_the_documented_plugin_trains(qa_plugin, tmp_path, capsys):
 
     section = sftctl_qa.sftctl_report_sections(out, {})
     assert section["title"] == "QA model card" and "Trained 6 steps" in section["markdown"]
+    # the post-training hook (not run here: --no-eval) checks the card the save hook wrote
+    options = get_plugin_manager(["qa"]).config_options()
+    cfg = cli.C.build_config([("test", {"options": {"qa.heldout": str(heldout)}})], options)
+    assert sftctl_qa.sftctl_post_train(out, cfg) == 0
+    assert sftctl_qa.sftctl_post_train(tmp_path, cfg) == 1  # no model card there
 
     # the option check of sftctl_configure
     rc = cli.main(["train", "--plugin", "qa", "--qa-decay-every", "0", "--output-dir",

@@ -90,6 +90,16 @@ class TrainConfig:
     loss_impl: str = _f("fused", flag="--loss-impl", choices=("fused", "torch"),
                         help="fused: sftctl's compiled cross-entropy and label op (default); "
                              "torch: the plain PyTorch reference path.")
+    label_smoothing: float = _f(
+        0.0, flag="--label-smoothing", minimum=0.0, below=1.0, metavar="EPS",
+        help="Label smoothing of the training loss: each target's loss becomes (1 - EPS) * NLL + "
+             "EPS * the mean over the vocabulary of -log p (0 <= EPS < 1; 0: off). The logged training loss "
+             "includes it; val_loss and val_ppl stay the plain NLL, comparable across runs.")
+    z_loss: float = _f(
+        0.0, flag="--z-loss", minimum=0.0, metavar="COEF",
+        help="Adds COEF * logsumexp(logits)^2 per trainable token to the training loss, keeping "
+             "the softmax normalizer near 1 (COEF >= 0, e.g. 1e-4; 0: off). The logged training loss "
+             "includes it; val_loss and val_ppl stay the plain NLL, comparable across runs.")
     log_every: int = _f(1, flag="--log-every", minimum=1,
                         help="Write a metrics line every N optimizer steps.")
     quiet: bool = _f(False, flag="--quiet", cli="store_true",

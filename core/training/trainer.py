@@ -356,7 +356,9 @@ class Trainer:
                     logits = self.model(**mb.model_inputs()).logits  # [B, T, V]
                 loss = token_loss(logits, lab, normalizer, impl,
                                   grad_scale=grad_scale if impl == "fused" else None,
-                                  consume_logits=True)
+                                  consume_logits=True,
+                                  label_smoothing=self.config.train.label_smoothing,
+                                  z_loss=self.config.train.z_loss)
                 scaled = loss * factor if factor != 1.0 else loss
                 (self.scaler.scale(scaled) if scaling else scaled).backward()
             loss_sum += loss.detach()
