@@ -110,6 +110,8 @@ class _Tokenize:
         errors = [""] * n
         crashes = [""] * n
         texts: list[str] = []
+        if self.fmt.to_tokens is not None:
+            return self._encode_tokens(batch, indices)
         for i in range(n):
             rec = {k: batch[k][i] for k in keys}
             try:
@@ -140,13 +142,45 @@ class _Tokenize:
                     mask.extend([1 if (s.trainable or self.train_on_prompt) else 0] * len(toks))
                 ids.append(self.eos)
                 mask.append(1 if (segs[-1].trainable or self.train_on_prompt) else 0)
-            full = len(ids)
-            ids, mask = ids[: self.max_seq_len], mask[: self.max_seq_len]
-            out["input_ids"].append(ids)
-            out["loss_mask"].append(mask)
-            out["length"].append(len(ids))
-            out["full_length"].append(full)
-            out["trainable"].append(sum(mask[1:]))  # position 0 is never a target
+            self._append(out, ids, mask)
+        return out
+
+    def _append(self, out: dict, ids: list[int], mask: list[int]) -> None:
+        """One example, truncated to max_seq_len (the full length is kept for the counts)."""
+        full = len(ids)
+        ids, mask = ids[: self.max_seq_len], mask[: self.max_seq_len]
+        out["input_ids"].append(ids)
+        out["loss_mask"].append(mask)
+        out["length"].append(len(ids))
+        out["full_length"].append(full)
+        out["trainable"].append(sum(mask[1:]))  # position 0 is never a target
+
+    def _encode_tokens(self, batch: dict, indices: list[int]) -> dict:
+        """Token-level formats: the format renders ids and mask itself (no BOS/EOS added)."""
+        n = len(indices)
+        keys = list(batch)
+        errors, crashes = [""] * n, [""] * n
+        out = {"input_ids": [], "loss_mask": [], "length": [], "full_length": [], "error": errors,
+               "crash": crashes, "index": list(indices), "trainable": []}
+        for i in range(n):
+            rec = {k: batch[k][i] for k in keys}
+            ids: list[int] = []
+            mask: list[int] = []
+            try:
+                ids, mask = self.fmt.to_tokens(rec, self.tokenizer, self.options)
+                ids, mask = list(ids), [int(bool(m)) for m in mask]
+                if len(ids) != len(mask) or not ids:
+                    raise ValueError(f"to_tokens returned {len(ids)} ids and {len(mask)} mask "
+                                     "values (expected the same non-zero number)")
+            except RecordError as e:
+                errors[i] = str(e)
+                ids, mask = [], []
+            except Exception as e:  # a bug in the format plugin, not invalid data
+                crashes[i] = f"{type(e).__name__}: {e}"
+                ids, mask = [], []
+            if self.train_on_prompt and ids:
+                mask = [1] * len(ids)
+            self._append(out, ids, mask)
         return out
 
 
@@ -240,7 +274,7 @@ def _plugin_bug(fmt: DatasetFormat, source: Source, ds, index: int, message: str
     """The error for a record whose ``to_segments`` crashed (see module doc)."""
     error: Exception = RuntimeError(message)
     try:
-        fmt.segments(ds[int(index)], dict(options or {}))
+        fmt.check(ds[int(index)], dict(options or {}))
     except RecordError:
         pass  # not reproducible here: keep the worker's message
     except Exception as e:

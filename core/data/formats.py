@@ -60,10 +60,16 @@ class DatasetFormat:
     - ``demo_base(out_dir, seed)``: writes the embedded base model (a Hugging Face model
       directory with its tokenizer) used when no ``--model`` is given (optional; without it a
       run of this format needs ``--model``).
+
+    Token-level formats (chat templates, which decide their own special tokens) give
+    ``to_tokens(record, tokenizer, options) -> (input_ids, loss_mask)`` instead of
+    ``to_segments``: the ids are final (no BOS/EOS is added) and the mask marks the trained
+    tokens. They may give ``validate(record, options)`` (raises ``RecordError``) for the checks
+    that need no tokenizer, which the careful JSON reader runs on every record.
     """
 
     name: str
-    to_segments: Callable[[Mapping[str, Any]], Sequence[Segment]]
+    to_segments: Callable[[Mapping[str, Any]], Sequence[Segment]] | None = None
     fields: Mapping[str, str] = field(default_factory=dict)
     required: tuple[str, ...] = ()
     description: str = ""
@@ -71,13 +77,28 @@ class DatasetFormat:
     demo_config: str | None = None
     demo_base: Callable[[Any, int], None] | None = None
     uses_options: bool = False
+    to_tokens: Callable[[Mapping[str, Any], Any, Mapping[str, Any]],
+                        tuple[list[int], list[int]]] | None = None
+    validate: Callable[[Mapping[str, Any], Mapping[str, Any]], None] | None = None
     plugin: str | None = None
+
+    def __post_init__(self):
+        if (self.to_segments is None) == (self.to_tokens is None):
+            raise ValueError(f"dataset format {self.name!r}: give exactly one of to_segments "
+                             "and to_tokens")
 
     def segments(self, record: Mapping[str, Any], options: Mapping[str, Any] | None = None
                  ) -> Sequence[Segment]:
         if self.uses_options:
             return self.to_segments(record, dict(options or {}))
         return self.to_segments(record)
+
+    def check(self, record: Mapping[str, Any], options: Mapping[str, Any] | None = None) -> None:
+        """Validate one record without tokenizing it (raises ``RecordError``)."""
+        if self.to_segments is not None:
+            check_segments(self.segments(record, options), self)
+        elif self.validate is not None:
+            self.validate(record, dict(options or {}))
 
 
 def format_bug(fmt: DatasetFormat, where: str, error: BaseException) -> PluginHookError:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, SftctlError
-from .formats import DatasetFormat, RecordError, check_segments, format_bug, invalid_unicode
+from .formats import DatasetFormat, RecordError, format_bug, invalid_unicode
 
 log = logging.getLogger("sftctl")
 
@@ -322,7 +322,7 @@ def read_json_records(source: Source, fmt: DatasetFormat | None, *, stop_at_firs
             bad.append(f"{where}: {why}")
         elif fmt is not None:
             try:
-                check_segments(fmt.segments(rec, options), fmt)
+                fmt.check(rec, options)
             except RecordError as e:
                 bad.append(f"{where}: {e}")
             except Exception as e:  # a plugin bug, not bad data: never counted as invalid
