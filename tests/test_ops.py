@@ -2,11 +2,11 @@
 
 The reference (``ref_cross_entropy``) runs on the same input values (the low-precision logits
 converted exactly to float64) and writes out lse, label smoothing, z-loss and softcap by hand;
-its gradients come from float64 autograd. Criteria (from the issue):
+its gradients come from float64 autograd. Criteria:
 - loss (and lse): relative error <= 1e-6 against float64;
-- gradient: max error <= 2x the max error of rounding the float64 gradient to the logits' dtype,
-  plus a tiny absolute slack (1e-6 of the largest element; for fp32 that slack dominates, since
-  fp32 rounding is far below the fp32 arithmetic error of a softmax).
+- gradient: per element (``check_grad``), the rounding to the logits' dtype plus a bound on fp32
+  arithmetic relative to that element's own terms (``grad_terms``), so a wrong softmax tail fails
+  even next to a large target entry (a max-based slack at V=50257 let 1% errors through).
 """
 
 from __future__ import annotations
@@ -97,27 +97,75 @@ def ulp(x64, dtype):
     return torch.ldexp(torch.ones_like(x64), e - MANTISSA_BITS[dtype])
 
 
-def check_grad(actual, expected64, dtype, what="grad", term_max=0.0, roundings=1):
-    """Gradient error against float64.
+# fp32 arithmetic of one gradient element, in units of u = 2^-24 of its terms (see check_grad);
+# the CPU kernels (AVX-512, AVX2, default) reach 5.1 over this suite; 8 leaves room for CUDA.
+ARITH_ULPS = 8.0
+FP32_U = 2.0 ** -24
+TINY = 2.0 ** -125  # ~2 of fp32's smallest normal: exp2 may flush a subnormal p to 0
 
-    roundings=1 (the fused gradient, rounded once): max error <= 2x the max error of rounding the
-    float64 gradient to `dtype`. roundings=2 (reduction none with a per-row grad_output: the fused
-    gradient is rounded, then rescaled by scale_grad_ and rounded again, by design): each element
-    within 1.5 ulp of `dtype` at its value. Both plus a slack for fp32 arithmetic: 1e-6 of the
-    largest element and 3e-7 of term_max, the largest |term| summed into one element (an fp32
-    p * c - eps / V carries ~1e-7 of it, whatever the result's size)."""
+
+def grad_terms(x64, targets, row_scale, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+               softcap=None):
+    """Per element, the magnitudes fp32 arithmetic errors scale with, for ``check_grad``.
+
+    The gradient is g = s * (p * (1 + 2 c lse) - eps / V - (1 - eps) [j == y]) * dcap.
+    Returns (terms, expo, atol): terms = |s| * (p |1 + 2 c lse| + eps / V + (1 - eps) [j == y])
+    (the sum its fp32 result cancels from; the dcap factor, 1 - tanh^2, is an absolute error on
+    1); expo = 1 + |z| + |lse|, the relative error of p from an exponent rounded at that size;
+    atol = TINY * (1 + |s| |1 + 2 c lse|) per row. ``row_scale`` is s per row ([N] or a number).
+    Ignored rows get all zeros: their gradient must be exactly 0."""
+    with torch.no_grad():
+        x = x64.detach().double().cpu()
+        n, v = x.shape
+        t = targets.cpu()
+        z = softcap * torch.tanh(x / softcap) if softcap else x
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [N, 1]
+        p = torch.exp(z - lse)
+        coef = (1 + 2 * z_loss * lse).abs()
+        s = torch.as_tensor(row_scale, dtype=torch.float64).abs().reshape(-1, 1).expand(n, 1)
+        valid = (t != ignore_index)[:, None]
+        onehot = torch.zeros_like(x)
+        safe = torch.where(valid[:, 0], t, 0)
+        onehot[torch.arange(n), safe] = 1.0
+        terms = s * (p * coef + label_smoothing / v + (1 - label_smoothing) * onehot)
+        zf = torch.where(torch.isfinite(z), z, 0.0)  # p = 0 exactly at z = -inf
+        expo = 1 + zf.abs() + torch.where(torch.isfinite(lse), lse, 0.0).abs()
+        atol = TINY * (1 + s * coef)
+        zero = torch.zeros_like(x)
+        return (torch.where(valid, terms, zero), torch.where(valid, expo, zero),
+                torch.where(valid, atol.expand(n, v), zero))
+
+
+def grad_bound(expected64, dtype, terms, expo, atol, roundings=1, ulps=ARITH_ULPS):
+    """Allowed |error| of each gradient element (see check_grad)."""
+    e = expected64.detach().double().cpu()
+    rounding = (0.5 if roundings == 1 else 1.5) * ulp(e, dtype)
+    arith = ulps * FP32_U * (e.abs() * expo + terms)
+    return rounding + arith + atol
+
+
+def check_grad(actual, expected64, dtype, terms, expo, atol, what="grad", roundings=1,
+               ulps=ARITH_ULPS):
+    """Per-element gradient check against float64: |got - ref| <= rounding + arithmetic + atol.
+
+    rounding: 0.5 ulp of `dtype` at the reference (the fused gradient is rounded once), 1.5 ulp
+    for roundings=2 (reduction none with a per-row grad_output: rounded, rescaled by scale_grad_
+    and rounded again, by design). arithmetic: ARITH_ULPS fp32 units of the element's own terms
+    and exponent (grad_terms): relative to each element, so a tail entry of 1e-12 is held to
+    ~1e-18, never to a slack taken from the row's largest entry. atol: denormal-sized.
+    ``ulps`` replaces ARITH_ULPS for arithmetic known to be coarser (PyTorch's own fp32 path)."""
     a = actual.detach().double().cpu()
     e = expected64.detach().double().cpu()
     err = (a - e).abs()
-    slack = 1e-6 * e.abs().max().item() + 3e-7 * term_max + 1e-12
-    if roundings == 1:
-        rounding = (e.to(dtype).double() - e).abs().max().item()
-        assert err.max().item() <= 2 * rounding + slack, (
-            f"{what}: max error {err.max().item():.3e} > 2 x rounding {rounding:.3e} + {slack:.1e}")
-    else:
-        bound = 1.5 * ulp(e, dtype) + slack
-        worst = (err / bound).max().item()
-        assert worst <= 1.0, f"{what}: error reaches {1.5 * worst:.2f} ulp (allowed 1.5 + slack)"
+    bound = grad_bound(e, dtype, terms, expo, atol, roundings, ulps)
+    ok = err <= bound
+    if not bool(ok.all()):
+        i = int(torch.argmax(torch.where(ok, 0.0, err / bound.clamp_min(1e-300))))
+        idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), e.shape))
+        raise AssertionError(
+            f"{what}: {int((~ok).sum())} of {e.numel()} elements out of bounds; worst at {idx}: "
+            f"got {a[idx].item():.9e}, want {e[idx].item():.9e}, error {err[idx].item():.3e} > "
+            f"bound {bound[idx].item():.3e} (rel {err[idx].item() / abs(e[idx].item() or 1e-300):.2e})")
 
 
 def run_case(n, v, dtype, ignore, opts, reduction, device, seed=0):
@@ -155,8 +203,10 @@ def check_against_reference(logits, targets, opts, reduction, ignore_index=-100)
     div = 1.0
     if reduction == "mean":
         div = normalizer if normalizer is not None else int(valid.sum())
-    coef = 1 + 2 * opts.get("z_loss", 0.0) * float(ref_lse.abs().max()) if n else 1.0
-    term_max = float(w.abs().max()) / div * coef if div else 0.0
+    row_scale = w / div if div else torch.zeros_like(w)
+    terms = grad_terms(x64, targets, row_scale, ignore_index=ignore_index,
+                       label_smoothing=opts.get("label_smoothing", 0.0),
+                       z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"))
 
     # In memory mode the logits are consumed: give the op its own leaf copy.
     leaf = logits.detach().clone().requires_grad_()
@@ -177,8 +227,7 @@ def check_against_reference(logits, targets, opts, reduction, ignore_index=-100)
         assert not extras or out.correct is None
     loss.backward(w.float().to(device))
     assert leaf.grad.dtype == dtype
-    check_grad(leaf.grad, x64.grad, dtype, term_max=term_max,
-               roundings=2 if reduction == "none" else 1)
+    check_grad(leaf.grad, x64.grad, dtype, *terms, roundings=2 if reduction == "none" else 1)
     if not bool(valid.any()):
         assert float(loss.detach().abs().sum()) == 0.0
         assert not bool(leaf.grad.any()), "all-ignored batch must give a zero gradient"
@@ -258,7 +307,8 @@ def test_custom_ignore_index_and_grad_output(device):
     ref = F.cross_entropy(x, targets, ignore_index=7, reduction="sum")
     (ref * 3.5).backward()
     check_close_rel(loss, ref)
-    check_grad(leaf.grad, x.grad, torch.float32)
+    check_grad(leaf.grad, x.grad, torch.float32,
+               *grad_terms(logits, targets, 3.5, ignore_index=7))
 
 
 def test_retain_graph_backward_twice(device):
@@ -286,6 +336,9 @@ def test_extension_info():
     assert info["built"] and info["cpu"] and info["error"] is None
     assert info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
     assert info["cuda"] == (info["cuda_compiled"] and torch.cuda.is_available())
+    # the SFTCTL_CE_* plan knobs exist only in a CUDA build asked for with SFTCTL_CE_TUNING=1
+    assert isinstance(info["ce_tuning"], bool)
+    assert not info["ce_tuning"] or info["cuda_compiled"]
 
 
 def test_all_options_combinations_small(device):

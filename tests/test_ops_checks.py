@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sftctl import ops
-from test_ops import (DTYPES, check_against_reference, check_close_rel, make_inputs,
-                      ref_cross_entropy)
+from test_ops import (DTYPES, check_against_reference, check_close_rel, check_grad,
+                      grad_terms, make_inputs, ref_cross_entropy)
 
 REPO = Path(__file__).resolve().parent.parent
 CE = torch.ops.sftctl.cross_entropy.default
@@ -160,6 +160,59 @@ def test_hypothesis_random_shapes_and_masks(n, v, dtype, seed, ignore_p, reducti
     opts = dict(label_smoothing=ls, z_loss=z, softcap=cap, return_lse=lse, return_accuracy=acc,
                 inplace_backward=inplace)
     check_against_reference(logits, targets, opts, reduction, ignore_index=ignore_index)
+
+
+# ---------------------------------------------------------------------- the gradient checker
+
+
+@pytest.mark.parametrize("opts", [{}, {"z_loss": 1e-3, "softcap": 20.0}], ids=["plain", "zcap"])
+def test_grad_checker_catches_a_wrong_softmax_tail(opts):
+    """check_grad is per element: the real fp32 gradient at V=50257 passes; the same gradient
+    with its small entries (the softmax tail, most of the row) off by 1% fails, though the old
+    max-based criterion (2x the fp32 rounding + 1e-6 of the largest element) accepts it."""
+    logits, targets = make_inputs(3, 50257, torch.float32, "none", "cpu", seed=9)
+    leaf = logits.clone().requires_grad_()
+    ops.cross_entropy(leaf, targets, **opts).backward()
+    x64 = logits.double().requires_grad_()
+    ref_loss, _, _ = ref_cross_entropy(x64, targets, z_loss=opts.get("z_loss", 0.0),
+                                       softcap=opts.get("softcap"))
+    ref_loss.backward()
+    ref = x64.grad
+    terms = grad_terms(logits, targets, 1.0 / 3, z_loss=opts.get("z_loss", 0.0),
+                       softcap=opts.get("softcap"))
+    check_grad(leaf.grad, ref, torch.float32, *terms)
+
+    tail = ref.abs() < 2e-5 * ref.abs().max()  # 1% of these stays under the old slack
+    assert int(tail.sum()) > 0.5 * ref.numel()
+    bad = torch.where(tail, leaf.grad.double() * 1.01, leaf.grad.double()).float()
+    old_err = (bad.double() - ref).abs().max().item()
+    old_allowed = (2 * (ref.float().double() - ref).abs().max().item()
+                   + 1e-6 * ref.abs().max().item())
+    assert old_err <= old_allowed  # the old check would have passed this
+    with pytest.raises(AssertionError, match="out of bounds"):
+        check_grad(bad, ref, torch.float32, *terms)
+    # one perturbed tail element is enough
+    one = leaf.grad.clone()
+    j = int(torch.nonzero(tail[1])[len(torch.nonzero(tail[1])) // 2])
+    one[1, j] *= 1.01
+    with pytest.raises(AssertionError, match=r"1 of 150771 elements out of bounds"):
+        check_grad(one, ref, torch.float32, *terms)
+
+
+def test_grad_checker_holds_low_precision_to_half_an_ulp():
+    """bf16: an element rounded the wrong way by one ulp fails (0.5 ulp plus fp32 slack)."""
+    logits, targets = make_inputs(4, 1000, torch.bfloat16, "none", "cpu", seed=10)
+    leaf = logits.clone().requires_grad_()
+    ops.cross_entropy(leaf, targets).backward()
+    x64 = logits.double().requires_grad_()
+    ref_cross_entropy(x64, targets)[0].backward()
+    terms = grad_terms(logits, targets, 1.0 / 4)
+    check_grad(leaf.grad, x64.grad, torch.bfloat16, *terms)
+    g = leaf.grad.clone()
+    g[2, 17] = (g[2, 17].float() * (1 + 2 ** -7)).to(torch.bfloat16)  # one bf16 ulp up
+    assert g[2, 17] != leaf.grad[2, 17]
+    with pytest.raises(AssertionError, match="1 of 4000 elements out of bounds"):
+        check_grad(g, x64.grad, torch.bfloat16, *terms)
 
 
 # ------------------------------------------------------------------------------- edge values
