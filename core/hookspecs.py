@@ -86,6 +86,16 @@ def sftctl_configure(config, pm):
     """
 
 
+@hookspec
+def sftctl_prepare_tokenizer(tokenizer, config):
+    """The tokenizer is loaded (before any data is encoded and before the model is loaded).
+
+    A plugin may set its chat template or add special tokens (``tokenizer.add_special_tokens``);
+    when the vocabulary grew, the trainer resizes the model's embeddings to match and says so.
+    Whatever is set here is saved with the final model's tokenizer.
+    """
+
+
 @hookspec(firstresult=True)
 def sftctl_load_dataset(source, config):
     """Load a data source that sftctl's loaders do not know (``source``: the ``--data`` string).

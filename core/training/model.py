@@ -91,9 +91,11 @@ def load_tokenizer(src: str, model_cfg):
     return tok
 
 
-def load_model(src: str, model_cfg, tokenizer, device: torch.device) -> torch.nn.Module:
+def load_model(src: str, model_cfg, tokenizer, device: torch.device, *,
+               resize_embeddings: bool = False) -> torch.nn.Module:
     """The causal LM in fp32 on ``device``, checked against the tokenizer, training-ready
-    (no KV cache, activation checkpointing when asked)."""
+    (no KV cache, activation checkpointing when asked). ``resize_embeddings``: plugins added
+    tokens to the tokenizer; grow the embeddings (and an untied head) to match."""
     from transformers import AutoModelForCausalLM
 
     kw = dict(trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
@@ -106,7 +108,12 @@ def load_model(src: str, model_cfg, tokenizer, device: torch.device) -> torch.nn
         raise ModelError(f"cannot load the model {src!r}: {type(e).__name__}: "
                          f"{str(e)[:400]}") from None
     emb = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > emb:
+    if len(tokenizer) > emb and resize_embeddings:
+        # new rows start at the mean of the old ones (transformers' mean_resizing)
+        model.resize_token_embeddings(len(tokenizer))
+        log.info("embeddings resized from %d to %d rows for the tokens plugins added", emb,
+                 len(tokenizer))
+    elif len(tokenizer) > emb:
         raise ModelError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding has "
                          f"{emb} rows")
     model.config.pad_token_id = tokenizer.pad_token_id
