@@ -8,9 +8,9 @@ Design choices
 - Plugins load before the parser is built (their options become flags); ``--plugin`` values are
   read from the raw arguments first so a named third-party plugin loads even when autoload is
   disabled.
-- Config layers, lowest first: dataclass defaults, derived defaults (the dataset format of the
-  first ``--plugin`` that registers one), the format's tuned defaults when training the embedded
-  demo model, ``--config`` YAML, command-line flags and ``--set``.
+- Config layers: the CLI turns flags, ``--set`` and ``--config`` into nested dicts; the layering
+  rules (derived defaults, a format's tuned defaults, file, command line) are
+  ``sftctl.run.config.run_layers``.
 - Exit codes: 0 only when training finished and the final checkpoint is complete (and the
   post-training evaluation, when it runs, succeeded); 2 for invalid input (config, data, plugins,
   model path), reported before any training step; 1 for a failure during training; otherwise
@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import sys
-import time
 import traceback
 import typing
 from pathlib import Path
@@ -104,17 +103,27 @@ def _default_text(f) -> str:
     return f" (default: {d})"
 
 
-def add_config_arguments(p: argparse.ArgumentParser, options: dict) -> dict[str, str]:
-    """Add one flag per config field (and plugin option); return dotted key -> flag."""
+def add_config_arguments(p: argparse.ArgumentParser, options: dict, *,
+                         only: set[str] | None = None,
+                         aliases: dict[str, list[str]] | None = None) -> dict[str, str]:
+    """Add one flag per config field (and plugin option); return dotted key -> flag.
+
+    ``only``: just these dotted keys (other commands reuse train's flags, e.g. ``sftctl eval``;
+    the value lands in ``args`` under the dotted key, absent when not given); ``aliases``:
+    extra spellings of a key's flag."""
     flags: dict[str, str] = {}
-    groups = {name: p.add_argument_group(f"{name} options") for name in C.SECTIONS}
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    aliases = aliases or {}
     for dotted, f, tp in C.iter_fields():
         meta = f.metadata
         flag = meta.get("flag")
-        if not flag:
+        if not flag or (only is not None and dotted not in only):
             continue
         section = dotted.split(".", 1)[0]
+        if section in C.SECTIONS and section not in groups:
+            groups[section] = p.add_argument_group(f"{section} options")
         g = groups.get(section, p)
+        flag = [flag, *aliases.get(dotted, [])]
         help_ = meta["help"] + f"  [{dotted}]"
         kind = meta["cli"]
         base = _base_type(tp)
@@ -123,23 +132,23 @@ def add_config_arguments(p: argparse.ArgumentParser, options: dict) -> dict[str,
         metavar = meta.get("metavar") or ("N" if base is int else "X" if base is float
                                           else f.name.upper())
         if kind == "bool":
-            g.add_argument(flag, action=argparse.BooleanOptionalAction,
+            g.add_argument(*flag, action=argparse.BooleanOptionalAction,
                            help=help_ + _default_text(f), **kw)
         elif kind in ("store_true", "store_false"):
-            g.add_argument(flag, action=kind, help=help_, **kw)
+            g.add_argument(*flag, action=kind, help=help_, **kw)
         elif kind == "append":
-            g.add_argument(flag, action="append", type=base, metavar=metavar,
+            g.add_argument(*flag, action="append", type=base, metavar=metavar,
                            help=help_, **kw)
         elif kind == "optional":  # --flag [VALUE]; bare flag means the const
-            g.add_argument(flag, nargs="?", const="latest", type=base, metavar=metavar,
+            g.add_argument(*flag, nargs="?", const="latest", type=base, metavar=metavar,
                            help=help_, **kw)
         elif kind == "nargs":
-            g.add_argument(flag, nargs="+", type=base, metavar=metavar,
+            g.add_argument(*flag, nargs="+", type=base, metavar=metavar,
                            help=help_ + _default_text(f), **kw)
         else:
-            g.add_argument(flag, type=base, choices=choices, metavar=None if choices else metavar,
+            g.add_argument(*flag, type=base, choices=choices, metavar=None if choices else metavar,
                            help=help_ + _default_text(f), **kw)
-        flags[dotted] = flag
+        flags[dotted] = flag[0]
     if options:
         g = p.add_argument_group("plugin options (YAML: options: {NAME: VALUE})")
         for name, o in sorted(options.items()):
@@ -214,42 +223,7 @@ def resolve_config(args: argparse.Namespace, pm, options: dict) -> C.RunConfig:
         C.set_dotted(cli, key.strip(), value)
     file_layer = C.load_yaml(args.config) if args.config else {}
     file_name = str(args.config) if args.config else "config"
-
-    def get(layer, dotted):
-        head, _, rest = dotted.partition(".")
-        sec = layer.get(head)
-        if not rest:
-            return sec
-        return sec.get(rest) if isinstance(sec, dict) else None
-
-    plugins: list[str] = []
-    for layer in (file_layer, cli):
-        for name in (get(layer, "plugins") or []):
-            if isinstance(name, str) and name not in plugins:
-                plugins.append(name)
-    pm.require(plugins)
-    derived: dict = {"plugins": plugins}
-    fmt = get(cli, "data.format") or get(file_layer, "data.format")
-    if fmt is None:
-        for name in plugins:
-            owned = pm.formats_of(name)
-            if owned:
-                fmt = name if name in owned else owned[0]
-                break
-        C.set_dotted(derived, "data.format", fmt or "alpaca")
-        fmt = fmt or "alpaca"
-    layers: list[tuple[str, dict]] = [("defaults", derived)]
-    model = get(cli, "model.name_or_path") or get(file_layer, "model.name_or_path")
-    formats = pm.dataset_formats()
-    if model is None and fmt in formats and formats[fmt].demo_config:
-        path = formats[fmt].demo_config
-        layers.append((path, C.load_yaml(path)))
-    layers.append((file_name, {k: v for k, v in file_layer.items() if k != "plugins"}))
-    layers.append(("command line", {k: v for k, v in cli.items() if k != "plugins"}))
-    if not (get(cli, "train.output_dir") or get(file_layer, "train.output_dir")) and \
-            not (get(cli, "train.resume") or get(file_layer, "train.resume")):  # resume.py picks it
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        layers.append(("defaults", {"train": {"output_dir": str(Path("runs") / stamp)}}))
+    layers = C.run_layers(cli, file_layer, file_name, pm)
     return C.build_config(layers, options)
 
 
@@ -504,6 +478,36 @@ def cmd_doctor(args, pm, options) -> int:
 # ----------------------------------------------------------------------------------------- main
 
 
+def build_data_parser(sub, options: dict) -> None:
+    p = sub.add_parser("data", help="inspect training data as sftctl encodes it")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    dsub.required = True
+    pp = dsub.add_parser(
+        "preview", help="print the first examples with the trained tokens highlighted",
+        description="Encode the first N training examples exactly as `sftctl train` with the same "
+                    "options would (format, template, tokenizer, truncation) and print them with "
+                    "the trained tokens highlighted (colour on a terminal, [[ ]] otherwise).")
+    pp.add_argument("-n", "--num", type=int, default=3, metavar="N",
+                    help="how many examples (default 3)")
+    pp.add_argument("--json", action="store_true",
+                    help="one JSON object per example: input_ids, tokens, loss_mask, text")
+    pp.add_argument("--config", metavar="RUN.YAML", help="YAML config, as for train")
+    pp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="Set any config key, as for train")
+    add_config_arguments(pp, options)
+    pp.set_defaults(func=cmd_data_preview)
+
+
+def cmd_data_preview(args, pm, options) -> int:
+    from .preview import preview
+
+    if args.num < 1:
+        raise ConfigError(f"--num: expected a positive integer, got {args.num}")
+    cfg = resolve_config(args, pm, options)
+    setup_logging(True)
+    return preview(cfg, pm, args.num, args.json)
+
+
 def build_parser(pm, options) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sftctl",
@@ -521,6 +525,7 @@ def build_parser(pm, options) -> argparse.ArgumentParser:
     pd = sub.add_parser("doctor", help="versions, extension kernels, devices")
     pd.add_argument("--json", action="store_true", help="machine-readable output")
     pd.set_defaults(func=cmd_doctor)
+    build_data_parser(sub, options)
     pm.add_commands(sub)
     return p
 

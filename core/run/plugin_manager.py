@@ -64,6 +64,7 @@ BUILTIN_PLUGINS = {
     "optimizers": "sftctl.plugins.optimizers",
     "schedulers": "sftctl.plugins.schedulers",
     "metrics_jsonl": "sftctl.plugins.metrics_jsonl",
+    "chat": "sftctl.plugins.chat",
     "evals": "sftctl.evals.plugin",
 }
 
