@@ -57,7 +57,7 @@ def _layout(record: Mapping[str, Any], options: Mapping[str, Any]) -> Layout:
                   options.get("chat.content_field") or base.content_field)
 
 
-def conversation(record: Mapping[str, Any], options: Mapping[str, Any],
+def parse_record(record: Mapping[str, Any], options: Mapping[str, Any],
                  for_training: bool = True) -> list[dict]:
     try:
         role_map = parse_role_map(options.get("chat.role_map"))
@@ -69,7 +69,7 @@ def conversation(record: Mapping[str, Any], options: Mapping[str, Any],
 
 
 def validate(record, options) -> None:
-    conversation(record, options)
+    parse_record(record, options)
 
 
 def template_kwargs(options: Mapping[str, Any]) -> dict:
@@ -80,7 +80,7 @@ def template_kwargs(options: Mapping[str, Any]) -> dict:
 
 
 def to_tokens(record, tokenizer, options) -> tuple[list[int], list[int]]:
-    msgs = conversation(record, options)
+    msgs = parse_record(record, options)
     try:
         r = render_with_mask(tokenizer, msgs, template=None,  # the tokenizer's (set by the plugin)
                              template_name=_template_label(tokenizer, options),
