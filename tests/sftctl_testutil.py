@@ -67,6 +67,38 @@ def run_cli(args: list[str], env: dict | None = None, cwd: Path | None = None,
                           cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def plain_val_loss(model_dir, records, *, uncapped: bool = False) -> float:
+    """Token-mean cross-entropy of the response tokens (+ EOS) of alpaca ``records`` under the
+    model in ``model_dir``, one example at a time with ``F.cross_entropy`` on the model's logits:
+    an independent reference for the trainer's validation loss (no sftctl code on the path but
+    the prompt template). ``uncapped``: use the ``lm_head`` output, before any logit cap that
+    the model applies after it (Gemma-2's final_logit_softcapping)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftctl.plugins.alpaca.demo_data import format_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    head = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: head.append(out))
+    total, count = 0.0, 0
+    for rec in records:
+        prompt = tok(format_prompt(rec), add_special_tokens=False).input_ids
+        response = tok(rec["output"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids = torch.tensor([prompt + response])  # [1, T]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits  # [1, T, V]
+        if uncapped:
+            logits = head[-1]
+        # position t predicts token t + 1; only the response tokens are targets
+        pred = logits[0, len(prompt) - 1:-1].float()  # [R, V]
+        total += float(F.cross_entropy(pred, ids[0, len(prompt):], reduction="sum"))
+        count += len(response)
+    return total / count
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
