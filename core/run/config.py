@@ -256,7 +256,10 @@ def build_config(layers: list[tuple[str, dict]],
                                   "options")
             raise _unknown_key(key, options, f"{where}: options")
         o = options[key]
-        v = coerce(value, o.type, src(f"options.{key}"))
+        # null is the value of an unset option whose default is None (a run's own config.yaml
+        # writes it back that way)
+        v = None if value is None and o.default is None else \
+            coerce(value, o.type, src(f"options.{key}"))
         if o.choices is not None and v not in o.choices:
             raise ConfigError(f"{src('options.' + key)}: {v!r} is not one of "
                               f"{', '.join(map(str, o.choices))}")

@@ -116,6 +116,20 @@ class Trainer:
         self.compiled: str | None = None
         self.extras: dict = {}                   # per-run storage of plugins (RunContext.extras)
         self.context = RunContext(self)
+        # built by setup(), in this order (None until then)
+        self.format = self.optimizer_spec = self.scheduler_spec = None  # the plugins' parts
+        self.device: torch.device | None = None
+        self.precision, self.amp_dtype = None, None
+        self.base_model: str | None = None
+        self.tokenizer = self.data = self.model = None
+        self.plan = self.val_plan = None
+        self.total_steps = self.warmup_steps = 0
+        self.optimizer = self.scheduler = self.scaler = None
+        self.loss_impl = self.loss_kernel = None
+        self.fallbacks: list[dict] = []
+        self.tokens_added = 0
+        self.checkpointer: Checkpointer | None = None
+        self.guard: guards.NonFiniteGuard | None = None
         self._t0 = time.time()
         # historic: plugins registered later still see it; a plugin may reject the config here
         pm.hook.sftctl_configure.call_historic(kwargs=dict(config=config, pm=pm))
@@ -138,6 +152,9 @@ class Trainer:
         src, self.base_model = model_source(self.config.model.name_or_path, self.format,
                                             self.out_dir, self.strategy)
         self.tokenizer = load_tokenizer(self.config.model.tokenizer or src, self.config.model)
+        vocab = len(self.tokenizer)
+        self.pm.hook.sftctl_prepare_tokenizer(tokenizer=self.tokenizer, config=self.config)
+        self.tokens_added = len(self.tokenizer) - vocab  # by plugins (e.g. chat template markers)
         with self.strategy.main_first():  # rank 0 fills the tokenization cache, the rest read it
             self.data = prepare_run_data(self.config, self.format, self.tokenizer, self.pm)
         self._log_data()
@@ -193,7 +210,8 @@ class Trainer:
 
     def _build_model(self, src: str):
         cfg = self.config
-        model = load_model(src, cfg.model, self.tokenizer, self.device)
+        model = load_model(src, cfg.model, self.tokenizer, self.device,
+                           resize_embeddings=self.tokens_added > 0)
         if cfg.model.compile:
             self.compiled = compile_blocks(model)
             if self.is_main:
@@ -553,6 +571,7 @@ class Trainer:
             "val_ppl": val_hist[-1]["val_ppl"] if val_hist else None,
             "stopped_early": self.stop_reason,
             "nonfinite_skipped": st.nonfinite_skipped,
+            "tokens_added": self.tokens_added,
             "resumed_from": self.resumed_from,
             "plugins": list(cfg.plugins),
             "versions": versions(),
