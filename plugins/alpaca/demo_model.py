@@ -39,6 +39,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from .. import embedded
 from . import demo_data
 
 __all__ = [
@@ -50,17 +51,12 @@ __all__ = [
     "build_default_base",
 ]
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+SPECIAL_TOKENS = embedded.SPECIAL_TOKENS
 # Upper bound; BPE stops earlier when no pair occurs twice (about 1000 tokens on the demo corpus).
 TOKENIZER_VOCAB_SIZE = 4096
 TOKENIZER_CORPUS_SEED = 0
 MODEL_MAX_LENGTH = 256
 CONFIG_DIR = Path(__file__).resolve().parent  # model configs (*.json) shipped as package data
-
-# Letters (with an optional leading space), single digits (likewise), runs of other symbols,
-# newlines/whitespace. A GPT-2 style split with one digit per piece.
-_SPLIT_PATTERN = r"\p{L}+|\p{N}|[^\s\p{L}\p{N}]+|\s+"
-
 
 def load_model_config(name: str = "tiny_llama") -> dict:
     """The JSON model config shipped in ``sftctl/configs/<name>.json`` as a dict."""
@@ -107,40 +103,15 @@ def build_tokenizer(corpus_records: Iterable[dict] | None = None, *,
     """Train the byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``.
 
     ``corpus_records``: Alpaca records (``instruction``, ``input``, ``output``); default the
-    training split of :func:`sftctl.demo_data.default_splits` (seed 0).
+    training split of :func:`sftctl.plugins.alpaca.demo_data.default_splits` (seed 0). The
+    template pieces become single (non-special) tokens, matched before pre-tokenization, like
+    the role markers of a chat template: they decode to their exact text.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     if corpus_records is None:
         corpus_records = demo_data.default_splits(seed=TOKENIZER_CORPUS_SEED)[0]
-    specials = [SPECIAL_TOKENS[k] for k in ("pad_token", "bos_token", "eos_token", "unk_token")]
-
-    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=specials,  # ids 0..3 in this order
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: no UNK ever
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus_texts(corpus_records), trainer=trainer)
-    # The template pieces become single (non-special) tokens, matched before pre-tokenization,
-    # like the role markers of a chat template: they decode to their exact text.
-    tok.add_tokens([AddedToken(seg, normalized=False, special=False) for seg in template_segments()])
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        model_max_length=MODEL_MAX_LENGTH,
-        clean_up_tokenization_spaces=False,  # decode must give back the exact text
-        padding_side="right",
-        **SPECIAL_TOKENS,
-    )
+    return embedded.train_tokenizer(_corpus_texts(corpus_records), vocab_size=vocab_size,
+                                    added_tokens=template_segments(),
+                                    model_max_length=MODEL_MAX_LENGTH)
 
 
 def build_model(tokenizer, seed: int = 0, *, config_name: str = "tiny_llama",
@@ -149,32 +120,8 @@ def build_model(tokenizer, seed: int = 0, *, config_name: str = "tiny_llama",
 
     ``overrides`` replaces config keys (used by bench/tune_default.py to try other sizes).
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    cfg = load_model_config(config_name)
-    cfg.update(overrides or {})
-    for key in ("pad_token", "bos_token", "eos_token"):
-        if getattr(tokenizer, key) is None:
-            raise ValueError(f"build_model: the tokenizer has no {key}")
-    cfg.update(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    config = LlamaConfig(**cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=32,
-    )
-    return model
+    return embedded.build_llama(tokenizer, load_model_config(config_name), seed=seed,
+                                overrides=overrides)
 
 
 def build_default_base(out_dir: str | Path, seed: int = 0, *, config_name: str = "tiny_llama",
