@@ -3,9 +3,9 @@
 A deliberately independent, minimal training loop (plain PyTorch: AdamW, cosine schedule with
 linear warmup, loss on response tokens only via ``F.cross_entropy``, dynamic padding), so the
 defaults are chosen without depending on the trainer. It builds the demo data, the project's
-tokenizer and a tiny Llama through ``sftctl.demo_data`` / ``sftctl.demo_model``, trains for a fixed
-number of optimizer steps, then scores the held-out split by greedy decoding (stop at newline or
-EOS) and exact match, per task.
+tokenizer and a tiny Llama through ``sftctl.plugins.alpaca.demo_data`` /
+``sftctl.plugins.alpaca.demo_model``, trains for a fixed number of optimizer steps, then scores
+the held-out split by greedy decoding (stop at newline or EOS) and exact match, per task.
 
 The argument defaults are the chosen defaults (plugins/alpaca/default_config.yaml, tiny_llama.json):
     python bench/tune_default.py                       # the default run, scored
