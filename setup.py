@@ -175,6 +175,6 @@ setup(
         "matplotlib",
         "lm-eval>=0.4.8",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "expecttest"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "expecttest"]},
     entry_points={"console_scripts": ["sftctl = sftctl.run.cli:main"]},
 )
