@@ -521,11 +521,14 @@ class _Worker:
         task_dir = self.out_dir / spec.name
         task_dir.mkdir(parents=True, exist_ok=True)
         tracker = EvaluationTracker(output_path=str(task_dir / "results.json"))
+        if spec.apply_chat_template:
+            self.ensure_chat_template(lm, spec)
         res = lm_eval.simple_evaluate(
             model=lm, tasks=[spec.name], task_manager=tm,
             limit=min(limits) if limits else None, num_fewshot=spec.num_fewshot,
             log_samples=True, evaluation_tracker=tracker,
-            bootstrap_iters=self.opts.bootstrap_iters)
+            bootstrap_iters=self.opts.bootstrap_iters,
+            apply_chat_template=spec.apply_chat_template)
         if res is None:
             raise BenchmarkError("lm-eval returned no results (not rank 0?)")
         samples = res.pop("samples", {}) or {}
@@ -542,6 +545,18 @@ class _Worker:
                   "samples_file": str(sample_files[-1]) if sample_files else None,
                   "wall_time_s": round(time.time() - t, 3)}
         return status, f"{_fmt_metrics(res, spec.name)} ({status['wall_time_s']:.1f} s)"
+
+    def ensure_chat_template(self, lm, spec: BenchmarkSpec) -> None:
+        """A model whose tokenizer has no chat template gets the spec's (the one the SFT model
+        was trained with), said in the output; with neither, the benchmark fails clearly."""
+        tok = getattr(lm, "tokenizer", None)
+        if tok is None or getattr(tok, "chat_template", None):
+            return
+        if not spec.chat_template:
+            raise BenchmarkError(f"{spec.name} needs a chat template and {self.model_ref!r} has "
+                                 "none")
+        tok.chat_template = spec.chat_template
+        self.say(f"{spec.name}: the tokenizer has no chat template; using the run's")
 
     def run(self) -> int:
         import lm_eval.evaluator

@@ -36,6 +36,10 @@ class BenchmarkSpec:
     limit:          evaluate at most this many documents (None: all).
     num_fewshot:    None keeps the task's own setting (0 when it has none).
     stats:          counts the task builder wants shown (records written, left out, ...).
+    apply_chat_template: prompts are rendered with the evaluated model's chat template
+                    (lm-eval's ``apply_chat_template``).
+    chat_template:  Jinja template used for a model whose tokenizer has none (a base model
+                    trained with ``--chat-template``), so base and SFT see the same format.
     """
 
     name: str
@@ -46,6 +50,8 @@ class BenchmarkSpec:
     limit: int | None = None
     num_fewshot: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    apply_chat_template: bool = False
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):

@@ -20,7 +20,10 @@ Design choices
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 from sftctl import ConfigError, ConfigOption, DatasetFormat, RecordError, hookimpl
@@ -32,6 +35,8 @@ from .templates import MARKERS, TEMPLATES, resolve_template
 log = logging.getLogger("sftctl")
 
 FORMAT = "chat"
+HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE / "default_config.yaml"  # tuned defaults of the embedded chat run
 
 
 def _layout(record: Mapping[str, Any], options: Mapping[str, Any]) -> Layout:
@@ -96,6 +101,50 @@ def _template_label(tokenizer, options) -> str:
     return f"chat template {spec!r}" if spec else "the tokenizer's chat template"
 
 
+@functools.lru_cache(maxsize=4)
+def _splits(seed: int, n_train: int | None, n_heldout: int | None):
+    from .demo_data import default_splits
+
+    return default_splits(seed=seed, n_train=n_train, n_heldout=n_heldout)
+
+
+def _demo_splits(config):
+    return _splits(config.option("chat.demo_seed"), config.option("chat.demo_train_size"),
+                   config.option("chat.demo_heldout_size"))
+
+
+def demo_records(config) -> dict:
+    train, heldout = _demo_splits(config)
+    return {"train": train, "validation": heldout}
+
+
+def demo_base(out_dir, seed: int = 0) -> None:
+    """The embedded base: a tiny Llama whose tokenizer carries the ChatML template."""
+    from .demo_model import build_default_base
+
+    build_default_base(out_dir, seed=seed)
+
+
+def read_heldout(path: str, options: Mapping[str, Any]) -> list[list[dict]]:
+    """Held-out conversations from a JSONL file (any layout the format reads); errors name the
+    file, the line and the field."""
+    convs = []
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"chat.heldout: {p} not found")
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                convs.append(parse_record(json.loads(line), options))
+            except (json.JSONDecodeError, RecordError) as e:
+                raise ConfigError(f"chat.heldout: {p}: line {lineno}: {e}") from None
+    if not convs:
+        raise ConfigError(f"chat.heldout: {p} holds no conversation")
+    return convs
+
+
 @hookimpl
 def sftctl_add_options(register):
     register(ConfigOption("chat.template", str, None,
@@ -121,6 +170,16 @@ def sftctl_add_options(register):
                           choices=("all", "last")))
     register(ConfigOption("chat.enable_thinking", bool, None,
                           "Passed to the template as enable_thinking (Qwen3-style templates)."))
+    register(ConfigOption("chat.heldout", str, None,
+                          "JSONL file of held-out conversations to benchmark after training "
+                          "when --data is given (the last answer of each, exact match)."))
+    register(ConfigOption("chat.demo_seed", int, 0, "Seed of the chat demo data generator."))
+    register(ConfigOption("chat.demo_train_size", int, None,
+                          "Training conversations of the chat demo data (default: the "
+                          "generator's)."))
+    register(ConfigOption("chat.demo_heldout_size", int, None,
+                          "Held-out conversations of the chat demo data (default: the "
+                          "generator's)."))
 
 
 @hookimpl
@@ -137,7 +196,37 @@ def sftctl_register_dataset_formats(register):
                 "completion": "prompt/completion layout: the assistant message(s) to learn"},
         description="Conversations rendered with the model's chat template (or --chat-template); "
                     "every assistant turn and its end-of-turn marker trained, nothing else",
+        demo_data=demo_records,
+        demo_config=str(DEFAULT_CONFIG),
+        demo_base=demo_base,
     ))
+
+
+@hookimpl
+def sftctl_register_benchmarks(register, config):
+    if config.data.format != FORMAT or config.train.output_dir is None:
+        return
+    from .tasks import chat_benchmarks
+
+    options = dict(config.options)
+    heldout = config.option("chat.heldout")
+    if heldout is not None:
+        convs, source = read_heldout(heldout, options), f"conversations of {heldout}"
+    elif config.data.paths:
+        log.info("chat: no benchmark for --data runs unless the option chat.heldout names a "
+                 "held-out JSONL file")
+        return
+    else:
+        _, records = _demo_splits(config)
+        convs = [parse_record(r, options) for r in records]
+        source = "held-out demo conversations"
+    template = None
+    if config.option("chat.template"):
+        template = resolve_template(config.option("chat.template"))[1]
+    eval_dir = Path(config.train.output_dir) / "eval" / "tasks"
+    for spec in chat_benchmarks(convs, eval_dir, chat_template=template,
+                                limit=config.eval.limit, source=source):
+        register(spec)
 
 
 @hookimpl
