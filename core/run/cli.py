@@ -230,41 +230,42 @@ def resolve_config(args: argparse.Namespace, pm, options: dict) -> C.RunConfig:
 # ----------------------------------------------------------------------------------- commands
 
 
-def _prepare_output_dir(cfg: C.RunConfig) -> Path:
+def _prepare_output_dir(cfg: C.RunConfig):
+    """Lock the output directory, resolve leftovers of a killed run, check it holds no run
+    (unless --resume/--overwrite), move a run that --overwrite replaces aside (``rundir.py``).
+    Returns (directory, lock, previous run or None)."""
+    from .rundir import (PreviousRun, RunDirLock, check_inputs_outside, clean_leftovers,
+                         held_run, recover_previous)
+
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir: {out} exists and is not a directory")
-    markers = [m for m in ("model", "summary.json", "metrics.jsonl", "checkpoints")
-               if (out / m).exists()]
-    if markers and not cfg.train.overwrite and not cfg.train.resume:
-        raise ConfigError(f"train.output_dir: {out} already holds a run ({', '.join(markers)}); "
-                          "choose another --output-dir, pass --resume to continue it or "
-                          "--overwrite to start again")
+    lock = RunDirLock(out).acquire()  # before anything else touches the directory
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        from ..training.checkpoint import describe_os_error
-
-        raise ConfigError(f"train.output_dir: cannot create {out}: {describe_os_error(e)}") \
-            from None
-    if cfg.train.overwrite:
-        import shutil
-
-        for m in ("model", "summary.json", "metrics.jsonl", "eval", "report.json", "report.md",
-                  "report.html", "report_assets", "checkpoints"):
-            p = out / m
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    return out
+        clean_leftovers(out)
+        recover_previous(out)
+        markers = held_run(out)
+        if markers and not cfg.train.overwrite and not cfg.train.resume:
+            raise ConfigError(f"train.output_dir: {out} already holds a run "
+                              f"({', '.join(markers)}); choose another --output-dir, pass "
+                              "--resume to continue it or --overwrite to start again")
+        previous = None
+        if cfg.train.overwrite:
+            check_inputs_outside(out, [
+                ("--model", cfg.model.name_or_path), ("--tokenizer", cfg.model.tokenizer),
+                *(("--data", p) for p in cfg.data.paths),
+                *(("--val-data", p) for p in cfg.data.val_paths)])
+            previous = PreviousRun(out)
+            previous.move_aside()
+    except BaseException:
+        lock.release()
+        raise
+    return out, lock, previous
 
 
 def cmd_train(args, pm, options) -> int:
-    from ..training.atomic import write_text
     from ..training.distributed import world_size_from_env
     from ..training.checkpoint import prepare_resume
-    from ..training.atomic import checkpoint_complete
     from ..training.trainer import Trainer
 
     cfg = resolve_config(args, pm, options)
@@ -276,8 +277,25 @@ def cmd_train(args, pm, options) -> int:
     world_size_from_env()
     prepare_resume(cfg)  # --resume: output dir of PATH, --overwrite conflict, finished run
     trainer = Trainer(cfg, pm)
+    lock = previous = None
+    if trainer.is_main:  # other ranks share rank 0's lock (they only write where it writes)
+        out, lock, previous = _prepare_output_dir(cfg)
+    try:
+        return _train(cfg, pm, trainer, rank, previous)
+    except BaseException:
+        if previous is not None:  # the previous run comes back unless this one has a result
+            previous.settle(failed=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, pm, trainer, rank: int, previous) -> int:
+    from ..training.atomic import checkpoint_complete, write_text
+
     if trainer.is_main:
-        out = _prepare_output_dir(cfg)
+        out = Path(cfg.train.output_dir)
         try:
             write_text(out / "config.yaml", C.dump_yaml(cfg))
         except OSError as e:
@@ -292,12 +310,14 @@ def cmd_train(args, pm, options) -> int:
     with trainer.checkpointer.preemption, \
             trainer.checkpointer.wrap_disk_errors(f"training output in {cfg.train.output_dir}"):
         summary = trainer.train()
+    out = Path(cfg.train.output_dir)
+    if previous is not None:  # the new run is complete: the previous one goes
+        previous.settle(failed=not checkpoint_complete(out / "model"))
     if trainer.checkpointer.preemption.requested:  # the signal came after the last step
         log.warning("%s received after the last step: the final model is complete; the "
                     "post-training evaluation is skipped (run `sftctl eval` for it)",
                     trainer.checkpointer.preemption.requested)
         return EXIT_PREEMPTED
-    out = Path(cfg.train.output_dir)
     if trainer.is_main and not checkpoint_complete(out / "model"):
         log.error("the final checkpoint in %s is incomplete", out / "model")
         return EXIT_FAILED

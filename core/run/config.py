@@ -14,8 +14,11 @@ Design choices
   values are ``ConfigError``s naming the source and the dotted key.
 - Plugins add options through the ``sftctl_add_options`` hook; those live under ``options:``
   (dotted names such as ``metrics.flush_every``) and are validated against their declared type.
-- PyYAML reads ``1e-3`` as a string (YAML 1.1); numeric strings are accepted for numeric fields so
-  that the common way of writing a learning rate works.
+- Numbers must be numbers: a quoted ``max_steps: "10"`` is an error, as ``--max-steps ten`` is.
+  One exception: PyYAML (YAML 1.1) reads exponent notation without a dot or without an exponent
+  sign (``1e-3``, ``2.5e3``) as a string, so a float field accepts a string of exactly that
+  shape (``_YAML11_MISSED_FLOAT``); nothing else (not "0.001", "nan" or "inf"). Float values
+  must be finite (``--lr nan``/``inf``, ``--grad-clip inf`` are errors; 0 disables clipping).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import math
 import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +104,12 @@ def _type_name(tp) -> str:
 
 
 def coerce(value: Any, tp: Any, where: str) -> Any:
+# Exponent notation that PyYAML (YAML 1.1: a dot and a signed exponent are required) reads as a
+# string although YAML 1.2 reads it as a float: `1e-3`, `5E+4`, `2.5e3`. Only these strings are
+# accepted for float fields; quoted numbers ("0.001", "10") and "nan"/"inf" are refused.
+_YAML11_MISSED_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
     """Check ``value`` against the annotation ``tp``; return it converted. ``where`` names it."""
     origin = typing.get_origin(tp)
     if origin is typing.Union or (origin is not None and origin.__name__ == "UnionType"):
@@ -140,11 +151,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
+        if isinstance(value, str):  # a quoted number in YAML: refused like `--max-steps ten`
+            raise ConfigError(f"{where}: expected an integer, got the string {value!r} (write "
+                              "numbers without quotes)")
         raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
     if tp is float:
         if isinstance(value, bool):
@@ -152,10 +161,10 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
+        if isinstance(value, str) and _YAML11_MISSED_FLOAT.match(value):
+            return float(value)  # `lr: 1e-3`: a float in YAML 1.2, a string to PyYAML
+            raise ConfigError(f"{where}: expected a number, got the string {value!r} (write "
+                              "numbers without quotes)")
         raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -185,6 +194,8 @@ def _check_range(value, meta: dict, where: str) -> None:
         raise ConfigError(f"{where}: {value!r} is not one of {shown}")
     lo, hi = meta.get("minimum"), meta.get("maximum")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every < and >
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
         if lo is not None and value < lo:
             raise ConfigError(f"{where}: {value!r} is below the minimum {lo}")
         if hi is not None and value > hi:
@@ -205,7 +216,8 @@ def build_config(layers: list[tuple[str, dict]],
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}  # dotted key -> layer that set it, for error messages
     top_fields = {f.name for f in dataclasses.fields(RunConfig)}
-    for source, data in layers:
+    layer_of: dict[str, int] = {}  # dotted key -> index of the layer that set it
+    for layer_index, (source, data) in enumerate(layers):
         if data is None:
             continue
         if not isinstance(data, dict):
@@ -225,6 +237,7 @@ def build_config(layers: list[tuple[str, dict]],
                     dest[k] = v
                     origin[f"{key}.{k}"] = source
             else:
+                    layer_of[f"{key}.{k}"] = layer_index
                 merged[key] = value
                 origin[key] = source
 
@@ -232,6 +245,7 @@ def build_config(layers: list[tuple[str, dict]],
         return f"{origin.get(dotted, 'config')}: {dotted}"
 
     kwargs: dict[str, Any] = {}
+    _one_warmup(merged.get("optim", {}), layer_of, src)
     for name, cls in SECTIONS.items():
         section = merged.get(name, {})
         hints = _hints(cls)
@@ -270,6 +284,20 @@ def build_config(layers: list[tuple[str, dict]],
 
 
 def validate(cfg: RunConfig) -> None:
+def _one_warmup(optim: dict, layer_of: dict[str, int], src) -> None:
+    """``warmup_steps`` and ``warmup_ratio`` both set (non-zero): an error when one layer sets
+    both; else the higher layer's wins (``--warmup-ratio`` on the command line replaces the
+    ``warmup_steps`` of a format's tuned defaults or of the config file)."""
+    steps, ratio = optim.get("warmup_steps"), optim.get("warmup_ratio")
+    if not steps or not ratio:
+        return
+    a, b = layer_of["optim.warmup_steps"], layer_of["optim.warmup_ratio"]
+    if a == b:
+        raise ConfigError(f"{src('optim.warmup_steps')} ({steps}) and optim.warmup_ratio "
+                          f"({ratio}) exclude each other: give one")
+    del optim["warmup_ratio" if a > b else "warmup_steps"]
+
+
     """Cross-field checks that a single field's type and range cannot express."""
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")

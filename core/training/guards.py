@@ -22,6 +22,14 @@ Design choices
     gradients); the guard counts and stops at the next read.
   Chosen over "read the grad norm synced for logging" alone because that lets a NaN update
   through on every step between two logging boundaries.
+- Non-finite parameters after an update (``check_params``): a finite loss and gradient norm do
+  not make a finite update (``--lr`` too large for fp32, a zero Adam denominator). After every
+  step the largest |p| of each parameter is reduced on the device (``torch._foreach_norm`` with
+  ord=inf: NaN/inf propagate, finite weights cannot overflow it; one read of the weights, small
+  next to the optimizer's own reads of weights, gradients and moments). Host mode reads it every
+  step; device mode keeps the first bad step in a device counter read with the other flags (at
+  logging boundaries and before every save). The update is already applied, so both policies
+  stop; with the read before every save, no checkpoint or final model holds a non-finite weight.
 - Preemption: SIGTERM/SIGINT only set a flag (handlers do no I/O); the trainer saves a
   checkpoint at the next step boundary and exits with ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL:
   "try again later"). A second signal exits at once with 128 + the signal number; an atomic
@@ -108,10 +116,13 @@ class NonFiniteGuard:
 
     def __init__(self, *, policy: str, limit: int, counters, optimizer, scaling: bool,
                  device: torch.device, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
-                 world_size: int = 1, last_checkpoint: Callable[[], object] | None = None):
+                 world_size: int = 1, last_checkpoint: Callable[[], object] | None = None,
+                 params: list[torch.Tensor] | None = None):
         """``counters``: the run's ``TrainState`` (updated in place); ``scaling``: a grad
         scaler is active (fp16); ``all_reduce_sum``/``world_size``: the strategy's, so every
-        rank decides alike; ``last_checkpoint``: the newest complete checkpoint (for messages)."""
+        rank decides alike; ``last_checkpoint``: the newest complete checkpoint (for messages);
+        ``params``: the trained parameters, checked after each update (``check_params``)."""
+        self.params = [p for p in (params or []) if p.numel()]
         self.policy = policy
         self.limit = limit
         self.counters = counters
@@ -144,6 +155,7 @@ class NonFiniteGuard:
         run = float(self.counters.nonfinite_in_a_row)
         self._run = torch.full((), run, dtype=torch.float32, device=self.device)
         self._max_run = self._run.clone()
+        self._params_bad = z(torch.long)    # first step whose update made a parameter non-finite
         self._pending = False
 
     def reset_from_counters(self) -> None:
@@ -184,6 +196,33 @@ class NonFiniteGuard:
             self.sync(step)
         return True
 
+    def check_params(self, step: int, sync: bool) -> None:
+        """Call after the optimizer step: a finite loss and gradient norm can still give a
+        non-finite update (``--lr`` overflowing, a zero Adam denominator). The largest |p| of
+        each parameter is computed on the device (NaN and inf propagate into it, and unlike a
+        2-norm it cannot overflow for finite weights): one read of the weights, no host sync
+        in device mode, where the flag is read with the loss (``sync``) and before any save.
+        Such an update cannot be undone, so the run stops under either policy."""
+        if not self.params:
+            return
+        local = [getattr(p, "_local_tensor", p).detach() for p in self.params]  # FSDP: shard
+        peak = torch.stack(torch._foreach_norm(local, float("inf"))).max()
+        bad = ~torch.isfinite(peak)
+        if self.mode == "host":
+            if self._all_ranks(bad) > 0:
+                raise TrainingError(self._params_message(step))
+            return
+        self._params_bad = torch.where((self._params_bad == 0) & bad, step, self._params_bad)
+        self._pending = True
+        if sync:
+            self.sync(step)
+
+    def _params_message(self, step: int, detected: int | None = None) -> str:
+        late = "" if detected in (None, step) else f" (detected at step {detected})"
+        return (f"step {step}: the optimizer update made parameters non-finite although the loss "
+                f"and gradient norm were finite{late}: the update overflowed (check --lr, "
+                "--adam-eps, --betas, --grad-clip)" + self._stop_hint(suggest_skip=False))
+
     def _message(self, step: int, loss: float, grad_norm: float) -> str:
         return (f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
                 "the step was not applied")
@@ -201,13 +240,17 @@ class NonFiniteGuard:
         if st.nonfinite_in_a_row >= self.limit:
             raise TrainingError(f"{st.nonfinite_in_a_row} non-finite steps in a row (the last "
                                 f"at step {step}; --max-nonfinite-in-a-row {self.limit})"
-                                + self._stop_hint())
+                                + self._stop_hint(suggest_skip=False))
 
-    def _stop_hint(self) -> str:
+    def _stop_hint(self, suggest_skip: bool = True) -> str:
+        """``suggest_skip``: only where ``--on-nonfinite skip`` would have let the run go on
+        (not when it is the policy already, nor for an update that cannot be skipped)."""
         last = self.last_checkpoint()
         where = f"the last checkpoint {last} is untouched" if last else "no checkpoint was saved"
-        return (f"; training stopped and nothing was saved ({where}). Check the data and the "
-                "learning rate, or pass --on-nonfinite skip")
+        advice = "Check the data and the learning rate"
+        if suggest_skip and self.policy != "skip":
+            advice += ", or pass --on-nonfinite skip"
+        return f"; training stopped and nothing was saved ({where}). {advice}"
 
     def sync(self, step: int) -> None:
         """Read the device counters (device mode): raise when the run must stop, else fold them
@@ -216,6 +259,9 @@ class NonFiniteGuard:
             return
         st = self.counters
         first, last = int(self._first), int(self._last)
+        bad_update = int(self._params_bad)
+        if self._all_ranks(self._params_bad) > 0:
+            raise TrainingError(self._params_message(bad_update or step, step))
         if self.policy == "stop":
             if self._all_ranks(self._poisoned) > 0:
                 detail = "" if first == step else (
@@ -236,7 +282,8 @@ class NonFiniteGuard:
             st.nonfinite_in_a_row = run
             if max_run >= self.limit:
                 raise TrainingError(f"{max_run} non-finite steps in a row (by step {last}; "
-                                    f"--max-nonfinite-in-a-row {self.limit})" + self._stop_hint())
+                                    f"--max-nonfinite-in-a-row {self.limit})"
+                                    + self._stop_hint(suggest_skip=False))
         self._reset_device_counters()
 
     def _all_ranks(self, t: torch.Tensor) -> float:

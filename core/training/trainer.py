@@ -281,7 +281,8 @@ class Trainer:
             counters=self.state, optimizer=self.optimizer, scaling=self.scaler.is_enabled(),
             device=self.device, all_reduce_sum=self.strategy.all_reduce_sum,
             world_size=self.strategy.world_size,
-            last_checkpoint=self.checkpointer.last_complete)
+            last_checkpoint=self.checkpointer.last_complete,
+            params=[p for g in self.optimizer.param_groups for p in g["params"]])
         self.checkpointer.before_save = self.guard.sync
         resumed = self.checkpointer.restore(cfg.train.resume)
         if resumed is not None:
@@ -348,6 +349,7 @@ class Trainer:
             if self.guard.skipped_now:
                 out["skipped_nonfinite"] = True
         return out
+        self.guard.check_params(step, sync=log_now)  # a finite step can still overflow the update
 
     def _labels(self, micro) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Labels of every micro-batch and the step's trainable-target count over all ranks

@@ -1,0 +1,246 @@
+"""Reliability, round 2 (issue 16), on the real CLI and the real trainer (tiny Llama, a few steps):
+
+- ``--overwrite`` loses nothing: the previous run is moved aside and comes back when the new run
+  fails before it has a checkpoint or a model (bad data, a model inside the directory, a NaN at
+  step 1, a kill -9); it goes only when the new run has a result.
+- One run per directory: an OS lock (flock) taken before anything else; a second run is refused
+  at once naming the holder; the lock dies with its process (kill -9 leaves none behind).
+- Leftovers (``.summary.json.tmp-PID``, ``.model.old-PID``, ``.step-N.tmp``) are resolved at the
+  next start and never read as results.
+- No non-finite weight is ever saved (``--lr`` overflowing the update), hyperparameters that
+  cannot train are config errors.
+- Every write site of a checkpoint and of the final model ends in the named disk error on a real
+  full tmpfs (or a real RLIMIT_FSIZE), the previous checkpoint intact.
+- Resume verifies the data (token ids and masks, not only lengths) and each checkpoint file's
+  content hash; a base model with missing weights is an error unless allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sftctl_testutil import alpaca_records, build_tiny_base, cli_env, write_jsonl
+
+STEPS = 4
+
+
+@pytest.fixture(autouse=True)
+def no_installed_plugins(monkeypatch):
+    monkeypatch.setenv("SFTCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.delenv("SFTCTL_PLUGINS", raising=False)
+    monkeypatch.delenv("SFTCTL_FAULT", raising=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reliability2")
+    base = build_tiny_base(tmp / "base")
+    data = write_jsonl(tmp / "train.jsonl", alpaca_records(24, seed=31))
+    return tmp, base, data
+
+
+def train_args(setup, out: Path, *extra, model=None, data=None) -> list[str]:
+    tmp, base, d = setup
+    return ["train", "--model", str(model or base), "--data", str(data or d),
+            "--output-dir", str(out), "--max-steps", str(STEPS), "--batch-size", "4",
+            "--lr", "3e-3", "--seed", "5", "--scheduler", "constant", "--threads", "1",
+            "--device", "cpu", "--no-eval", "--no-initial-eval", *extra]
+
+
+def run(args, tmp, preexec=None, timeout=300, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sftctl", *args], env=cli_env(tmp, **env),
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
+
+
+def start(args, tmp, **env) -> tuple[subprocess.Popen, Path]:
+    log = tmp / f"bg-{time.monotonic_ns()}.log"
+    f = open(log, "w")
+    p = subprocess.Popen([sys.executable, "-m", "sftctl", *args], env=cli_env(tmp, **env),
+                         stdout=f, stderr=subprocess.STDOUT)
+    f.close()
+    return p, log
+
+
+def wait_for(cond, timeout=120.0, what="condition"):
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every file of a run directory (but the lock) by relative path."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != ".sftctl.lock"}
+
+
+@pytest.fixture(scope="module")
+def finished(setup):
+    """A finished run (with a checkpoint at step 2) to overwrite; copied by each test."""
+    tmp = setup[0]
+    out = tmp / "finished"
+    r = run(train_args(setup, out, "--save-every", "2"), tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def copy_run(finished: Path, dest: Path) -> tuple[Path, dict]:
+    shutil.copytree(finished, dest)
+    return dest, snapshot(dest)
+
+
+# ------------------------------------------------------------------------------- --overwrite
+
+
+def test_overwrite_with_missing_data_keeps_the_previous_run(setup, finished, tmp_path):
+    out, before = copy_run(finished, tmp_path / "run")
+    r = run(train_args(setup, out, "--overwrite", data=tmp_path / "nope.jsonl"), tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
+    assert "the previous run of" in r.stderr and "is restored" in r.stderr
+    assert snapshot(out) == before  # byte for byte, config.yaml included
+    assert not (out / ".previous-run").exists()
+
+
+def test_overwrite_refuses_a_model_inside_the_directory_it_replaces(setup, finished, tmp_path):
+    out, before = copy_run(finished, tmp_path / "run")
+    r = run(train_args(setup, out, "--overwrite", model=out / "model"), tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"--model {out / 'model'} lies inside {out / 'model'}, which --overwrite replaces; " \
+           f"copy it out of {out} first" in r.stderr
+    assert snapshot(out) == before
+
+
+def test_overwrite_failing_at_step_1_restores_the_previous_run(setup, finished, tmp_path):
+    out, before = copy_run(finished, tmp_path / "run")
+    r = run(train_args(setup, out, "--overwrite"), tmp_path, SFTCTL_FAULT="nan_at_step:1")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "step 1: non-finite loss" in r.stderr
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_the_run_once_the_new_one_is_complete(setup, finished, tmp_path):
+    out, before = copy_run(finished, tmp_path / "run")
+    r = run(train_args(setup, out, "--overwrite", "--seed", "6"), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = snapshot(out)
+    assert after["summary.json"] != before["summary.json"]
+    assert not any(k.startswith("checkpoints/") for k in after)  # the old run's are gone too
+    assert not (out / ".previous-run").exists()
+    assert "--seed: 6" not in after["config.yaml"].decode() and "seed: 6" in \
+        after["config.yaml"].decode()
+
+
+def test_overwrite_killed_before_a_result_gets_the_previous_run_back(setup, finished, tmp_path):
+    """kill -9 during the new run's first steps; the next start (here one that is refused
+    because the directory holds a run) restores the previous run, and the lock is free."""
+    out, before = copy_run(finished, tmp_path / "run")
+    p, log = start(train_args(setup, out, "--overwrite", "--max-steps", "50"), tmp_path,
+                   SFTCTL_FAULT="slow_steps:0.3")
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists() and (out / ".previous-run").is_dir(),
+                 what="the new run's first step")
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert (out / ".previous-run" / "summary.json").is_file()
+    r = run(train_args(setup, out), tmp_path)
+    assert r.returncode == 2 and "already holds a run" in r.stderr, r.stderr[-3000:]
+    assert "the previous run is restored" in r.stderr
+    assert snapshot(out) == before
+
+
+# ------------------------------------------------------------------------------ one run per dir
+
+
+def test_a_second_run_in_the_same_directory_is_refused_at_once(setup, tmp_path):
+    out = tmp_path / "run"
+    p, log = start(train_args(setup, out, "--max-steps", "8"), tmp_path,
+                   SFTCTL_FAULT="slow_steps:0.2")
+    try:
+        wait_for(lambda: f"PID {p.pid} " in ((out / ".sftctl.lock").read_text()
+                                             if (out / ".sftctl.lock").exists() else ""),
+                 what="the first run's lock")
+        t0 = time.monotonic()
+        r = run(train_args(setup, out, "--overwrite"), tmp_path)
+        took = time.monotonic() - t0
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert f"{out} is in use by another sftctl run (PID {p.pid} on host " \
+               f"{socket.gethostname()}, started" in r.stderr
+        assert took < 30  # refused before loading anything (the CLI's start-up dominates)
+        assert p.wait(240) == 0, log.read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8  # the first run's result, untouched by the refused one
+
+
+def test_simultaneous_starts_one_trains_the_other_is_refused(setup, tmp_path):
+    out = tmp_path / "run"
+    procs = [start(train_args(setup, out, "--max-steps", "3"), tmp_path,
+                   SFTCTL_FAULT="slow_steps:0.3") for _ in range(2)]
+    rcs = [p.wait(300) for p, _ in procs]
+    logs = [log.read_text() for _, log in procs]
+    assert sorted(rcs) == [0, 2], logs
+    loser = logs[rcs.index(2)]
+    assert "is in use by another sftctl run" in loser or "already holds a run" in loser, loser
+    assert "Traceback" not in loser and "ENOENT" not in loser
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_the_lock_dies_with_its_process(setup, tmp_path):
+    out = tmp_path / "run"
+    p, _ = start(train_args(setup, out, "--max-steps", "50"), tmp_path,
+                 SFTCTL_FAULT="slow_steps:0.3")
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists(), what="the first step")
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+    r = run(train_args(setup, out, "--overwrite"), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_torchrun_ranks_share_rank_0s_lock(tmp_path):
+    """Only rank 0 locks (the others write only into what it created): the lock of another
+    rank's process must not be taken."""
+    from sftctl.run.rundir import RunDirLock
+
+    with RunDirLock(tmp_path / "run") as held:
+        assert held.path.read_text().startswith(f"PID {os.getpid()} on host")
+        with pytest.raises(Exception, match="is in use by another sftctl run"):
+            RunDirLock(tmp_path / "run").acquire()  # a second descriptor: a second run
+    RunDirLock(tmp_path / "run").acquire().release()  # released: free again
+
+
+# ----------------------------------------------------------------------------------- leftovers
+
+
+def test_leftovers_of_a_killed_run_are_resolved_at_the_next_start(setup, finished, tmp_path):
+    out, before = copy_run(finished, tmp_path / "run")
+    (out / ".summary.json.tmp-99999").write_text('{"status": "complete", "half')
+    (out / ".metrics.jsonl.tmp-4242").write_text("x")
+    # killed between the two renames of the final model: model/ is missing, the old one aside
+    os.replace(out / "model", out / ".model.old-31337")
+    (out / "checkpoints" / ".step-00000004.tmp").mkdir()
+    (out / "checkpoints" / ".step-00000004.tmp" / "trainer_state.pt").write_bytes(b"\0" * 10)
+    r = run(train_args(setup, out), tmp_path)
+    # refused (the directory holds a run), after the cleanup that runs under the lock
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "already holds a run" in r.stderr and "leftovers of an interrupted run" in r.stderr
+    assert "restored model from .model.old-31337" in r.stderr
+    assert snapshot(out) == before  # model/ back, every partial file gone
