@@ -151,6 +151,13 @@ def cmdclass():
     return {"build_ext": BuildExt}
 
 
+# Optional dependencies. lora: the built-in lora plugin (peft); the tests run that plugin, so
+# test brings peft too; all: every extra.
+EXTRAS = {"lora": ["peft>=0.13"],
+          "test": ["pytest", "pytest-timeout", "hypothesis", "expecttest", "peft>=0.13"]}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
+
 setup(
     name="sftctl",
     version="0.1.0",
@@ -158,7 +165,8 @@ setup(
     python_requires=">=3.10",
     package_dir={"sftctl": "core", "sftctl.plugins": "plugins", "sftctl.evals": "evals"},
     packages=["sftctl", "sftctl.ops", "sftctl.data", "sftctl.training", "sftctl.run",
-              "sftctl.plugins", "sftctl.plugins.alpaca", "sftctl.evals"],
+              "sftctl.plugins", "sftctl.plugins.alpaca", "sftctl.plugins.lora",
+              "sftctl.evals"],
     package_data={"sftctl": ["py.typed"], "sftctl.plugins.alpaca": ["*.yaml", "*.json"],
                   "sftctl.evals": ["templates/*", "tasks/*"]},
     ext_modules=extensions(),
@@ -175,6 +183,6 @@ setup(
         "matplotlib",
         "lm-eval>=0.4.8",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "expecttest"]},
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["sftctl = sftctl.run.cli:main"]},
 )

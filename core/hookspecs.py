@@ -96,6 +96,41 @@ def sftctl_prepare_tokenizer(tokenizer, config):
     """
 
 
+@hookspec
+def sftctl_config_defaults(plugins, data_format, embedded):
+    """Default config values of the plugins a run enables: return a nested dict shaped like a
+    YAML config (``{"optim": {"lr": 1e-2}}``) or ``None``.
+
+    Called once while ``sftctl train`` layers its config, before the config is validated, for
+    every loaded plugin: answer only when your plugin is in ``plugins`` (the names enabled with
+    ``--plugin``/``plugins:``). ``data_format`` is the run's dataset format, ``embedded`` is True
+    when no ``--model`` is given (the format's embedded demo model trains). The layers returned
+    sit above the format's tuned defaults (``DatasetFormat.demo_config``) and below the
+    ``--config`` file and the command line, so a user's value always wins; two plugins setting
+    the same key is an error naming both.
+    """
+
+
+@hookspec
+def sftctl_prepare_model(model, config):
+    """The model is loaded: wrap, replace or change it before it trains (adapters such as LoRA,
+    freezing layers, dtype choices). Return the model to train instead, or ``None`` to keep it
+    (changes in place are fine too). Parameters left with ``requires_grad=False`` never reach
+    the optimizer, and a frozen output layer gets no weight gradient.
+
+    Called on every rank, once per run, between ``sftctl_prepare_tokenizer`` and the first
+    step, in this order: model loaded (fp32, on the run's device, embeddings resized for added
+    tokens, activation checkpointing applied) -> **this hook** -> ``--compile`` (the blocks of
+    the returned model) -> the strategy's wrapper (DDP / FSDP2 sharding) -> optimizer built from
+    the trainable parameters -> ``--resume`` restores the checkpoint into the returned model
+    (so a resumable checkpoint holds that model's state dict and a resumed run must prepare the
+    same model) -> ``sftctl_train_start``. The implementations are chained: each receives the
+    model the previous one returned (pluggy's order: last registered first). ``config``: the
+    validated ``RunConfig``. Raise ``ConfigError`` naming the option for a model the options do
+    not fit (no training has happened yet).
+    """
+
+
 @hookspec(firstresult=True)
 def sftctl_load_dataset(source, config):
     """Load a data source that sftctl's loaders do not know (``source``: the ``--data`` string).
@@ -113,10 +148,11 @@ def sftctl_load_dataset(source, config):
 # ``tokenizer``, ``step``, ``epoch``, ``total_steps``, ``history``, ``resumed_from``) plus
 # ``request_stop(reason)`` and ``extras`` (a dict for a plugin's per-run state).
 #
-# Order within ``sftctl train``: configure -> (setup: data, model loaded, wrapped for DDP/FSDP,
-# optimizer built, ``--resume`` restored) -> train_start -> [step_end every --log-every steps,
-# evaluate after each validation pass]* -> save (final model, into its temporary directory) ->
-# after_train -> (rank 0, unless --no-eval) post_train.
+# Order within ``sftctl train``: configure -> (setup: data, model loaded, prepare_model,
+# compiled, wrapped for DDP/FSDP, optimizer built, ``--resume`` restored) -> train_start ->
+# [step_end every --log-every steps, evaluate after each validation pass]* -> save_model (rank 0,
+# may replace what is saved) -> save (final model, into its temporary directory) -> after_train
+# -> (rank 0, unless --no-eval) post_train.
 
 
 @hookspec
@@ -140,6 +176,25 @@ def sftctl_step_end(run, step, metrics):
 def sftctl_evaluate(run, step, metrics):
     """A validation pass finished; ``metrics`` has ``kind="val"``, ``step``, ``val_loss``,
     ``val_ppl``. Plugins may add keys (they are logged and written to metrics.jsonl)."""
+
+
+@hookspec
+def sftctl_save_model(run, model, state_dict):
+    """The final model is about to be written to ``OUTPUT_DIR/model``: return the model to save
+    there instead (e.g. adapters merged into the base), or ``None`` to save ``model``.
+
+    Rank 0 only, after training, the final validation and (FSDP) the gathering of the full
+    weights, and before ``sftctl_save`` and ``sftctl_after_train``; periodic and preemption
+    checkpoints never call it (they save the model as trained, for ``--resume``). ``model`` is
+    the trained model, unwrapped from DDP/FSDP (``--compile`` leaves parameter names alone);
+    ``state_dict`` holds its full weights on the CPU when they were gathered from shards (FSDP:
+    ``model`` then holds shards only) and is ``None`` when ``model.state_dict()`` is complete.
+    A returned model is saved with ``save_pretrained`` from its own state dict, so it must be
+    a complete, unsharded ``PreTrainedModel``; training is over, so changing ``model`` in place
+    is allowed. Chained like ``sftctl_prepare_model`` (after a replacement the next
+    implementation receives ``state_dict=None``). Write extra outputs atomically here (the
+    ``lora`` plugin writes ``OUTPUT_DIR/adapter``); ``run.output_dir`` is the run directory.
+    """
 
 
 @hookspec

@@ -55,9 +55,21 @@ def test_the_documented_plugin_trains(qa_plugin, tmp_path, capsys):
                    "--val-data", "qa-squares://8", "--output-dir", str(out), "--max-steps", "6",
                    "--batch-size", "4", "--optimizer", "sgd_nesterov", "--lr", "0.05",
                    "--scheduler", "step_decay", "--qa-decay-every", "2", "--eval-every", "2",
-                   "--qa-heldout", str(heldout), "--no-eval", "--quiet"])
+                   "--qa-heldout", str(heldout), "--qa-freeze-embeddings", "--no-eval",
+                   "--quiet"])
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
+    # sftctl_prepare_model froze the (tied) embeddings: they never trained
+    emb = summary["parameters"]["total"] - summary["parameters"]["trainable"]
+    conf = json.loads((base / "config.json").read_text())
+    assert emb == conf["vocab_size"] * conf["hidden_size"], summary["parameters"]
+    from safetensors.torch import load_file
+
+    trained = load_file(out / "model" / "model.safetensors")
+    base_w = load_file(base / "model.safetensors")
+    assert (trained["model.embed_tokens.weight"] == base_w["model.embed_tokens.weight"]).all()
+    # sftctl_save_model changed the saved model's config
+    assert json.loads((out / "model" / "config.json").read_text())["qa_trained_steps"] == 6
     assert summary["data"]["format"] == "qa" and summary["examples"]["used"] == 40
     assert summary["qa_best_val_loss"] <= summary["initial_val_loss"]
     assert [b["name"] for b in summary["benchmarks"]] == ["qa_exact"]
@@ -77,6 +89,17 @@ def test_the_documented_plugin_trains(qa_plugin, tmp_path, capsys):
     cfg = cli.C.build_config([("test", {"options": {"qa.heldout": str(heldout)}})], options)
     assert sftctl_qa.sftctl_post_train(out, cfg) == 0
     assert sftctl_qa.sftctl_post_train(tmp_path, cfg) == 1  # no model card there
+
+    # sftctl_config_defaults: the plugin's defaults for its embedded demo; flags still win
+    pm = get_plugin_manager(["qa"])
+    layers = cli.C.run_layers({"plugins": ["qa"]}, {}, "none", pm)
+    cfg = cli.C.build_config(layers, pm.config_options())
+    assert (cfg.optim.lr, cfg.optim.name, cfg.train.max_steps) == (0.05, "sgd_nesterov", 300)
+    layers = cli.C.run_layers({"plugins": ["qa"], "optim": {"lr": 0.1}}, {}, "none", pm)
+    assert cli.C.build_config(layers, pm.config_options()).optim.lr == 0.1
+    layers = cli.C.run_layers({"plugins": ["qa"], "model": {"name_or_path": str(base)}}, {},
+                              "none", pm)
+    assert cli.C.build_config(layers, pm.config_options()).train.max_steps is None
 
     # the option check of sftctl_configure
     rc = cli.main(["train", "--plugin", "qa", "--qa-decay-every", "0", "--output-dir",

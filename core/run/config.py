@@ -8,7 +8,8 @@ Design choices
   metadata; the CLI is generated from this table, so ``--help``, YAML keys and flags cannot drift.
 - Layers are merged as plain dicts, then validated once: dataclass defaults < derived defaults
   (the dataset format of the first ``--plugin`` that registers one) < a format's tuned defaults
-  (only for its embedded demo model) < ``--config run.yaml`` < flags and ``--set``. The rules
+  (only for its embedded demo model) < the enabled plugins' defaults (``sftctl_config_defaults``)
+  < ``--config run.yaml`` < flags and ``--set``. The rules
   live here (``run_layers``); the CLI only parses arguments into dicts.
   Validation is strict: unknown keys (with a "did you mean" hint), wrong types and out-of-range
   values are ``ConfigError``s naming the source and the dotted key.
@@ -359,7 +360,8 @@ def run_layers(cli: dict, file_layer: dict, file_name: str, pm) -> list[tuple[st
     1. derived defaults: the enabled plugins (from the file and the command line) and the dataset
        format (``data.format``, else the first ``--plugin`` that registers one, else alpaca);
     2. the format's tuned defaults (``DatasetFormat.demo_config``), only when training its
-       embedded demo model (no ``model.name_or_path`` anywhere);
+       embedded demo model (no ``model.name_or_path`` anywhere), then the defaults the enabled
+       plugins return from ``sftctl_config_defaults``;
     3. the ``--config`` file;
     4. the command line (flags and ``--set``);
     5. a fresh ``runs/<timestamp>`` output directory when none is given and nothing is resumed.
@@ -394,6 +396,8 @@ def run_layers(cli: dict, file_layer: dict, file_name: str, pm) -> list[tuple[st
     if given("model.name_or_path") is None and fmt in formats and formats[fmt].demo_config:
         path = formats[fmt].demo_config
         layers.append((path, load_yaml(path)))
+    # the enabled plugins' own defaults (e.g. lora's learning rate), below the user's layers
+    layers += pm.config_defaults(plugins, fmt, given("model.name_or_path") is None)
     layers.append((file_name, {k: v for k, v in file_layer.items() if k != "plugins"}))
     layers.append(("command line", {k: v for k, v in cli.items() if k != "plugins"}))
     if not given("train.output_dir") and not given("train.resume"):  # resume picks the dir

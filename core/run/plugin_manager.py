@@ -65,13 +65,15 @@ BUILTIN_PLUGINS = {
     "schedulers": "sftctl.plugins.schedulers",
     "metrics_jsonl": "sftctl.plugins.metrics_jsonl",
     "chat": "sftctl.plugins.chat",
+    "lora": "sftctl.plugins.lora",
     "evals": "sftctl.evals.plugin",
 }
 
 
 # hooks called once training has started: a plugin failing there exits 1 (a run was under way);
 # every other hook runs before the first step, so its failure is an input-time error (exit 2)
-TRAINING_HOOKS = frozenset({"sftctl_step_end", "sftctl_evaluate", "sftctl_save",
+TRAINING_HOOKS = frozenset({"sftctl_step_end", "sftctl_evaluate", "sftctl_save_model",
+                            "sftctl_save",
                             "sftctl_after_train", "sftctl_post_train", "sftctl_report_sections"})
 
 WAYS_OUT = (f"to run without it, name the plugins to load with {ENV_PLUGINS}=a,b or set "
@@ -475,6 +477,48 @@ class PluginManager(pluggy.PluginManager):
                 func = parser.get_default("func")
                 if callable(func):
                     parser.set_defaults(func=_command(func, impl.plugin_name, cmd))
+
+    def call_chain(self, hook_name: str, value: str, *, reset_on_replace: tuple = (),
+                   **kwargs):
+        """Call a hook whose implementations may replace one argument (``value``, e.g. the
+        model), one implementation at a time in pluggy's order: each receives what the previous
+        one returned (``None``: unchanged). After a replacement the ``reset_on_replace``
+        arguments become ``None``. Returns the final value."""
+        hook = getattr(self.hook, hook_name)
+        for impl in reversed(hook.get_hookimpls()):  # pluggy's order: last registered first
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                raise PluginError(f"plugin {impl.plugin_name!r}: {hook_name} cannot be a "
+                                  "wrapper (its implementations are chained)")
+            out = self.call_impl(impl, **kwargs)
+            if out is not None:
+                kwargs[value] = out
+                kwargs.update({k: None for k in reset_on_replace})
+        return kwargs[value]
+
+    def config_defaults(self, plugins: list[str], data_format: str, embedded: bool
+                        ) -> list[tuple[str, dict]]:
+        """``sftctl_config_defaults``: one (layer name, nested dict) per plugin that answers;
+        two plugins setting the same key is an error naming both."""
+        layers, owner = [], {}
+        for impl in self.hook.sftctl_config_defaults.get_hookimpls():  # registration order
+            layer = self.call_impl(impl, plugins=list(plugins), data_format=data_format,
+                                   embedded=embedded)
+            if layer is None:
+                continue
+            if not isinstance(layer, dict):
+                raise PluginError(f"plugin {impl.plugin_name!r}: sftctl_config_defaults "
+                                  f"returned {type(layer).__name__}, expected a dict or None")
+            for section, values in layer.items():
+                keys = values.items() if isinstance(values, dict) else [(None, values)]
+                for k, _ in keys:
+                    dotted = section if k is None else f"{section}.{k}"
+                    if dotted in owner:
+                        raise PluginError(f"{dotted} is set by the defaults of plugin "
+                                          f"{owner[dotted]!r} and of plugin "
+                                          f"{impl.plugin_name!r}")
+                    owner[dotted] = impl.plugin_name
+            layers.append((f"defaults of plugin {impl.plugin_name!r}", layer))
+        return layers
 
     def call_lifecycle(self, hook_name: str, **kwargs) -> list:
         return getattr(self.hook, hook_name)(**kwargs)

@@ -83,6 +83,13 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss_kb) * (1 if sys.platform == "darwin" else 1024), "cpu_max_rss"
 
 
+def parameter_counts(model: torch.nn.Module) -> dict:
+    """Parameters of the model as it trains (shared ones once): total and trainable."""
+    params = list(model.parameters())
+    return {"total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
 def prepare_run_data(config, fmt, tokenizer, pm=None) -> PreparedData:
     """``sftctl.data.prepare_data`` wired to a run: its data config, plugin options, seed, the
     ``sftctl_load_dataset`` hook and the format's demo data."""
@@ -128,6 +135,7 @@ class Trainer:
         self.loss_impl = self.loss_kernel = None
         self.fallbacks: list[dict] = []
         self.tokens_added = 0
+        self.parameters: dict = {}               # total / trainable, after sftctl_prepare_model
         self.checkpointer: Checkpointer | None = None
         self.guard: guards.NonFiniteGuard | None = None
         self._t0 = time.time()
@@ -163,9 +171,9 @@ class Trainer:
         self._optimization()
         self._loss()
         self._reliability()
-        log.info("model %s on %s (%s), %d parameters; %d steps (%d warmup), loss: %s",
-                 self.base_model, self.device, self.precision,
-                 sum(p.numel() for p in self.unwrapped_model.parameters()), self.total_steps,
+        log.info("model %s on %s (%s), %d parameters (%d trainable); %d steps (%d warmup), "
+                 "loss: %s", self.base_model, self.device, self.precision,
+                 self.parameters["total"], self.parameters["trainable"], self.total_steps,
                  self.warmup_steps, self.loss_kernel)
 
     def _plugin_parts(self) -> None:
@@ -212,6 +220,9 @@ class Trainer:
         cfg = self.config
         model = load_model(src, cfg.model, self.tokenizer, self.device,
                            resize_embeddings=self.tokens_added > 0)
+        # plugins wrap or replace it (adapters, freezing) before compile, DDP/FSDP and resume
+        model = self.pm.call_chain("sftctl_prepare_model", "model", model=model, config=cfg)
+        self.parameters = parameter_counts(model)
         if cfg.model.compile:
             self.compiled = compile_blocks(model)
             if self.is_main:
@@ -338,6 +349,7 @@ class Trainer:
         # its device flag only where the loss is read anyway (log_now)
         apply = self.guard.check(loss_sum, grad_norm, step, sync=log_now)
         self._update(apply)
+        self.guard.check_params(step, sync=log_now)  # a finite step can still overflow the update
         if self.device.type == "cuda" and log_now:
             torch.cuda.synchronize(self.device)
         out = {"tokens": tokens, "examples": sum(mb.num_examples for mb in micro),
@@ -349,7 +361,6 @@ class Trainer:
             if self.guard.skipped_now:
                 out["skipped_nonfinite"] = True
         return out
-        self.guard.check_params(step, sync=log_now)  # a finite step can still overflow the update
 
     def _labels(self, micro) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Labels of every micro-batch and the step's trainable-target count over all ranks
@@ -574,6 +585,7 @@ class Trainer:
             "stopped_early": self.stop_reason,
             "nonfinite_skipped": st.nonfinite_skipped,
             "tokens_added": self.tokens_added,
+            "parameters": self.parameters,
             "resumed_from": self.resumed_from,
             "plugins": list(cfg.plugins),
             "versions": versions(),
@@ -591,12 +603,19 @@ class Trainer:
         model.config.use_cache = True
         full = self.strategy.full_state_dict(self.model)  # every rank: FSDP gathers the shards
         if self.is_main:
-            with self.checkpointer.wrap_disk_errors(f"the final model {self.out_dir / 'model'}"), \
-                    atomic.atomic_directory(self.out_dir / "model") as tmp:
-                atomic.save_hf_model(model, self.tokenizer, tmp,
-                                     config_yaml=atomic.config_yaml(self.config),
-                                     summary=summary, state_dict=full)
-                self.pm.hook.sftctl_save(run=self.context, path=tmp)
+            with self.checkpointer.wrap_disk_errors(f"the final model {self.out_dir / 'model'}"):
+                # plugins may save something else (an adapter merged into its base)
+                out = self.pm.call_chain("sftctl_save_model", "model", run=self.context,
+                                         model=model, state_dict=full,
+                                         reset_on_replace=("state_dict",))
+                if out is not model:
+                    model, full = out, None
+                    model.config.use_cache = True
+                with atomic.atomic_directory(self.out_dir / "model") as tmp:
+                    atomic.save_hf_model(model, self.tokenizer, tmp,
+                                         config_yaml=atomic.config_yaml(self.config),
+                                         summary=summary, state_dict=full)
+                    self.pm.hook.sftctl_save(run=self.context, path=tmp)
         self.strategy.barrier()
         self.pm.hook.sftctl_after_train(run=self.context, summary=summary)
         if self.is_main:
