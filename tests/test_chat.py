@@ -274,3 +274,107 @@ def test_cli_base_model_without_template_is_a_clear_error(chat_run, tmp_path):
                  str(chat_run["data"]), "--max-steps", "1", "--output-dir", str(tmp_path / "o"),
                  "--no-eval"], env=cli_env(tmp_path))
     assert r.returncode == 2 and "--chat-template" in r.stderr, r.stderr[-1500:]
+
+
+# ------------------------------------------------------------- golden run of the embedded default
+
+GOLDEN_YAML = __import__("pathlib").Path(__file__).resolve().parent / "golden" / "chat_golden.yaml"
+
+
+def _assistant_spans_by_text(tok, text: str) -> list[tuple[int, int]]:
+    """Independent of masks.py: character spans of ChatML assistant answers plus their
+    <|im_end|>, found by string search on the rendered text."""
+    spans, head, end = [], "<|im_start|>assistant\n", "<|im_end|>"
+    pos = 0
+    while (i := text.find(head, pos)) >= 0:
+        s = i + len(head)
+        e = text.index(end, s) + len(end)
+        spans.append((s, e))
+        pos = e
+    return spans
+
+
+def plain_chat_val_loss(model_dir, records) -> float:
+    """Token-mean cross-entropy of every assistant answer (+ <|im_end|>) of ``records`` under the
+    model, one conversation at a time with F.cross_entropy; the trained tokens come from character
+    offsets of the rendered ChatML text, not from the plugin's mask code."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for rec in records:
+        text = tok.apply_chat_template(rec["messages"], tokenize=False)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        spans = _assistant_spans_by_text(tok, text)
+        trained = [any(s <= a and b <= e for s, e in spans) for a, b in offsets]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].double()
+        target = torch.tensor(ids[1:])
+        mask = torch.tensor(trained[1:])
+        losses = F.cross_entropy(logits[:-1], target, reduction="none")
+        total += float(losses[mask].sum())
+        count += int(mask.sum())
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def chat_golden_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chat_golden")
+    out = tmp / "run"
+    r = run_cli(["train", "--config", str(GOLDEN_YAML), "--output-dir", str(out)],
+                env=cli_env(tmp))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, out
+
+
+def test_chat_golden_curve_and_independent_anchors(chat_golden_run):
+    """The embedded chat run's per-step losses match the stored curve; independently of it, the
+    untrained model starts at ln(V) and the final validation loss equals plain PyTorch's over
+    the answers found by text search."""
+    import math
+
+    from test_cli import check_golden, curve
+
+    from sftctl.plugins.chat import demo_data, demo_model
+
+    tmp, out = chat_golden_run
+    got = curve(out)
+    check_golden("chat_tiny_fused", got)
+    v = len(demo_model.build_tokenizer())
+    assert got["train_loss"][0] == pytest.approx(math.log(v), abs=0.1)
+    assert got["val_loss"][0] == [0, pytest.approx(math.log(v), abs=0.1)]
+    assert got["val_loss"][-1][1] < math.log(v) - 1.0
+    opts = yaml_options()
+    heldout = demo_data.default_splits(seed=opts["chat.demo_seed"],
+                                       n_train=opts["chat.demo_train_size"],
+                                       n_heldout=opts["chat.demo_heldout_size"])[1]
+    assert got["val_loss"][-1][1] == pytest.approx(plain_chat_val_loss(out / "model", heldout),
+                                                   rel=1e-5)
+
+
+def yaml_options() -> dict:
+    import yaml
+
+    return yaml.safe_load(GOLDEN_YAML.read_text())["options"]
+
+
+def test_chat_packing_keeps_conversations_apart(chat_golden_run, tmp_path):
+    """A conversation is a document: packed, the untrained model's validation loss over the same
+    conversations equals the unpacked one (attention and targets never cross conversations)."""
+    tmp, out0 = chat_golden_run
+    out = tmp_path / "packed"
+    r = run_cli(["train", "--config", str(GOLDEN_YAML), "--output-dir", str(out), "--packing",
+                 "--max-steps", "1", "--model", str(out0 / "base")], env=cli_env(tmp))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["data"]["packing"] is True
+    from test_cli import curve
+
+    packed0 = curve(out)["val_loss"][0]
+    plain0 = curve(out0)["val_loss"][0]
+    assert packed0[0] == plain0[0] == 0
+    assert packed0[1] == pytest.approx(plain0[1], rel=1e-5)
