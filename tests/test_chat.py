@@ -146,6 +146,24 @@ def test_template_that_moves_the_system_prompt_is_refused_by_turn(tok):
     assert e.value.turn == 2
 
 
+def test_role_order_the_template_rejects_is_a_record_error(tok):
+    """Gemma's template raises on two user turns in a row: a record error naming the turn (via
+    the format's to_tokens), not a crash."""
+    from sftctl import RecordError
+    from sftctl.plugins.chat import to_tokens
+
+    saved = tok.chat_template
+    tok.chat_template = TEMPLATES["gemma"]
+    try:
+        with pytest.raises(RecordError) as e:
+            to_tokens({"messages": [U1, U2, A2]}, tok, {})
+        assert "alternate" in e.value.message and e.value.field.startswith("turn")
+        ids, mask = to_tokens({"messages": [U1, A2]}, tok, {})
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == "4<end_of_turn>"
+    finally:
+        tok.chat_template = saved
+
+
 @pytest.mark.parametrize("record,field,message", [
     ({"messages": [U1, {"role": "robot", "content": "x"}]}, "messages[1].role", "unknown role"),
     ({"messages": [U1, {"role": "assistant", "content": ""}]}, "messages[1].content", "empty"),
