@@ -244,3 +244,86 @@ def test_leftovers_of_a_killed_run_are_resolved_at_the_next_start(setup, finishe
     assert "already holds a run" in r.stderr and "leftovers of an interrupted run" in r.stderr
     assert "restored model from .model.old-31337" in r.stderr
     assert snapshot(out) == before  # model/ back, every partial file gone
+
+
+# ------------------------------------------------------------------- a full disk, every site
+
+
+@pytest.fixture(scope="module")
+def seed_6(setup):
+    """A run of 6 steps with checkpoints at 2 and 4, cut back to step 2 (as if killed after
+    it): resuming it saves step 4 (checkpoint sites) and then the final model (model sites)."""
+    tmp = setup[0]
+    out = tmp / "seed6"
+    r = run(train_args(setup, out, "--max-steps", "6", "--save-every", "2", "--keep-last", "0"),
+            tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seed = tmp / "seed6-cut"
+    (seed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step-00000002", seed / "checkpoints" / "step-00000002")
+    shutil.copy(out / "config.yaml", seed / "config.yaml")
+    return seed
+
+
+def on_small_tmpfs(seed: Path, args: list[str], out: Path, tmp: Path, fault: str):
+    """The CLI with OUT on a private 32 MiB tmpfs (a mount namespace; root only) seeded with
+    ``seed``; what it left is copied to OUT-after. None when mounting is not possible."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return None
+    after = tmp / "after"
+    out.mkdir(parents=True)
+    after.mkdir()
+    script = f"""
+set -u
+mount -t tmpfs -o size=32m tmpfs "{out}" || exit 99
+cp -a "{seed}/." "{out}/"
+"$PY" -m sftctl "$@" >"{tmp}/stderr.log" 2>&1
+rc=$?
+cp -a "{out}/." "{after}/"
+exit $rc
+"""
+    p = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *args],
+                       env=cli_env(tmp, PY=sys.executable, SFTCTL_FAULT=fault),
+                       capture_output=True, text=True, timeout=300)
+    if p.returncode == 99:
+        return None
+    return subprocess.CompletedProcess(p.args, p.returncode, "",
+                                       (tmp / "stderr.log").read_text()), after
+
+
+SITES = {  # fault site -> (what the error names, the checkpoint that must be intact)
+    "ckpt_weights": ("the checkpoint {out}/checkpoints/step-00000004", 2),
+    "ckpt_state": ("the checkpoint {out}/checkpoints/step-00000004", 2),  # torch.save
+    "ckpt_config": ("the checkpoint {out}/checkpoints/step-00000004", 2),
+    "ckpt_marker": ("the checkpoint {out}/checkpoints/step-00000004", 2),
+    "model_weights": ("the final model {out}/model", 4),                   # save_pretrained
+    "model_tokenizer": ("the final model {out}/model", 4),                 # tokenizer files
+    "model_files": ("the final model {out}/model", 4),
+    "summary": ("training output in {out}", 4),                            # summary.json
+}
+
+
+@pytest.mark.parametrize("site", list(SITES))
+def test_a_full_disk_at_every_write_site_is_the_named_error(setup, seed_6, tmp_path, site):
+    from sftctl.training.checkpoint import inspect_checkpoint
+
+    out = tmp_path / "run"
+    args = train_args(setup, out, "--max-steps", "6", "--save-every", "2", "--keep-last", "0",
+                      "--resume")
+    res = on_small_tmpfs(seed_6, args, out, tmp_path, f"disk_full_at:{site}")
+    if res is None:
+        pytest.skip("mounting a tmpfs needs root and unshare")
+    r, after = res
+    what, intact = SITES[site]
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "unexpected pos" not in r.stderr, r.stderr[-3000:]
+    assert f"cannot save {what.format(out=out)}: no space left on the device [ENOSPC]" \
+        in r.stderr, r.stderr[-3000:]
+    good = after / "checkpoints" / f"step-{intact:08d}"
+    assert f"the previous checkpoint {out}/checkpoints/step-{intact:08d} is intact" in r.stderr
+    assert inspect_checkpoint(good).complete
+    assert not (after / "summary.json").exists()
+    assert (after / "model").exists() == (site == "summary")  # written before summary.json
+    # nothing partial is left that could pass for a result
+    left = [p.name for p in after.iterdir()] + [p.name for p in (after / "checkpoints").iterdir()]
+    assert not [n for n in left if ".tmp" in n or ".old" in n], left

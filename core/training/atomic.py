@@ -80,34 +80,54 @@ def write_json(path: Path, obj) -> None:
     """Write JSON through a temporary file and a rename (readers never see half a file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)  # a full disk: no half file left next to the result
+        raise
 
 
 def write_text(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass  # a kill leaves it too: the next run's start removes it (sftctl.run.rundir)
 
 
 def save_hf_model(model, tokenizer, path: Path, *, config_yaml: str, summary: dict,
                   state_dict: dict | None = None) -> None:
     """Write a standard HF model directory (call inside ``atomic_directory``); ``state_dict``:
     full weights gathered from shards (FSDP) instead of the model's own."""
+    from .guards import disk_full_point  # test faults: a real full disk before each write
+
     path = Path(path)
+    disk_full_point("model_weights", path)
     model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+    disk_full_point("model_tokenizer", path)
     tokenizer.save_pretrained(path)
     gen = getattr(model, "generation_config", None)
     if gen is not None and not (path / "generation_config.json").exists():
         gen.save_pretrained(path)
+    disk_full_point("model_files", path)
     write_text(path / "sftctl_config.yaml", config_yaml)
     write_json(path / "sftctl_summary.json", summary)
 

@@ -63,8 +63,9 @@ import numpy as np
 import torch
 
 from . import atomic as ckpt
-from ..errors import ConfigError, TrainingError
-from .guards import Preempted, Preemption, fault_at, kill_self, slow_step
+from ..errors import ConfigError, SftctlError, TrainingError
+from .guards import (Preempted, Preemption, disk_full_point, fault_at, kill_self,
+                     slow_step)
 from .state import RunState
 
 log = logging.getLogger("sftctl")
@@ -321,16 +322,44 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUO
                errno.EIO}
 
 
+_ERRNO_TEXT = re.compile(r"os error (\d+)|code: (\d+)|\[Errno (\d+)\]")
+
+
 def as_os_error(e: BaseException) -> OSError | None:
-    """The OS error behind an exception of a library that hides it (safetensors' Rust
-    ``SafetensorError`` says "... (os error 28)"); None when there is none."""
-    if isinstance(e, OSError):
-        return e
-    m = re.search(r"os error (\d+)|code: (\d+)", str(e))
-    if m is None:
-        return None
-    code = int(m.group(1) or m.group(2))
-    return OSError(code, os.strerror(code))
+    """The OS error behind an exception of a library that hides it; None when there is none.
+
+    - safetensors' Rust ``SafetensorError`` says "... (os error 28)";
+    - ``torch.save`` into a file object reports a failed write as ``RuntimeError: [enforce fail
+      at inline_container.cc] unexpected pos N vs M`` with the ``OSError`` in ``__context__``;
+      writing to a path it has no OS error at all: a short write, mapped to ENOSPC (a full disk
+      is what makes a write short; the message says so);
+    - ``torch.distributed.checkpoint`` raises ``CheckpointException`` holding each rank's
+      failure (``failures``), and wraps exceptions of its writer threads.
+    The chain (``__cause__``, ``__context__``) is followed."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [e]
+    short_write = False
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno is not None:
+            return x
+        m = _ERRNO_TEXT.search(str(x))
+        if m is not None:
+            code = int(next(g for g in m.groups() if g))
+            return OSError(code, os.strerror(code))
+        short_write = short_write or "unexpected pos" in str(x)
+        todo += [x.__cause__, None if x.__suppress_context__ else x.__context__]
+        failures = getattr(x, "failures", None)  # DCP's CheckpointException: {rank: error}
+        if isinstance(failures, dict):
+            for f in failures.values():
+                todo.append(f[0] if isinstance(f, tuple) else f)
+    if short_write:
+        return OSError(errno.ENOSPC, "no space left on the device (a short write: the disk is "
+                       "full or a file-size limit was reached)")
+    return None
 
 
 def describe_os_error(e: OSError) -> str:
@@ -509,11 +538,16 @@ class Checkpointer:
                     shutil.rmtree(tmp)
                 tmp.mkdir()
                 if weights is not None:
+                    disk_full_point("ckpt_weights", tmp)
                     save_weights(weights, tmp / WEIGHTS)
                 if fault_at(self.faults, "save_enospc", step):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / STATE))
-                with open(tmp / STATE, "wb") as f:  # a Python file: write errors are OSErrors
+                disk_full_point("ckpt_state", tmp)
+                # torch.save reports a failed write as RuntimeError("unexpected pos"), the
+                # OSError in its __context__: as_os_error finds it
+                with open(tmp / STATE, "wb") as f:
                     torch.save(sd, f)
+                disk_full_point("ckpt_config", tmp)
                 ckpt.write_text(tmp / CONFIG, self.config_yaml)
             except Exception as e:  # noqa: BLE001 (only OS errors are kept, see _os_error)
                 error = _os_error(e)
@@ -525,6 +559,8 @@ class Checkpointer:
                     with open(tmp / f"rng-rank{strategy.rank}.pt", "wb") as f:
                         torch.save(rng, f)
                 if self.sharded:  # every rank writes its shards
+                    if strategy.is_main:
+                        disk_full_point("ckpt_sharded", tmp)
                     strategy.save_sharded(tmp / SHARDED, self.state.model, self.state.optimizer)
             except Exception as e:  # noqa: BLE001 (only OS errors are kept, see _os_error)
                 error = _os_error(e)
@@ -574,6 +610,7 @@ class Checkpointer:
                 "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "world_size": self.strategy.world_size, "data": self.fingerprint,
                 "files": files}
+        disk_full_point("ckpt_marker", final)
         ckpt.write_json(final / MARKER, meta)
         ckpt._fsync_dir(final)
         if aside is not None:
@@ -631,6 +668,8 @@ class Checkpointer:
             try:
                 yield
             except Exception as e:
+                if isinstance(e, SftctlError):  # already named (by an inner wrap)
+                    raise
                 os_err = as_os_error(e)
                 if os_err is None or os_err.errno not in DISK_ERRNOS:
                     raise

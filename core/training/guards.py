@@ -66,7 +66,13 @@ FAULTS = {
     "save_before_marker": "SIGKILL the process after the rename, before the completion marker "
                           "(optionally only at step N)",
     "save_enospc": "fail a checkpoint write with ENOSPC halfway through (optionally at step N)",
+    "disk_full_at": "fill the (small, <= 256 MiB) filesystem right before write site SITE, so "
+                    "that the real write fails with the real ENOSPC: " + ", ".join(
+                        ("ckpt_weights", "ckpt_state", "ckpt_config", "ckpt_marker",
+                         "ckpt_sharded", "model_weights", "model_tokenizer", "model_files",
+                         "summary")),
 }
+FILL_LIMIT = 256 * 2**20  # disk_full_at refuses to fill a larger filesystem (a real disk)
 
 
 class Preempted(TrainingError):
@@ -100,6 +106,27 @@ def fault_at(faults: dict[str, str], name: str, step: int) -> bool:
         return not arg or int(arg) == step
     except ValueError:
         raise ConfigError(f"SFTCTL_FAULT: {name}:{arg}: expected a step number") from None
+
+
+def disk_full_point(site: str, directory) -> None:
+    """``disk_full_at:SITE`` fault: fill the filesystem of ``directory`` now, so that the next
+    write (by whatever library) meets a real full disk. Tests mount a small tmpfs for it."""
+    spec = os.environ.get("SFTCTL_FAULT", "")
+    if "disk_full_at" not in spec or parse_faults(spec).get("disk_full_at") != site:
+        return
+    st = os.statvfs(directory)
+    if st.f_blocks * st.f_frsize > FILL_LIMIT:
+        raise ConfigError(f"SFTCTL_FAULT disk_full_at:{site}: refusing to fill {directory}, a "
+                          f"filesystem larger than {FILL_LIMIT >> 20} MiB (mount a small tmpfs)")
+    log.warning("SFTCTL_FAULT: filling the filesystem of %s before %s", directory, site)
+    chunk = b"\0" * 65536
+    with open(os.path.join(directory, ".sftctl-disk-fill"), "ab", buffering=0) as f:
+        for size in (65536, 4096, 512, 1):  # down to the last byte
+            try:
+                while True:
+                    f.write(chunk[:size])
+            except OSError:
+                pass
 
 
 def kill_self() -> None:

@@ -619,5 +619,6 @@ class Trainer:
         self.strategy.barrier()
         self.pm.hook.sftctl_after_train(run=self.context, summary=summary)
         if self.is_main:
+            guards.disk_full_point("summary", self.out_dir)
             atomic.write_json(self.out_dir / "summary.json", summary)
         return summary
