@@ -1,4 +1,4 @@
-"""``sftctl eval`` and ``sftctl report`` (wired into the main CLI by ``sftctl.cli``).
+"""``sftctl eval`` and ``sftctl report`` (added to the main CLI by the ``evals`` plugin through ``sftctl_add_commands``).
 
 ``sftctl eval CHECKPOINT [--base MODEL] [--tasks T ...] [--output-dir DIR]``
     CHECKPOINT is a run directory (``summary.json`` + ``model/``), a checkpoint inside one, or any

@@ -2,16 +2,16 @@
 
 Design choices
 - Records are ``{"instruction", "input" (optional), "output"}``; the prompt is the Stanford
-  Alpaca template (with or without the input block) from ``sftctl.demo_data`` and the response is
+  Alpaca template (with or without the input block) from ``template.py`` and the response is
   ``output`` (then EOS, added by the data pipeline). Only the response is trained by default.
 - Strict types: ``instruction`` and ``output`` must be non-empty strings and ``input`` a string
   or absent/null. A number where text is expected is an error, not silently stringified.
-- Demo data: the project's deterministic generator (``sftctl.demo_data.default_splits``): the
+- Demo data: the deterministic generator (``demo_data.default_splits``): the
   training split trains, the held-out split is the validation set and the benchmark data.
   Sizes and seed are plugin options (``alpaca.demo_*``); the tuned training defaults for the
-  embedded model live in ``sftctl/configs/alpaca_default.yaml``.
+  embedded model live in ``default_config.yaml``, its base model in ``demo_model.py``.
 - Benchmarks (run by ``sftctl.evals`` after training): exact match by greedy generation and a
-  log-likelihood choice task over the held-out split (``sftctl.evals.alpaca_tasks``). With the
+  log-likelihood choice task over the held-out split (``tasks.py``). With the
   demo data they use the held-out split; with user data, the JSONL file named by the
   ``alpaca.heldout`` option.
 """

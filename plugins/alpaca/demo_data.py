@@ -56,7 +56,7 @@ __all__ = [
 
 # The Stanford Alpaca prompt templates, verbatim. The response follows directly, then EOS.
 
-# Sizes of the default splits (kept equal to core/configs/alpaca_default.yaml; a test checks it).
+# Sizes of the default splits (kept equal to default_config.yaml; a test checks it).
 DEFAULT_N_TRAIN = 24000
 DEFAULT_N_HELDOUT = 260
 

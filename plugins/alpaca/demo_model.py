@@ -22,7 +22,7 @@ Design choices
 - Splitting the regex on letters/digits/punctuation/whitespace keeps "prompt ends with a newline,
   response starts with a word" a token boundary: encoding prompt and response separately gives
   the same ids as encoding their concatenation (tested).
-- Determinism: the corpus comes from :func:`sftctl.demo_data.default_splits` with a fixed seed and
+- Determinism: the corpus comes from :func:`sftctl.plugins.alpaca.demo_data.default_splits` with a fixed seed and
   BPE training with a fixed corpus order is deterministic; a test builds the tokenizer twice and
   compares the vocabularies and merges.
 - Model: ``transformers.LlamaForCausalLM`` from ``configs/tiny_llama.json`` shipped in the package,
@@ -59,15 +59,15 @@ MODEL_MAX_LENGTH = 256
 CONFIG_DIR = Path(__file__).resolve().parent  # model configs (*.json) shipped as package data
 
 def load_model_config(name: str = "tiny_llama") -> dict:
-    """The JSON model config shipped in ``sftctl/configs/<name>.json`` as a dict."""
+    """The JSON model config shipped in this plugin folder (``<name>.json``) as a dict."""
     path = CONFIG_DIR / f"{name}.json"
     if not path.is_file():
         avail = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-        raise FileNotFoundError(f"no model config {name!r} in sftctl/configs (available: {avail})")
+        raise FileNotFoundError(f"no model config {name!r} in {CONFIG_DIR} (available: {avail})")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"sftctl/configs/{name}.json: invalid JSON: {e}") from None
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
 
 
 def _corpus_texts(records: Iterable[dict]) -> Iterable[str]:

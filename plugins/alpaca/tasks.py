@@ -254,7 +254,7 @@ def alpaca_benchmarks(heldout: HeldOut, work_dir: str | Path, *, limit: int | No
 
     ``heldout``: a JSONL path, a list of records, or a callable returning either. ``prompt_fn``
     formats a record into its prompt (default: the Alpaca template,
-    ``sftctl.demo_data.format_prompt``, as training uses). ``limit`` caps the documents per task.
+    ``template.format_prompt``, as training uses). ``limit`` caps the documents per task.
     """
     work_dir = Path(work_dir).resolve()
     configs = write_alpaca_tasks(heldout, work_dir, num_choices=num_choices, seed=seed,
