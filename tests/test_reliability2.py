@@ -327,3 +327,124 @@ def test_a_full_disk_at_every_write_site_is_the_named_error(setup, seed_6, tmp_p
     # nothing partial is left that could pass for a result
     left = [p.name for p in after.iterdir()] + [p.name for p in (after / "checkpoints").iterdir()]
     assert not [n for n in left if ".tmp" in n or ".old" in n], left
+
+
+# ------------------------------------------------------------------ non-finite weights, config
+
+
+def test_an_overflowing_update_stops_the_run_and_saves_nothing(setup, tmp_path):
+    """lr 1e38: step 1's loss and gradient norm are finite, its update is not."""
+    out = tmp_path / "run"
+    r = run(train_args(setup, out, "--lr", "1e38", "--save-every", "1"), tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "step 1: the optimizer update made parameters non-finite although the loss and " \
+           "gradient norm were finite" in r.stderr
+    assert "--on-nonfinite skip" not in r.stderr  # skipping cannot undo an applied update
+    assert not (out / "model").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lr", "nan", "optim.lr: nan is not a finite number"),
+    ("--lr", "inf", "optim.lr: inf is not a finite number"),
+    ("--grad-clip", "inf", "optim.grad_clip: inf is not a finite number"),
+    ("--adam-eps=-1e-8", None, "optim.eps: -1e-08 is below the minimum 0.0"),
+])
+def test_hyperparameters_that_cannot_train_are_config_errors(setup, tmp_path, flag, value,
+                                                             message):
+    r = run(train_args(setup, tmp_path / "run", flag, *([value] if value else [])), tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_stopping_after_skips_does_not_suggest_skip(setup, tmp_path):
+    r = run(train_args(setup, tmp_path / "run", "--on-nonfinite", "skip",
+                       "--max-nonfinite-in-a-row", "2"), tmp_path, SFTCTL_FAULT="nan_at_step:2-3")
+    assert r.returncode == 1 and "2 non-finite steps in a row" in r.stderr, r.stderr[-3000:]
+    assert "pass --on-nonfinite skip" not in r.stderr
+
+
+def test_quoted_numbers_and_warmup_conflicts(setup, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text('train:\n  max_steps: "10"\n')
+    r = run(["train", "--config", str(cfg), "--print-config"], tmp_path)
+    assert r.returncode == 2 and "train.max_steps" in r.stderr and "'10'" in r.stderr, r.stderr
+    cfg.write_text("optim:\n  lr: 1e-3\n")  # PyYAML reads it as a string: still a float
+    r = run(["train", "--config", str(cfg), "--print-config"], tmp_path)
+    assert r.returncode == 0 and "lr: 0.001" in r.stdout, r.stderr
+    r = run(train_args(setup, tmp_path / "c", "--warmup-steps", "2", "--warmup-ratio", "0.1"),
+            tmp_path)
+    assert r.returncode == 2 and "optim.warmup_ratio (0.1) exclude each other" in r.stderr
+
+
+# ---------------------------------------------------------------- resume verifies what it uses
+
+
+@pytest.fixture(scope="module")
+def interrupted(setup):
+    """A 6-step run with checkpoints at 2 and 4 whose end was lost (model/, summary removed)."""
+    tmp = setup[0]
+    out = tmp / "interrupted"
+    r = run(train_args(setup, out, "--max-steps", "6", "--save-every", "2", "--keep-last", "0"),
+            tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.rmtree(out / "model")
+    (out / "summary.json").unlink()
+    return out
+
+
+def test_resume_refuses_data_with_the_same_lengths_but_other_tokens(setup, tmp_path):
+    """Same path, same token counts, answers reversed: the fingerprint of ids and masks
+    differs (a fingerprint of lengths would not)."""
+    from transformers import AutoTokenizer
+
+    tmp, base, data = setup
+    mine = tmp_path / "train.jsonl"
+    shutil.copy(data, mine)
+    out = tmp_path / "run"
+    args = train_args(setup, out, "--max-steps", "6", "--save-every", "2", data=mine)
+    r = run(args, tmp_path, SFTCTL_FAULT="nan_at_step:5")  # stops after the step-4 checkpoint
+    assert r.returncode == 1 and (out / "checkpoints" / "step-00000004").is_dir(), r.stderr
+    tok = AutoTokenizer.from_pretrained(base)
+    records = [json.loads(x) for x in mine.read_text().splitlines()]
+    changed = 0
+    for rec in records:  # reverse answers whose token count does not change
+        rev = rec["output"][::-1]
+        if rev != rec["output"] and len(tok(rev)["input_ids"]) == \
+                len(tok(rec["output"])["input_ids"]):
+            rec["output"] = rev
+            changed += 1
+    assert changed >= 3
+    write_jsonl(mine, records)
+    r = run([*args, "--resume"], tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "the tokenized training data differs from the checkpoint's" in r.stderr
+
+
+def test_a_checkpoint_changed_in_place_is_not_resumed(setup, interrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    w = out / "checkpoints" / "step-00000004" / "model.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[-3] ^= 0x01  # a low mantissa bit of the last weight: same size, still finite
+    w.write_bytes(bytes(raw))
+    r = run(train_args(setup, out, "--max-steps", "6", "--save-every", "2", "--keep-last", "0",
+                       "--resume"), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"checkpoint {out / 'checkpoints' / 'step-00000004'} is not usable: model.safetensors " \
+           "changed after the save" in r.stderr
+    assert f"resumed from {out / 'checkpoints' / 'step-00000002'}" in r.stderr
+
+
+def test_a_base_model_with_missing_weights_needs_a_flag(setup, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(setup[1], base)
+    sd = load_file(str(base / "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    r = run(train_args(setup, tmp_path / "a", model=base), tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "1 weight(s) missing from the checkpoint (randomly initialised): " \
+           "model.layers.1.mlp.up_proj.weight. Pass --allow-missing-weights" in r.stderr
+    r = run(train_args(setup, tmp_path / "b", "--allow-missing-weights", model=base), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]

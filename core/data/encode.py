@@ -13,6 +13,8 @@ Design choices
 - Tokens: BOS (when the tokenizer adds one) + each segment tokenized without special tokens +
   EOS; ``loss_mask`` marks response tokens (and the EOS after a trainable segment). Segments are
   tokenized separately so the prompt/response boundary is exact in tokens.
+- Each example carries a 64-bit digest of its ids and mask (``digest`` column), so the data
+  fingerprint that ``--resume`` compares covers the tokens, not only their counts.
 - Truncation to ``max_seq_len`` keeps the beginning, is counted, and an example left with no
   trainable target is dropped and counted. Nothing is dropped silently: ``SplitStats`` carries
   every count into the summary.
@@ -20,6 +22,7 @@ Design choices
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -74,7 +77,7 @@ class TokenizedSplit:
         return list(zip(batch["input_ids"], batch["loss_mask"]))
 
 
-TOKENIZE_VERSION = 2  # bump when the token layout below changes
+TOKENIZE_VERSION = 3  # bump when the token layout below changes (3: the digest column)
 
 
 def _sftctl_version() -> str:
@@ -128,7 +131,7 @@ class _Tokenize:
             texts.extend(s.text for s in segs)
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         out = {"input_ids": [], "loss_mask": [], "length": [], "full_length": [], "error": errors,
-               "crash": crashes, "index": list(indices), "trainable": []}
+               "crash": crashes, "index": list(indices), "trainable": [], "digest": []}
         k = 0
         for i in range(n):
             segs = segs_all[i]
@@ -154,6 +157,11 @@ class _Tokenize:
         out["length"].append(len(ids))
         out["full_length"].append(full)
         out["trainable"].append(sum(mask[1:]))  # position 0 is never a target
+        # 64-bit hash of exactly what trains (ids and mask): resume compares the data by these,
+        # computed here, where the example is in hand anyway (see checkpoint.data_fingerprint)
+        h = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=8)
+        h.update(bytes(mask))
+        out["digest"].append(int.from_bytes(h.digest(), "little", signed=True))
 
     def _encode_tokens(self, batch: dict, indices: list[int]) -> dict:
         """Token-level formats: the format renders ids and mask itself (no BOS/EOS added)."""
@@ -161,7 +169,7 @@ class _Tokenize:
         keys = list(batch)
         errors, crashes = [""] * n, [""] * n
         out = {"input_ids": [], "loss_mask": [], "length": [], "full_length": [], "error": errors,
-               "crash": crashes, "index": list(indices), "trainable": []}
+               "crash": crashes, "index": list(indices), "trainable": [], "digest": []}
         for i in range(n):
             rec = {k: batch[k][i] for k in keys}
             ids: list[int] = []

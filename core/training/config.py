@@ -23,6 +23,11 @@ class ModelConfig:
     trust_remote_code: bool = _f(
         False, flag="--trust-remote-code", cli="store_true",
         help="Allow model/tokenizer code from the hub repository to run (off by default).")
+    allow_missing_weights: bool = _f(
+        False, flag="--allow-missing-weights", cli="store_true",
+        help="Train even when the checkpoint lacks weights the model has (they start randomly "
+             "initialised, e.g. the head of a new task) or holds weights it does not use; "
+             "without it, either is an error naming the tensors.")
     attn_implementation: str | None = _f(
         None, flag="--attn-implementation",
         choices=(None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),

@@ -103,10 +103,11 @@ def load_model(src: str, model_cfg, tokenizer, device: torch.device, *,
     if model_cfg.attn_implementation:
         kw["attn_implementation"] = model_cfg.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, **kw)
+        model, report = AutoModelForCausalLM.from_pretrained(src, output_loading_info=True, **kw)
     except Exception as e:
         raise ModelError(f"cannot load the model {src!r}: {type(e).__name__}: "
                          f"{str(e)[:400]}") from None
+    _check_load_report(src, report, model_cfg.allow_missing_weights)
     emb = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > emb and resize_embeddings:
         # new rows start at the mean of the old ones (transformers' mean_resizing)
@@ -130,6 +131,28 @@ def load_model(src: str, model_cfg, tokenizer, device: torch.device, *,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model.to(device)
+
+
+def _check_load_report(src: str, report: dict, allowed: bool) -> None:
+    """transformers only logs weights missing from a checkpoint (they are randomly initialised)
+    and weights it ignores: a truncated or mismatched base would train silently. An error
+    unless ``--allow-missing-weights`` (then a warning)."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the checkpoint (randomly initialised)"),
+                      ("unexpected_keys", "in the checkpoint but not in the model (ignored)"),
+                      ("mismatched_keys", "of another shape in the checkpoint (re-initialised)")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in report.get(key) or ())
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5
+                                            else "")
+            problems.append(f"{len(names)} weight(s) {what}: {shown}")
+    if not problems:
+        return
+    if allowed:
+        log.warning("model %s: %s (--allow-missing-weights)", src, "; ".join(problems))
+        return
+    raise ModelError(f"model {src}: " + "; ".join(problems) + ". Pass --allow-missing-weights "
+                     "if that is intended (e.g. a new head), else check the model files")
 
 
 def compile_blocks(model: torch.nn.Module) -> str:

@@ -285,7 +285,7 @@ class Trainer:
             self.out_dir, self.run_state, self.strategy, save_every=cfg.train.save_every,
             keep_last=cfg.train.keep_last, total_steps=self.total_steps,
             config=cfg.to_dict(), config_yaml=atomic.config_yaml(cfg),
-            data_fingerprint=data_fingerprint(self.data.train.lengths), device=self.device,
+            data_fingerprint=data_fingerprint(self.data.train), device=self.device,
             faults=faults)
         self.guard = guards.NonFiniteGuard(
             policy=cfg.train.on_nonfinite, limit=cfg.train.max_nonfinite_in_a_row,
