@@ -155,14 +155,14 @@ def test_rslora_dora_and_explicit_targets_reach_peft_and_merge_exactly(setup):
 
 def test_embedded_defaults_are_lora_only_and_flags_win(tmp_path):
     cfg, _ = lora_config(tmp_path, "--plugin", "alpaca")
-    assert cfg.optim.lr == 1e-2 and cfg.option("lora.r") == 16
+    assert cfg.option("lora.r") == 16 and cfg.option("lora.alpha") == 32.0
     cfg, _ = lora_config(tmp_path, "--plugin", "alpaca", "--lr", "3e-3", "--lora-r", "4")
     assert cfg.optim.lr == 3e-3 and cfg.option("lora.r") == 4
     pm = get_plugin_manager(["alpaca"], entry_points=False)
     parser = cli.build_parser(pm, pm.config_options())
     plain = cli.resolve_config(parser.parse_args(["train", "--plugin", "alpaca", "--output-dir",
                                                   str(tmp_path / "y")]), pm, pm.config_options())
-    assert plain.optim.lr == 2e-3  # the alpaca defaults of full fine-tuning are untouched
+    assert plain.option("lora.r") == 8 and cfg.optim.lr != plain.optim.lr  # lora's layer only
 
 
 # ------------------------------------------------------------------------------- CLI runs
@@ -330,3 +330,35 @@ def test_resume_across_lora_and_full_fine_tuning_is_refused(setup, tmp_path):
     no_lora.remove("--plugin")
     r = run(tmp, [*no_lora, "--resume"])
     assert r.returncode == 2 and "is a LoRA checkpoint" in r.stderr, r.stderr[-2000:]
+
+
+def test_compile_and_chat_format_train_with_adapters(setup, tmp_path):
+    """--compile gives the eager run's losses; the chat format (template tokens added, so the
+    embeddings are resized before the adapter wraps the model) trains and merges."""
+    tmp = setup[0]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    for out, extra in ((eager, []), (compiled, ["--compile"])):
+        r = run(tmp, args_for(setup, out, "--max-steps", "2", "--batch-size", "4", *extra),
+                timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    loss = [[x["loss"] for x in read_metrics(d) if x["kind"] == "train"]
+            for d in (eager, compiled)]
+    np.testing.assert_allclose(loss[1], loss[0], rtol=1e-4)
+    assert json.loads((compiled / "summary.json").read_text())["compiled"]
+
+    chats = [{"messages": [{"role": "user", "content": r["instruction"] + " " + r["input"]},
+                           {"role": "assistant", "content": r["output"]}]}
+             for r in alpaca_records(12, seed=2)]
+    data = write_jsonl(tmp_path / "chat.jsonl", chats)
+    out = tmp_path / "chat"
+    r = run(tmp, ["train", "--plugin", "chat", "--plugin", "lora", "--model", str(setup[1]),
+                  "--data", str(data), "--chat-template", "chatml", "--output-dir", str(out),
+                  "--no-eval", "--max-steps", "2", "--batch-size", "4", "--threads", "1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["tokens_added"] > 0 and 0 < s["parameters"]["trainable"] < s["parameters"]["total"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert merged.get_input_embeddings().weight.shape[0] == len(
+        AutoTokenizer.from_pretrained(out / "model"))
