@@ -4,9 +4,9 @@ Every conversation is ``{"messages": [...]}`` in the OpenAI layout and its answe
 so a model's last answer can be checked by exact match.
 
 Design choices
-- Answers depend on earlier turns: turn 1 gives a word to remember, a middle turn (sometimes
-  two, sometimes none) asks for something else, and the last turn asks for the word back (or
-  for it twice). Only a model that reads the history answers the last turn.
+- Answers depend on earlier turns: turn 1 gives a word to remember; up to three later turns
+  either ask for something else or for the word back (or for it twice), and the last turn
+  always asks for the word. Only a model that reads the history answers it.
 - The system prompt changes the answer: none (as given), uppercase, or capitalized; it applies
   to every answer after turn 1, so the model must carry it across the conversation.
 - Several phrasings per request, a small closed word pool (so a tiny model learns the per-word
@@ -55,6 +55,12 @@ def _middle(rng: random.Random) -> tuple[str, str]:
         x=" ".join(words)), words[-1]
 
 
+def _recall(rng: random.Random, word: str) -> tuple[str, str]:
+    if rng.random() < 0.25:
+        return rng.choice(RECALL_TWICE), f"{word} {word}"
+    return rng.choice(RECALL), word
+
+
 def conversation(rng: random.Random) -> tuple[dict, tuple]:
     """One conversation and its key (system, word, middle requests) for the held-out split."""
     system = rng.choice(list(SYSTEMS))
@@ -64,14 +70,14 @@ def conversation(rng: random.Random) -> tuple[dict, tuple]:
     msgs += [{"role": "user", "content": rng.choice(REMEMBER).format(w=word)},
              {"role": "assistant", "content": ACK}]
     middles = []
-    for _ in range(rng.choice([0, 1, 1, 2])):
-        q, a = _middle(rng)
-        middles.append(q)
+    for _ in range(rng.choice([1, 2, 2, 3])):
+        if rng.random() < 0.5:  # a middle request unrelated to the word
+            q, a = _middle(rng)
+            middles.append(q)
+        else:                   # asked for the word (more recall signal per conversation)
+            q, a = _recall(rng, word)
         msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": style(a)}]
-    if rng.random() < 0.25:
-        q, a = rng.choice(RECALL_TWICE), f"{word} {word}"
-    else:
-        q, a = rng.choice(RECALL), word
+    q, a = _recall(rng, word)
     msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": style(a)}]
     return {"messages": msgs}, (system, word, tuple(middles))
 
