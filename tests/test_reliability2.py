@@ -236,14 +236,26 @@ def test_leftovers_of_a_killed_run_are_resolved_at_the_next_start(setup, finishe
     (out / ".metrics.jsonl.tmp-4242").write_text("x")
     # killed between the two renames of the final model: model/ is missing, the old one aside
     os.replace(out / "model", out / ".model.old-31337")
-    (out / "checkpoints" / ".step-00000004.tmp").mkdir()
-    (out / "checkpoints" / ".step-00000004.tmp" / "trainer_state.pt").write_bytes(b"\0" * 10)
     r = run(train_args(setup, out), tmp_path)
     # refused (the directory holds a run), after the cleanup that runs under the lock
     assert r.returncode == 2, r.stderr[-3000:]
     assert "already holds a run" in r.stderr and "leftovers of an interrupted run" in r.stderr
     assert "restored model from .model.old-31337" in r.stderr
     assert snapshot(out) == before  # model/ back, every partial file gone
+
+
+def test_a_partial_checkpoint_is_removed_at_the_next_start(setup, tmp_path):
+    """``.step-N.tmp`` of a save that failed or was killed: never resumed from, removed when
+    the next run sets up (the checkpointer's cleanup)."""
+    out = tmp_path / "run"
+    tmpdir = out / "checkpoints" / ".step-00000002.tmp"
+    tmpdir.mkdir(parents=True)
+    (tmpdir / "trainer_state.pt").write_bytes(b"\0" * 10)
+    r = run(train_args(setup, out, "--save-every", "2", "--resume"), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no complete checkpoint" in r.stderr  # the partial one was not taken for one
+    assert "removed 1 leftover temporary checkpoint directory" in r.stderr
+    assert not tmpdir.exists()
 
 
 # ------------------------------------------------------------------- a full disk, every site

@@ -15,7 +15,9 @@ Design choices
   post-training evaluation, when it runs, succeeded); 2 for invalid input (config, data, plugins,
   model path), reported before any training step; 1 for a failure during training; otherwise
   the evaluation's own status; 75 when SIGTERM/SIGINT stopped training after saving a
-  resumable checkpoint (see docs/reliability.md). Errors are one message naming the file,
+  resumable checkpoint (see docs/reliability.md); 130 for Ctrl-C outside the training loop
+  (nothing to save). The output directory is locked, checked and, under ``--overwrite``, its
+  previous run moved aside before the run starts (``rundir.py``). Errors are one message naming the file,
   record and field, and the plugin and hook when a plugin raised it (2 before training starts,
   1 once it has); ``--debug`` (any position) or ``SFTCTL_DEBUG=1`` also prints the traceback.
 - A broken third-party plugin (see ``plugin_manager``) stops every command except ``plugins``

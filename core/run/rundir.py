@@ -20,7 +20,8 @@ Design choices
   ``.NAME.old-PID`` moved-aside directories, ``.previous-run/``) are resolved when the next run
   takes the lock: the lock proves their writer is gone. A ``.NAME.old-PID`` whose ``NAME`` is
   missing (killed between the two renames of ``atomic_directory``) is renamed back; anything
-  else is deleted, never read as a result.
+  else is deleted, never read as a result. ``checkpoints/.step-N.tmp`` directories are the
+  checkpointer's to remove (``Checkpointer._clean_stale``, at the same start).
 """
 
 from __future__ import annotations
@@ -150,15 +151,6 @@ def clean_leftovers(out: Path) -> list[str]:
                 done.append(f"removed {p.name}")
         except OSError as e:
             log.warning("could not resolve the leftover %s: %s", p, _describe(e))
-    ck = out / "checkpoints"
-    if ck.is_dir():  # a killed or failed checkpoint save (the checkpointer also does this)
-        for p in sorted(ck.iterdir()):
-            if p.name.startswith(".step-") and p.name.endswith((".tmp", ".old")):
-                try:
-                    _remove(p)
-                    done.append(f"removed checkpoints/{p.name}")
-                except OSError as e:
-                    log.warning("could not remove the leftover %s: %s", p, _describe(e))
     if done:
         log.warning("%s: leftovers of an interrupted run: %s", out, "; ".join(done))
     return done
