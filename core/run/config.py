@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import math
-import typing
+import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,13 +104,13 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def coerce(value: Any, tp: Any, where: str) -> Any:
 # Exponent notation that PyYAML (YAML 1.1: a dot and a signed exponent are required) reads as a
 # string although YAML 1.2 reads it as a float: `1e-3`, `5E+4`, `2.5e3`. Only these strings are
 # accepted for float fields; quoted numbers ("0.001", "10") and "nan"/"inf" are refused.
 _YAML11_MISSED_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
+def coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted. ``where`` names it."""
     origin = typing.get_origin(tp)
     if origin is typing.Union or (origin is not None and origin.__name__ == "UnionType"):
@@ -161,9 +161,9 @@ _YAML11_MISSED_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
             raise ConfigError(f"{where}: expected a number, got a boolean {value!r}")
         if isinstance(value, (int, float)):
             return float(value)
-        if isinstance(value, str):
         if isinstance(value, str) and _YAML11_MISSED_FLOAT.match(value):
             return float(value)  # `lr: 1e-3`: a float in YAML 1.2, a string to PyYAML
+        if isinstance(value, str):
             raise ConfigError(f"{where}: expected a number, got the string {value!r} (write "
                               "numbers without quotes)")
         raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
@@ -194,9 +194,9 @@ def _check_range(value, meta: dict, where: str) -> None:
         shown = ", ".join(str(c) for c in choices if c is not None)
         raise ConfigError(f"{where}: {value!r} is not one of {shown}")
     lo, hi = meta.get("minimum"), meta.get("maximum")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
     if isinstance(value, float) and not math.isfinite(value):  # nan passes every < and >
         raise ConfigError(f"{where}: {value!r} is not a finite number")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         if lo is not None and value < lo:
             raise ConfigError(f"{where}: {value!r} is below the minimum {lo}")
         if hi is not None and value > hi:
@@ -237,16 +237,16 @@ def build_config(layers: list[tuple[str, dict]],
                 for k, v in value.items():
                     dest[k] = v
                     origin[f"{key}.{k}"] = source
-            else:
                     layer_of[f"{key}.{k}"] = layer_index
+            else:
                 merged[key] = value
                 origin[key] = source
 
     def src(dotted: str) -> str:
         return f"{origin.get(dotted, 'config')}: {dotted}"
 
-    kwargs: dict[str, Any] = {}
     _one_warmup(merged.get("optim", {}), layer_of, src)
+    kwargs: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         section = merged.get(name, {})
         hints = _hints(cls)
@@ -284,7 +284,6 @@ def build_config(layers: list[tuple[str, dict]],
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
 def _one_warmup(optim: dict, layer_of: dict[str, int], src) -> None:
     """``warmup_steps`` and ``warmup_ratio`` both set (non-zero): an error when one layer sets
     both; else the higher layer's wins (``--warmup-ratio`` on the command line replaces the
@@ -299,6 +298,7 @@ def _one_warmup(optim: dict, layer_of: dict[str, int], src) -> None:
     del optim["warmup_ratio" if a > b else "warmup_steps"]
 
 
+def validate(cfg: RunConfig) -> None:
     """Cross-field checks that a single field's type and range cannot express."""
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
