@@ -274,6 +274,25 @@ def test_preview_shows_exactly_the_trained_tokens(chat_run):
     assert f"[[{rec[2]['content']}<|im_end|>]]" in r.stdout  # no colour when piped
 
 
+def test_parquet_and_per_message_flags_through_arrow(chat_run, tmp_path):
+    """Parquet (and JSONL) load through Arrow, which gives every message the union of the keys:
+    a `train: false` on one message must not make the others invalid, and it is honoured."""
+    import pandas as pd
+
+    recs = _chat_records(6)
+    recs[0]["messages"][2]["train"] = False          # only this message carries the key
+    path = tmp_path / "chats.parquet"
+    pd.DataFrame(recs).to_parquet(path)
+    r = run_cli(["data", "preview", "--plugin", "chat", "--model", str(chat_run["base"]),
+                 "--data", str(path), "--chat-template", "chatml", "-n", "2", "--json"],
+                env=cli_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    trained = [[t for t, m in zip(row["tokens"], row["loss_mask"]) if m] for row in rows]
+    assert trained[0].count("<|im_end|>") == 1      # the first answer opted out
+    assert trained[1].count("<|im_end|>") == 2
+
+
 def test_cli_bad_record_names_file_record_and_turn(chat_run, tmp_path):
     bad = _chat_records(4)
     bad[2]["messages"][3]["role"] = "narrator"

@@ -6,6 +6,8 @@ Design choices
   usual role names) and conversational prompt/completion (``prompt`` and ``completion`` as
   message lists; only the completion trains). Field and role names can be remapped by options
   for data whose keys differ.
+- Keys whose value is null count as absent: Arrow (JSONL, Parquet and saved datasets load
+  through it) gives every message of a file the union of the keys its messages use.
 - Strict: an unknown role, a missing/empty/non-string content (an assistant message with tool
   calls may have none), a bad ``train``/``weight`` value or a training conversation that does
   not end with an assistant turn raise ``RecordError`` naming the turn and field
@@ -68,7 +70,9 @@ def parse_role_map(text: str | None) -> dict[str, str]:
 
 
 def _trainable_flag(msg: Mapping[str, Any], where: str) -> bool:
-    train = msg.get("train", True)
+    # Arrow gives every message of a file the union of the keys: an absent key reads as None
+    train = msg.get("train")
+    train = True if train is None else train
     if not isinstance(train, bool):
         raise RecordError(f"{where}.train", f"expected true or false, got {train!r:.40}")
     if "weight" in msg and msg["weight"] is not None:
