@@ -301,6 +301,23 @@ def run_post_train(run_dir: str | Path, cfg: Any = None, pm: Any = None) -> int:
             pm = pm if pm is not None else loaded_pm
         tasks = gather_tasks(cfg, pm)
     options = EvalOptions.from_cfg(cfg)
+    heldout_failed = False
+    if summary.get("heldout"):  # the benchmark of the user's own data (user_tasks.py)
+        try:
+            if cfg is None or pm is None:
+                loaded_cfg, loaded_pm = load_run_config(run_dir)
+                cfg = cfg if cfg is not None else loaded_cfg
+                pm = pm if pm is not None else loaded_pm
+            from .user_tasks import heldout_specs
+
+            names = {t.name for t in tasks}
+            tasks += [s for s in heldout_specs(summary["heldout"], cfg, pm,
+                                               str(run_dir / "model"), run_dir, run_dir=run_dir)
+                      if s.name not in names]
+        except Exception as e:  # the trained run stays complete; the report says what failed
+            heldout_failed = True
+            print(f"[sftctl eval] cannot build the benchmark of your held-out data "
+                  f"({summary['heldout'].get('source')}): {e}", file=sys.stderr)
     models = {}
     base = resolve_base_model(run_dir, summary)
     if base is not None:
@@ -313,14 +330,16 @@ def run_post_train(run_dir: str | Path, cfg: Any = None, pm: Any = None) -> int:
     if not tasks:
         print("[sftctl eval] no benchmark registered (no enabled plugin provides one): nothing "
               "to evaluate; the report has no benchmark table", file=sys.stderr)
-        return finish_report(run_dir, pm, manifest, options)
+        rc = finish_report(run_dir, pm, manifest, options)
+        return EXIT_BENCHMARK_FAILED if heldout_failed and rc == EXIT_OK else rc
     try:
         manifest = evaluate_models(models, tasks, run_dir, options)
     except ValueError as e:  # a broken registration: the trained run itself stays complete
         print(f"[sftctl eval] cannot evaluate: {e}", file=sys.stderr)
         rc = finish_report(run_dir, pm, None, options)
         return rc if rc != EXIT_OK else EXIT_BENCHMARK_FAILED
-    return finish_report(run_dir, pm, manifest, options)
+    rc = finish_report(run_dir, pm, manifest, options)
+    return EXIT_BENCHMARK_FAILED if heldout_failed and rc == EXIT_OK else rc
 
 
 def finish_report(run_dir: Path, pm: Any, manifest: dict | None, options: EvalOptions) -> int:
@@ -471,6 +490,7 @@ class _Worker:
         device = _pick_device(self.opts.device)
         dtype = self.opts.dtype or ("float32" if device == "cpu" else "auto")
         model_args = {"pretrained": self.model_ref, "dtype": dtype, "trust_remote_code": False}
+        self.model_args = model_args
         t0 = time.time()
         try:
             lm = _hf_model_class().create_from_arg_obj(
@@ -531,6 +551,14 @@ class _Worker:
             apply_chat_template=spec.apply_chat_template)
         if res is None:
             raise BenchmarkError("lm-eval returned no results (not rank 0?)")
+        # the model went in as an object: lm-eval would record model "SftctlHFLM" with no
+        # model_args; the results file names what `lm_eval --model hf --model_args ...` would
+        res.setdefault("config", {}).update(model="hf", model_args=dict(self.model_args))
+        gct = tracker.general_config_tracker
+        gct.log_experiment_args(model_source="hf", model_args=dict(self.model_args),
+                                system_instruction=gct.system_instruction,
+                                chat_template=gct.chat_template,
+                                fewshot_as_multiturn=bool(gct.fewshot_as_multiturn))
         samples = res.pop("samples", {}) or {}
         tracker.save_results_aggregated(results=res, samples=samples)
         for task_name in res.get("configs", {}):

@@ -39,6 +39,38 @@ class PreparedData:
     sources: list[str]
     val_sources: list[str]
     format: str
+    heldout: list[dict] | None = None  # records held out for the benchmark (never trained on)
+
+
+def benchmark_slice_size(n: int, size: int | None) -> int:
+    """Records held out of ``n`` for the post-training benchmark: ``size`` when given (0: none),
+    else 5% of the records, at most 200 (none below 20 records)."""
+    if size is not None:
+        return size
+    return min(200, n // 20)
+
+
+def _take_heldout(parts: list, size: int | None, seed: int) -> tuple[list, list[dict]]:
+    """Take a seeded random slice of records out of the training sources, before tokenization,
+    so the benchmark never sees a trained record."""
+    import numpy as np
+
+    total = sum(len(ds) for _, ds in parts)
+    k = benchmark_slice_size(total, size)
+    if k <= 0:
+        return parts, []
+    if k >= total:
+        raise DataError(f"eval.heldout_size: {k} held-out records leave none of the {total} "
+                        "training records")
+    chosen = set(np.random.default_rng([seed, 15]).permutation(total)[:k].tolist())
+    kept, held, offset = [], [], 0
+    for src, ds in parts:
+        idx = range(offset, offset + len(ds))
+        keep = [i - offset for i in idx if i not in chosen]
+        held += [dict(ds[i - offset]) for i in idx if i in chosen]
+        kept.append((src, ds.select(keep) if len(keep) < len(ds) else ds))
+        offset += len(ds)
+    return kept, held
 
 
 def _validate_records_in_memory(records: Sequence[Mapping], name: str):
@@ -54,14 +86,17 @@ def _validate_records_in_memory(records: Sequence[Mapping], name: str):
 
 def prepare_data(dc, fmt: DatasetFormat, tokenizer, *, seed: int, options: Mapping[str, Any],
                  quiet: bool = False, plugin_loader: Callable[[str], Any] | None = None,
-                 demo_data: Callable[[], Mapping[str, Sequence[Mapping]]] | None = None
-                 ) -> PreparedData:
+                 demo_data: Callable[[], Mapping[str, Sequence[Mapping]]] | None = None,
+                 heldout_size: int | None | bool = False) -> PreparedData:
     """Load, validate and tokenize the train (and validation) data.
 
     ``dc``: the ``DataConfig``; ``seed``: of the ``--val-fraction`` hold-out; ``options``: the
     plugin options (formats read theirs there); ``plugin_loader(source)``: a dataset for a
     source a plugin knows, or None (the ``sftctl_load_dataset`` hook); ``demo_data()``: the
-    format's demo records, used when ``dc.paths`` is empty.
+    format's demo records, used when ``dc.paths`` is empty. ``heldout_size``: hold a slice of
+    the ``--data`` records out of training for the post-training benchmark (``False``: none;
+    ``None``: :func:`benchmark_slice_size`'s default; an int: that many), returned as
+    ``PreparedData.heldout``.
     """
     import datasets
 
@@ -124,6 +159,17 @@ def prepare_data(dc, fmt: DatasetFormat, tokenizer, *, seed: int, options: Mappi
         if sum(len(d) for _, d in train_parts) > total:
             log.info("using the first %d training records (--max-examples)", total)
         train_parts = kept
+    heldout = None
+    if heldout_size is not False and dc.paths:
+        train_parts, heldout = _take_heldout(train_parts, heldout_size, seed)
+        if not heldout:
+            log.warning("no records held out for the post-training benchmark of your data "
+                        "(fewer than 20 records or --heldout-size 0): give --heldout FILE or "
+                        "--val-data to benchmark it")
+        else:
+            log.info("held out %d of the --data records for the post-training benchmark "
+                     "(--heldout-size N to change, --heldout FILE to give them, --no-eval: none)",
+                     len(heldout))
     kw = dict(max_seq_len=dc.max_seq_len, train_on_prompt=dc.train_on_prompt,
               skip_invalid=dc.skip_invalid, num_proc=dc.num_proc, quiet=quiet,
               options=options)
@@ -132,7 +178,7 @@ def prepare_data(dc, fmt: DatasetFormat, tokenizer, *, seed: int, options: Mappi
     if dc.val_fraction > 0:
         train, val = hold_out(train, dc.val_fraction, seed, dc.max_seq_len)
         return PreparedData(train, val, sources, [f"{fraction_label(dc.val_fraction)} of train"],
-                            fmt.name)
+                            fmt.name, heldout)
     if val_parts:
         val = tokenize_split("validation", val_parts, fmt, tokenizer, pre_skipped=val_stats, **kw)
-    return PreparedData(train, val, sources, [s.label for s, _ in val_parts], fmt.name)
+    return PreparedData(train, val, sources, [s.label for s, _ in val_parts], fmt.name, heldout)

@@ -8,6 +8,12 @@ Design choices
 - A bad record raises ``RecordError(field, message)``; the data pipeline adds the file, record
   index and line. Any other exception from ``to_segments`` is a bug of the plugin, reported as
   such (naming the plugin), never as invalid data.
+- Benchmarks of the user's own data need (prompt, reference) pairs: ``DatasetFormat.pair``. A
+  segment format gets them for free (the text before its last trainable segment, and that
+  segment); a format may give ``to_pair`` instead (token-level formats must, e.g. the chat
+  plugin: the conversation minus its last answer as messages, and the answer). A prompt is a
+  string (used verbatim) or a list of chat messages (rendered by the evaluated model's chat
+  template).
 - A format may bring its own demo: records (``demo_data``), tuned defaults (``demo_config``) and
   the embedded base model those defaults were tuned for (``demo_base``), so that
   ``sftctl train --plugin NAME`` runs offline with nothing else.
@@ -66,6 +72,10 @@ class DatasetFormat:
     ``to_segments``: the ids are final (no BOS/EOS is added) and the mask marks the trained
     tokens. They may give ``validate(record, options)`` (raises ``RecordError``) for the checks
     that need no tokenizer, which the careful JSON reader runs on every record.
+
+    ``to_pair(record, options) -> (prompt, reference)`` (optional): what the benchmark of the
+    user's held-out data generates from and compares with (see :meth:`pair`; segment formats
+    need not give it).
     """
 
     name: str
@@ -81,6 +91,7 @@ class DatasetFormat:
                         tuple[list[int], list[int]]] | None = None
     validate: Callable[[Mapping[str, Any], Mapping[str, Any]], None] | None = None
     plugin: str | None = None
+    to_pair: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[Any, str]] | None = None
 
     def __post_init__(self):
         if (self.to_segments is None) == (self.to_tokens is None):
@@ -92,6 +103,34 @@ class DatasetFormat:
         if self.uses_options:
             return self.to_segments(record, dict(options or {}))
         return self.to_segments(record)
+
+    @property
+    def has_pairs(self) -> bool:
+        """True when :meth:`pair` can answer (a segment format, or ``to_pair`` given)."""
+        return self.to_pair is not None or self.to_segments is not None
+
+    def pair(self, record: Mapping[str, Any], options: Mapping[str, Any] | None = None
+             ) -> tuple[str | list[dict], str]:
+        """``(prompt, reference)`` of one record for the post-training benchmark of the user's
+        data: ``to_pair(record, options)`` when the format gives it, else the text of the
+        segments before the last trainable one and the text of that one. ``prompt`` is a string
+        or a list of chat messages (``{"role", "content"}``). Raises ``RecordError``."""
+        if self.to_pair is not None:
+            out = self.to_pair(record, dict(options or {}))
+            if (not isinstance(out, (tuple, list)) or len(out) != 2 or
+                    not isinstance(out[1], str) or not isinstance(out[0], (str, list))):
+                raise RecordError(None, f"format {self.name!r}: to_pair returned {out!r:.80}, "
+                                        "expected (prompt: str or list of messages, "
+                                        "reference: str)")
+            return out[0], out[1]
+        if self.to_segments is None:
+            raise RecordError(None, f"format {self.name!r} is token-level and gives no to_pair: "
+                                    "it cannot provide prompt/reference pairs")
+        segs = check_segments(self.segments(record, options), self)
+        last = max((i for i, s in enumerate(segs) if s.trainable), default=None)
+        if last is None:
+            raise RecordError(None, f"format {self.name!r} returned no trainable segment")
+        return "".join(s.text for s in segs[:last]), segs[last].text
 
     def check(self, record: Mapping[str, Any], options: Mapping[str, Any] | None = None) -> None:
         """Validate one record without tokenizing it (raises ``RecordError``)."""

@@ -150,3 +150,13 @@ class EvalConfig:
                                "the --plugin plugins).")
     limit: int | None = _f(None, flag="--eval-limit", minimum=1,
                            help="Evaluate at most this many examples per benchmark.")
+    heldout: str | None = _f(
+        None, flag="--heldout", metavar="PATH_OR_ID",
+        help="Held-out records (in the run's data format) for the benchmark of your own data "
+             "after training. Default with --data: the --val-data/--val-split records, else a "
+             "slice of --data held out of training (--heldout-size).")
+    heldout_size: int | None = _f(
+        None, flag="--heldout-size", minimum=0,
+        help="Records of --data held out of training for that benchmark when no --heldout, "
+             "--val-data or --val-split is given (default: 5%%, at most 200, none below 20 "
+             "records; 0: none).")

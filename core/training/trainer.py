@@ -30,6 +30,7 @@ Design choices
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -100,7 +101,38 @@ def prepare_run_data(config, fmt, tokenizer, pm=None) -> PreparedData:
     demo = (lambda: fmt.demo_data(config)) if fmt.demo_data is not None else None
     return prepare_data(config.data, fmt, tokenizer, seed=config.train.seed,
                         options=config.options, quiet=config.train.quiet,
-                        plugin_loader=loader, demo_data=demo)
+                        plugin_loader=loader, demo_data=demo,
+                        heldout_size=benchmark_holdout(config))
+
+
+def benchmark_holdout(config) -> int | None | bool:
+    """What ``prepare_data`` holds out of ``--data`` for the benchmark of the user's data
+    (``False``: nothing, because evaluation is off, no ``--data`` is given, or the held-out
+    records come from ``--heldout``, ``--val-data`` or ``--val-split``)."""
+    dc, ec = config.data, config.eval
+    if not ec.enabled or not dc.paths or ec.heldout or dc.val_paths or dc.val_split:
+        return False
+    return ec.heldout_size
+
+
+def heldout_record(config, data: PreparedData) -> dict | None:
+    """summary.json's ``heldout``: where the records of the user-data benchmark come from."""
+    dc, ec = config.data, config.eval
+    if not ec.enabled or not dc.paths:
+        return None
+    if ec.heldout:
+        return {"source": f"--heldout {ec.heldout}", "paths": [ec.heldout], "split": dc.split}
+    if dc.val_paths:
+        return {"source": "--val-data " + " ".join(dc.val_paths), "paths": list(dc.val_paths),
+                "split": dc.split}
+    if dc.val_split:
+        return {"source": f"split {dc.val_split!r} of --data", "paths": list(dc.paths),
+                "split": dc.val_split}
+    if not data.heldout:
+        return None
+    return {"source": f"{len(data.heldout)} records of --data held out of training (seed "
+                      f"{config.train.seed})", "paths": ["heldout.jsonl"], "split": "train",
+            "records": len(data.heldout)}
 
 
 class Trainer:
@@ -116,6 +148,7 @@ class Trainer:
         self.strategy = strategy or select_strategy(config)
         self.out_dir = Path(config.train.output_dir)
         self.benchmarks = list(benchmarks or [])
+        self.heldout: dict | None = None
         self.state = TrainState()                # the counters (part of ``run_state``)
         self.run_state: RunState | None = None   # built by setup()
         self.stop_reason: str | None = None      # set through RunContext.request_stop
@@ -166,6 +199,12 @@ class Trainer:
         with self.strategy.main_first():  # rank 0 fills the tokenization cache, the rest read it
             self.data = prepare_run_data(self.config, self.format, self.tokenizer, self.pm)
         self._log_data()
+        self.heldout = heldout_record(self.config, self.data)
+        if self.is_main and self.data.heldout:
+            from .atomic import write_text
+
+            write_text(self.out_dir / "heldout.jsonl", "".join(
+                json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in self.data.heldout))
         self.model = self._build_model(src)
         self._plans()
         self._optimization()
@@ -175,6 +214,10 @@ class Trainer:
                  "loss: %s", self.base_model, self.device, self.precision,
                  self.parameters["total"], self.parameters["trainable"], self.total_steps,
                  self.warmup_steps, self.loss_kernel)
+        if self.warmup_steps > self.total_steps:
+            log.warning("optim: %d warmup steps but the run has %d steps: the learning rate "
+                        "never reaches optim.lr (lower --warmup-steps/--warmup-ratio or train "
+                        "longer)", self.warmup_steps, self.total_steps)
 
     def _plugin_parts(self) -> None:
         """The dataset format, optimizer and scheduler the config names, and the fused op."""
@@ -590,6 +633,7 @@ class Trainer:
             "plugins": list(cfg.plugins),
             "versions": versions(),
             "benchmarks": self.benchmarks,
+            "heldout": self.heldout,
         }
 
     def finish(self) -> dict:

@@ -119,8 +119,10 @@ def sftctl_register_benchmarks(register, config):
     heldout = config.option("alpaca.heldout")
     if heldout is None:
         if config.data.paths:
-            log.info("alpaca: no benchmark for --data runs unless the option alpaca.heldout "
-                     "names a held-out JSONL file")
+            # the held-out records of the user's data are benchmarked by the generic task
+            # (sftctl.evals.user_tasks); alpaca.heldout adds alpaca's own two tasks
+            log.info("alpaca: the held-out records of --data are benchmarked by sftctl's "
+                     "generic task; --alpaca-heldout FILE adds alpaca_exact_match/alpaca_choice")
             return
         _, records = _splits(config.option("alpaca.demo_seed"),
                              config.option("alpaca.demo_train_size"),

@@ -96,6 +96,18 @@ def to_tokens(record, tokenizer, options) -> tuple[list[int], list[int]]:
     return r.ids, r.mask
 
 
+def to_pair(record, options) -> tuple[list[dict], str]:
+    """(the conversation minus its last assistant answer, that answer): the prompt/reference
+    pair of the benchmark of the user's data (``sftctl.evals.user_tasks``); the prompt is
+    rendered by the evaluated model's chat template."""
+    msgs = parse_record(record, options, for_training=False)
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+    if last is None or not isinstance(msgs[last].get("content"), str) or \
+            not msgs[last]["content"].strip():
+        raise RecordError(None, "no assistant answer with text to benchmark")
+    return [m for m in msgs[:last]], msgs[last]["content"]
+
+
 def _template_label(tokenizer, options) -> str:
     spec = options.get("chat.template")
     return f"chat template {spec!r}" if spec else "the tokenizer's chat template"
@@ -188,6 +200,7 @@ def sftctl_register_dataset_formats(register):
         name=FORMAT,
         to_tokens=to_tokens,
         validate=validate,
+        to_pair=to_pair,
         uses_options=True,
         fields={"messages": "OpenAI layout: list of {role, content[, tool_calls, "
                             "reasoning_content, train, weight]}",
