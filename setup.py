@@ -153,8 +153,13 @@ def cmdclass():
 
 # Optional dependencies. lora: the built-in lora plugin (peft); the tests run that plugin, so
 # test brings peft too; all: every extra.
+# trackers: the tensorboard, wandb and mlflow tracker plugins (--report-to); mlflow-skinny is
+# MLflow's client without its server (sftctl logs to a file store or a given tracking URI).
+TRACKERS = ["tensorboard>=2.14", "wandb>=0.19", "mlflow-skinny>=2.16"]
 EXTRAS = {"lora": ["peft>=0.13"],
-          "test": ["pytest", "pytest-timeout", "hypothesis", "expecttest", "peft>=0.13"]}
+          "trackers": TRACKERS,
+          "test": ["pytest", "pytest-timeout", "hypothesis", "expecttest", "peft>=0.13",
+                   *TRACKERS]}
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 
 
@@ -166,7 +171,7 @@ setup(
     package_dir={"sftctl": "core", "sftctl.plugins": "plugins", "sftctl.evals": "evals"},
     packages=["sftctl", "sftctl.ops", "sftctl.data", "sftctl.training", "sftctl.run",
               "sftctl.plugins", "sftctl.plugins.alpaca", "sftctl.plugins.chat", "sftctl.plugins.lora",
-              "sftctl.evals"],
+              "sftctl.plugins.trackers", "sftctl.plugins.model_card", "sftctl.evals"],
     package_data={"sftctl": ["py.typed"], "sftctl.plugins.alpaca": ["*.yaml", "*.json"],
                   "sftctl.plugins.chat": ["*.yaml", "*.json"],
                   "sftctl.evals": ["templates/*", "tasks/*"]},

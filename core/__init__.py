@@ -54,7 +54,8 @@ from .hookspecs import hookimpl  # noqa: E402
 from .data.formats import DatasetFormat, RecordError, Segment  # noqa: E402
 from .run.benchmarks import BenchmarkSpec, ReportSection  # noqa: E402
 from .training.optim import OptimizerSpec, SchedulerSpec  # noqa: E402
+from .training.trackers import TrackerSpec  # noqa: E402
 
 __all__ += ["hookimpl", "ConfigOption", "DatasetFormat", "OptimizerSpec", "SchedulerSpec",
-            "BenchmarkSpec", "ReportSection", "Segment", "RecordError", "SftctlError",
+            "BenchmarkSpec", "ReportSection", "TrackerSpec", "Segment", "RecordError", "SftctlError",
             "ConfigError", "DataError"]

@@ -67,6 +67,15 @@ def sftctl_register_benchmarks(register, config):
 
 
 @hookspec
+def sftctl_register_trackers(register):
+    """Register experiment trackers: ``register(TrackerSpec(name, description, requires=(...),
+    extra=...))`` (``sftctl.TrackerSpec``). ``--report-to NAME`` selects them (an unknown name
+    or a missing package is an error before training); the tracker itself writes through the
+    lifecycle hooks, on rank 0, when its name is in ``sftctl.trackers.selected_trackers(
+    run.config)``."""
+
+
+@hookspec
 def sftctl_add_commands(subparsers):
     """Add ``sftctl`` subcommands: ``p = subparsers.add_parser(...)``; ``p.set_defaults(
     func=callable)``; the callable receives the parsed ``argparse.Namespace`` and returns an exit

@@ -383,7 +383,7 @@ def cmd_plugins(args, pm, options) -> int:
     for p in info:
         where = p["source"] + (f", {p['distribution']} {p['version']}" if p["distribution"] else "")
         print(f"{p['name']}  ({where}; {p['module']})")
-        for key in ("dataset_formats", "optimizers", "schedulers", "options"):
+        for key in ("dataset_formats", "optimizers", "schedulers", "trackers", "options"):
             if p[key]:
                 print(f"    {key.replace('_', ' ')}: {', '.join(p[key])}")
         print(f"    hooks: {', '.join(h.removeprefix('sftctl_') for h in p['hooks'])}")

@@ -51,6 +51,7 @@ from .config import ConfigOption
 from ..errors import PluginError, PluginHookError, SftctlError
 from ..data.formats import DatasetFormat
 from ..training.optim import OptimizerSpec, SchedulerSpec
+from ..training.trackers import TrackerSpec
 from .benchmarks import BenchmarkSpec
 
 PROJECT = "sftctl"
@@ -67,6 +68,11 @@ BUILTIN_PLUGINS = {
     "chat": "sftctl.plugins.chat",
     "lora": "sftctl.plugins.lora",
     "evals": "sftctl.evals.plugin",
+    # after evals: their sftctl_post_train is trylast (reads the report evals writes)
+    "tensorboard": "sftctl.plugins.trackers.tensorboard",
+    "wandb": "sftctl.plugins.trackers.wandb",
+    "mlflow": "sftctl.plugins.trackers.mlflow",
+    "model_card": "sftctl.plugins.model_card",
 }
 
 
@@ -445,6 +451,11 @@ class PluginManager(pluggy.PluginManager):
         return self._collect("sftctl_register_benchmarks", "benchmark", BenchmarkSpec,
                              {"config": config})
 
+    def trackers(self) -> dict[str, TrackerSpec]:
+        """Experiment trackers (``--report-to``) registered through
+        ``sftctl_register_trackers``."""
+        return self._collect("sftctl_register_trackers", "tracker", TrackerSpec)
+
     def config_options(self) -> dict[str, ConfigOption]:
         return self._collect("sftctl_add_options", "option", ConfigOption)
 
@@ -526,6 +537,7 @@ class PluginManager(pluggy.PluginManager):
     def describe(self, config=None) -> list[dict]:
         """Plugins with what they registered (``sftctl plugins``)."""
         formats, opts, scheds = self.dataset_formats(), self.optimizers(), self.schedulers()
+        trackers = self.trackers()
         options = self.config_options()
         benches = self.benchmarks(config) if config is not None else {}
         out = []
@@ -539,6 +551,7 @@ class PluginManager(pluggy.PluginManager):
                 "schedulers": sorted(k for k, v in scheds.items() if v.plugin == name),
                 "benchmarks": sorted(k for k, v in benches.items() if v.plugin == name),
                 "options": sorted(k for k, v in options.items() if v.plugin == name),
+                "trackers": sorted(k for k, v in trackers.items() if v.plugin == name),
             })
         return out
 

@@ -105,6 +105,16 @@ class TrainConfig:
         help="Adds COEF * logsumexp(logits)^2 per trainable token to the training loss, keeping "
              "the softmax normalizer near 1 (COEF >= 0, e.g. 1e-4; 0: off). The logged training loss "
              "includes it; val_loss and val_ppl stay the plain NLL, comparable across runs.")
+    report_to: list[str] = _f(
+        factory=list, flag="--report-to", cli="nargs", metavar="NAME[,NAME]",
+        help="Experiment trackers to log to (comma- or space-separated): tensorboard, wandb, "
+             "mlflow, or a tracker a plugin registers; none: no tracker (the default). Needs "
+             "pip install \"sftctl[trackers]\" (see README).")
+    push_to_hub: str | None = _f(
+        None, flag="--push-to-hub", metavar="REPO",
+        help="After training (and the post-training evaluation), upload the model, its model "
+             "card and the report to this Hugging Face Hub repository (needs a token: "
+             "`hf auth login` or HF_TOKEN).")
     log_every: int = _f(1, flag="--log-every", minimum=1,
                         help="Write a metrics line every N optimizer steps.")
     quiet: bool = _f(False, flag="--quiet", cli="store_true",

@@ -54,6 +54,7 @@ from .model import (autocast_dtype, check_lengths, compile_blocks, load_model, l
                     model_source)
 from .optim import param_groups
 from .state import RunState, TrainState, seed_everything
+from .trackers import check_report_to
 
 log = logging.getLogger("sftctl")
 
@@ -238,6 +239,8 @@ class Trainer:
                               f"registered: {', '.join(sorted(schedulers))}")
         self.optimizer_spec = optimizers[cfg.optim.name]
         self.scheduler_spec = schedulers[cfg.optim.scheduler]
+        # --report-to: known trackers whose packages are installed (before data and model load)
+        check_report_to(cfg, self.pm.trackers())
         if cfg.train.loss_impl == "fused":
             try:
                 from .. import ops  # noqa: F401
