@@ -48,7 +48,7 @@ import pluggy
 from .. import hookspecs
 from ..hookspecs import hookimpl  # noqa: F401 (re-exported)
 from .config import ConfigOption
-from ..errors import PluginError, PluginHookError, SftctlError
+from ..errors import ConfigError, PluginError, PluginHookError, SftctlError
 from ..data.formats import DatasetFormat
 from ..training.optim import OptimizerSpec, SchedulerSpec
 from ..training.trackers import TrackerSpec
@@ -467,7 +467,31 @@ class PluginManager(pluggy.PluginManager):
         wanted = config.eval.tasks
         if wanted:
             return [registered[t] if t in registered else BenchmarkSpec(name=t) for t in wanted]
+        self.check_benchmark_options(config, registered)
         return [b for b in registered.values() if b.plugin in config.plugins]
+
+    def check_benchmark_options(self, config, registered: dict) -> None:
+        """A benchmark option of a plugin the run does not enable is an error, not silently
+        ignored: for each such plugin with options set away from their defaults, the plugin is
+        asked again with those options at their defaults; when what it registers changes,
+        the options steer benchmarks that will not run (e.g. ``--alpaca-heldout`` without
+        ``--plugin alpaca``)."""
+        options = self.config_options()
+        by_plugin: dict[str, list[str]] = {}
+        for name, o in options.items():
+            if o.plugin not in config.plugins and config.options.get(name) != o.default:
+                by_plugin.setdefault(o.plugin, []).append(name)
+        for plugin, names in by_plugin.items():
+            reset = dataclasses.replace(config, options={**config.options,
+                                                         **{n: options[n].default for n in names}})
+            mine = {n: b.to_dict() for n, b in registered.items() if b.plugin == plugin}
+            if mine == {n: b.to_dict() for n, b in self.benchmarks(reset).items()
+                        if b.plugin == plugin}:
+                continue
+            flags = ", ".join(f"{options[n].flag} (options.{n})" for n in names)
+            raise ConfigError(f"{flags}: read by the benchmarks of plugin {plugin!r}, which this "
+                              f"run does not enable: add --plugin {plugin} (or drop the "
+                              "option)")
 
     def formats_of(self, plugin_name: str) -> list[str]:
         return [n for n, f in self.dataset_formats().items() if f.plugin == plugin_name]
