@@ -548,6 +548,9 @@ def build_parser(pm, options) -> argparse.ArgumentParser:
     pd.add_argument("--json", action="store_true", help="machine-readable output")
     pd.set_defaults(func=cmd_doctor)
     build_data_parser(sub, options)
+    from .config_import import build_config_parser
+
+    build_config_parser(sub)
     pm.add_commands(sub)
     return p
 

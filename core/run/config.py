@@ -367,7 +367,14 @@ def run_layers(cli: dict, file_layer: dict, file_name: str, pm) -> list[tuple[st
     5. a fresh ``runs/<timestamp>`` output directory when none is given and nothing is resumed.
 
     ``cli`` and ``file_layer`` are nested dicts; unknown plugins are refused by ``pm.require``.
+    The file's TRL/Axolotl names (``learning_rate``, ``micro_batch_size``, ...) are mapped onto
+    sftctl's keys first, with a notice (``aliases.py``).
     """
+    import logging
+
+    from .aliases import apply_aliases
+
+    file_layer = apply_aliases(file_layer, file_name, logging.getLogger("sftctl"))
     def get(layer, dotted):
         head, _, rest = dotted.partition(".")
         sec = layer.get(head)
