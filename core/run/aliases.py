@@ -224,7 +224,11 @@ def translate(data: dict, source: str, *, strict: bool = True
     import dataclasses
 
     top = {f.name for f in dataclasses.fields(RunConfig)}
-    out: dict = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items() if k in top}
+    def native(k, v) -> bool:  # TRL's `optim: adamw_torch` is an alias, sftctl's is a section
+        return k in top and not (k == "optim" and isinstance(v, str))
+
+    out: dict = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()
+                 if native(k, v)}
     mapped: list[tuple[str, str]] = []
     dropped: list[tuple[str, str]] = []
     set_by: dict[str, str] = {}
@@ -250,7 +254,7 @@ def translate(data: dict, source: str, *, strict: bool = True
         mapped.append((alias, dotted))
 
     for key, value in data.items():
-        if key in top:
+        if native(key, value):
             continue
         if key in ALIASES:
             dotted, conv = ALIASES[key]
@@ -262,8 +266,8 @@ def translate(data: dict, source: str, *, strict: bool = True
             continue
         elif key in NO_EQUIVALENT:
             fail(key, "a TRL/Axolotl option with no sftctl equivalent; remove it")
-        else:
-            continue  # unknown: left for build_config's "unknown key" error (did you mean ...)
+        elif strict:
+            out[key] = value  # unknown: build_config's "unknown key" error (did you mean ...)
     # keys that map together
     bf16, fp16 = data.get("bf16"), data.get("fp16")
     if bf16 is not None or fp16 is not None:
