@@ -30,7 +30,7 @@ log = logging.getLogger("sftctl")
 
 @hookimpl
 def sftctl_configure(config):
-    repo = config.train.push_to_hub
+    repo = getattr(getattr(config, "train", None), "push_to_hub", None)  # a RunConfig
     if repo and os.environ.get("RANK", "0") == "0":
         from .hub import check_hub_ready
 

@@ -158,7 +158,7 @@ def save_state(tracker: Tracker) -> None:
 
 def start(run, cls: type[Tracker]) -> None:
     """``sftctl_train_start``: open the tracker when it is selected, on rank 0."""
-    if not run.is_main or cls.name not in selected_trackers(run.config):
+    if not getattr(run, "is_main", False) or cls.name not in selected_trackers(run.config):
         return
     key = _key(run.output_dir, cls.name)
     old = _OPEN.pop(key, None)
@@ -174,18 +174,20 @@ def start(run, cls: type[Tracker]) -> None:
 
 
 def _open(run_dir, name: str) -> Tracker | None:
+    if not _OPEN:  # the common case (no --report-to): nothing to resolve
+        return None
     return _OPEN.get(_key(run_dir, name))
 
 
 def log_train(run, name: str, metrics: dict) -> None:
-    t = _open(run.output_dir, name)
+    t = _open(run.output_dir, name) if _OPEN else None
     if t is not None:
         t.last_step = int(metrics.get("step", run.step))
         t.log_scalars(t.last_step, train_scalars(metrics))
 
 
 def log_val(run, name: str, metrics: dict) -> None:
-    t = _open(run.output_dir, name)
+    t = _open(run.output_dir, name) if _OPEN else None
     if t is not None:
         t.last_step = int(metrics.get("step", run.step))
         t.log_scalars(t.last_step, val_scalars(metrics))
@@ -193,7 +195,7 @@ def log_val(run, name: str, metrics: dict) -> None:
 
 def after_train(run, name: str, summary: dict) -> None:
     """``sftctl_after_train``: the final summary; close unless post-training follows here."""
-    t = _open(run.output_dir, name)
+    t = _open(run.output_dir, name) if _OPEN else None
     if t is None:
         return
     if summary.get("steps") is not None:
