@@ -123,6 +123,8 @@ def cmd_eval(args, pm=None, options=None) -> int:
 
     ConfigError, ModelError = _errors()
     _shared(args)
+    from sftctl.training.model import check_tokenizer_dir, resolve_path_or_id
+
     ref = args.checkpoint
     local = Path(ref).expanduser()
     if local.exists():
@@ -130,7 +132,10 @@ def cmd_eval(args, pm=None, options=None) -> int:
         if not (model / "config.json").is_file():
             raise ModelError(f"{model}: not a Hugging Face model directory (no config.json)")
         model_ref = str(model)
-    elif re.match(r"^[\w.-]+/[\w.-]+$", ref) and not ref.startswith((".", "/")):
+        # lm-eval would ask for sentencepiece or tiktoken: name the directory and what it lacks
+        check_tokenizer_dir(model, "the checkpoint")
+    # a path-like string that does not exist is "not found", never a hub lookup (model.py)
+    elif re.match(r"^[\w.-]+/[\w.-]+$", resolve_path_or_id(ref, "checkpoint")):
         run_dir, model_ref = None, ref  # a hub id: must be in the local cache (offline)
     else:
         raise ModelError(f"checkpoint not found: {ref}")
@@ -211,6 +216,11 @@ def cmd_report(args, pm=None, options=None) -> int:
     run_dir = Path(args.run_dir).expanduser()
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}")
+    # a report needs something to report on; refusing writes nothing into a stranger's directory
+    inputs = ("summary.json", "metrics.jsonl", "eval/manifest.json")
+    if not any((run_dir / name).is_file() for name in inputs):
+        raise ConfigError(f"{run_dir} is not a run directory: it has none of "
+                          f"{', '.join(inputs)} (written by `sftctl train` and `sftctl eval`)")
     paths = write_report(run_dir, pm=pm)
     if not args.quiet:
         for kind in ("html", "md", "json"):

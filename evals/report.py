@@ -74,6 +74,7 @@ def _read_metrics(path: Path, warnings: list[str]) -> tuple[list[dict], list[dic
         warnings.append("metrics.jsonl not found: no training curves")
         return train, val
     bad: list[int] = []
+    nonfinite: list[Any] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -86,6 +87,10 @@ def _read_metrics(path: Path, warnings: list[str]) -> tuple[list[dict], list[dic
             if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
                 bad.append(lineno)
                 continue
+            # files written before the null + flag rule hold bare NaN/Infinity: same meaning
+            rec = _finite(rec)
+            if any(rec.get(f"{k}_nonfinite") for k in ("loss", "val_loss")):
+                nonfinite.append(rec["step"])
             kind = rec.get("kind", "train")
             if kind == "val" or "val_loss" in rec:
                 val.append(rec)
@@ -94,7 +99,27 @@ def _read_metrics(path: Path, warnings: list[str]) -> tuple[list[dict], list[dic
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
         warnings.append(f"metrics.jsonl: {len(bad)} unreadable line(s) skipped (lines {shown})")
+    if nonfinite:
+        shown = ", ".join(map(str, nonfinite[:10])) + (" ..." if len(nonfinite) > 10 else "")
+        warnings.append(f"metrics.jsonl: non-finite loss at {len(nonfinite)} step(s) ({shown}); "
+                        "not plotted")
     return train, val
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (flagged ``<key>_nonfinite``, as
+    metrics_jsonl writes them): report.json is strict JSON."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out[k] = _finite(v)
+            if isinstance(v, float) and not math.isfinite(v):
+                out.setdefault(f"{k}_nonfinite", "nan" if math.isnan(v) else
+                               ("inf" if v > 0 else "-inf"))
+        return out
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def _num(x: Any) -> float | None:
@@ -439,8 +464,9 @@ def build_report(run_dir: str | Path, pm: Any = None) -> tuple[dict, dict[str, b
         "run": summary,
         "config": config,
         "training": {**_training_stats(train, val),
-                     "train": [{k: r.get(k) for k in ("step", "loss", "lr", "tokens_per_s")}
-                               for r in train],
+                     "train": [{**{k: r.get(k) for k in ("step", "loss", "lr", "tokens_per_s")},
+                                **({"loss_nonfinite": r["loss_nonfinite"]}
+                                   if "loss_nonfinite" in r else {})} for r in train],
                      "val": [{k: r.get(k) for k in ("step", "val_loss", "val_ppl")} for r in val]},
         "plots": {name.rsplit(".", 1)[0]: f"{ASSETS}/{name}" for name in sorted(assets)},
         "benchmarks": bench,

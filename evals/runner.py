@@ -501,7 +501,14 @@ class _Worker:
             where = "" if _is_local_model(self.model_ref) else (
                 " (not a local directory; as a hub id it must already be in the local cache, "
                 "since evaluation runs offline)")
-            err = f"cannot load model {self.model_ref!r}{where}: {type(exc).__name__}: {exc}"
+            from sftctl.training.model import explain_load_error
+
+            # transformers' "pass trust_remote_code=True" / "install sentencepiece" would send
+            # the user the wrong way: name the directory and what it needs instead
+            why = explain_load_error(exc, self.model_ref, "model", "sftctl eval does not run "
+                                     "it (lm-eval loads models with trust_remote_code=False)")
+            err = f"cannot load model {self.model_ref!r}{where}: " + (
+                why or f"{type(exc).__name__}: {exc}")
             self.say(err)
             for spec in self.specs:
                 self.record(spec, {"status": "error", "error": err, "traceback": tb,

@@ -7,11 +7,16 @@ Design choices
   from, with no duplicated or orphaned lines.
 - The open file lives in ``run.extras`` (not in module globals), so several runs in one
   process (tests) do not share it.
+- Every line is strict JSON: a non-finite float (a skipped step's loss or grad norm) is written
+  as ``null`` with a sibling ``<key>_nonfinite`` flag (``"nan"``, ``"inf"`` or ``"-inf"``), since
+  ``NaN``/``Infinity`` are not JSON and break strict parsers. The history itself keeps the raw
+  floats (the checkpoint stores them), so a resumed run rewrites the same lines.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from sftctl import hookimpl
@@ -19,10 +24,39 @@ from sftctl import hookimpl
 KEY = "metrics_jsonl.file"
 
 
+def _nonfinite(x) -> str | None:
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return None
+
+
+def strict(obj):
+    """``obj`` with each non-finite float replaced by None; in a dict the key also gets a
+    ``<key>_nonfinite`` flag (in a list, the list's key gets the first element's kind)."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            kind = _nonfinite(v)
+            if kind is None and isinstance(v, (list, tuple)):
+                kind = next((c for c in map(_nonfinite, v) if c), None)
+            out[k] = strict(v)
+            if kind is not None:
+                out[f"{k}_nonfinite"] = kind
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return None if _nonfinite(obj) else obj
+
+
+def dumps(metrics: dict) -> str:
+    # allow_nan=False: a value strict() missed fails here, never as an invalid line on disk
+    return json.dumps(strict(metrics), allow_nan=False)
+
+
 def _write(run, metrics: dict) -> None:
     f = run.extras.get(KEY)
     if f is not None:
-        f.write(json.dumps(metrics) + "\n")
+        f.write(dumps(metrics) + "\n")
         f.flush()
 
 
@@ -35,7 +69,7 @@ def sftctl_train_start(run):
     f = open(path, "w", encoding="utf-8")
     run.extras[KEY] = f
     for line in run.history:
-        f.write(json.dumps(line) + "\n")
+        f.write(dumps(line) + "\n")
     f.flush()
 
 

@@ -228,7 +228,7 @@ def test_grad_accum_run_equals_big_batch_run(base, tmp_path):
     ["--optimizer", "sgd", "--lr", "0.1"], ["--optimizer", "adafactor"],
     ["--optimizer", "adam", "--scheduler", "linear", "--warmup-ratio", "0.5"],
     ["--packing", "--max-seq-len", "256", "--batch-size", "2", "--scheduler", "constant",
-     "--eval-every", "2"],
+     "--eval-every", "2", "--val-fraction", "0.2"],  # --eval-every needs a validation set
     ["--epochs", "2", "--val-fraction", "0.2"],
 ])
 def test_training_options_reach_a_complete_checkpoint(base, tmp_path, extra):

@@ -10,7 +10,12 @@ Design choices
 - When ``datasets`` cannot parse a JSON file (a broken line, a field whose type changes between
   records) the file is re-read with the ``json`` module to name the exact line and field; with
   ``--skip-invalid`` that careful reader is also the fallback loader (bad records are counted).
-- CSV columns are read as strings (no "42" -> int guessing, empty cells stay "").
+- CSV columns are read as strings (no "42" -> int guessing, empty cells stay ""); a UTF-8 BOM
+  before the header is dropped (Excel writes one), so the first column keeps its name.
+- A file without an extension is sniffed: ``{``/``[`` first is JSON (Lines), ``PAR1`` Parquet;
+  anything else is an error listing the known extensions (CSV is not guessed: any text parses).
+- UTF-16/UTF-32 input (a byte-order mark, or NUL bytes between ASCII characters) is named as
+  such with the conversion to do, rather than reported as invalid UTF-8 or invalid JSON.
 """
 
 from __future__ import annotations
@@ -86,8 +91,12 @@ def resolve_source(spec: str) -> Source:
     p = Path(spec).expanduser()
     if p.is_file():
         builder = FILE_BUILDERS.get(p.suffix.lower())
+        if builder is None and not p.suffix:
+            builder = _sniff(p)
         if builder is None:
-            raise DataError(f"{p}: unsupported data file type {p.suffix!r}; use "
+            kind = f"file type {p.suffix!r}" if p.suffix else \
+                "file without an extension (and its content is neither JSON nor Parquet)"
+            raise DataError(f"{p}: unsupported data {kind}; use "
                             f"{', '.join(sorted(FILE_BUILDERS))} files, a saved datasets "
                             "directory or a hub id")
         return Source(spec, "file", p.resolve(), builder)
@@ -105,6 +114,45 @@ def resolve_source(spec: str) -> Source:
     if looks_like_path:
         raise DataError(f"data file not found: {spec}")
     return Source(spec, "hub")
+
+
+def _sniff(p: Path) -> str | None:
+    """The builder of an extension-less file from its first bytes, or None."""
+    with open(p, "rb") as f:
+        head = f.read(4096)
+    if head[:4] == b"PAR1":
+        return "parquet"
+    if _wide_encoding(head) is not None:
+        return "json"  # let _load_file name the encoding
+    first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    return "json" if first in (b"{", b"[") else None
+
+
+def _wide_encoding(head: bytes) -> tuple[str, str] | None:
+    """(description, iconv name) when the first bytes are UTF-16/32, else None. Without a BOM:
+    ASCII text in UTF-16 has a NUL in every other byte, which UTF-8 text (JSON, CSV) never has."""
+    for bom, name, iconv in ((b"\xff\xfe\x00\x00", "UTF-32 (little-endian", "UTF-32"),
+                             (b"\x00\x00\xfe\xff", "UTF-32 (big-endian", "UTF-32"),
+                             (b"\xff\xfe", "UTF-16 (little-endian", "UTF-16"),
+                             (b"\xfe\xff", "UTF-16 (big-endian", "UTF-16")):
+        if head.startswith(bom):
+            return f"{name}, with a byte-order mark)", iconv
+    h = head[:64] if len(head) >= 4 else b""
+    h = h[:len(h) // 2 * 2]
+    if h and not any(h[1::2]) and all(h[0::2]):
+        return "UTF-16 (little-endian, no byte-order mark)", "UTF-16LE"
+    if h and not any(h[0::2]) and all(h[1::2]):
+        return "UTF-16 (big-endian, no byte-order mark)", "UTF-16BE"
+    return None
+
+
+def _check_utf8_family(path: str) -> None:
+    with open(path, "rb") as f:
+        enc = _wide_encoding(f.read(64))
+    if enc is not None:
+        raise DataError(f"{path}: the file is {enc[0]}; sftctl reads UTF-8 text: convert it "
+                        f"first, e.g. iconv -f {enc[1]} -t UTF-8 {path} > converted"
+                        f"{Path(path).suffix}")
 
 
 def load_source(source: Source, split: str, *, cache_dir: str | None = None,
@@ -158,16 +206,28 @@ def _load_file(source: Source, cache_dir, fmt, skip_invalid, counts, options=Non
     import datasets
 
     path = str(source.path)
+    if source.builder in ("csv", "json"):
+        _check_utf8_family(path)
     if source.builder == "csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), None)
+        # utf-8-sig: a BOM would otherwise become part of the first column's name
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                rows = csv.reader(f)
+                header = next(rows, None)
+                has_record = any(rows)  # blank lines are [] (pandas skips them too)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         if not header:
             raise DataError(f"{path}: empty CSV file (no header row)")
         if len(set(header)) != len(header):
             raise DataError(f"{path}: duplicate column names in the header {header}")
+        if not has_record:  # datasets would say 'Instruction "train" corresponds to no data'
+            raise DataError(f"{path}: empty dataset (the CSV file has a header row "
+                            f"{header} but no records)")
         features = datasets.Features({h: datasets.Value("string") for h in header})
         return datasets.load_dataset("csv", data_files=path, split="train", features=features,
-                                     keep_default_na=False, cache_dir=cache_dir)
+                                     keep_default_na=False, encoding="utf-8-sig",
+                                     cache_dir=cache_dir)
     if source.builder == "parquet":
         return datasets.load_dataset("parquet", data_files=path, split="train", cache_dir=cache_dir)
     # JSON / JSON Lines

@@ -226,7 +226,9 @@ def resolve_config(args: argparse.Namespace, pm, options: dict) -> C.RunConfig:
     file_layer = C.load_yaml(args.config) if args.config else {}
     file_name = str(args.config) if args.config else "config"
     layers = C.run_layers(cli, file_layer, file_name, pm)
-    return C.build_config(layers, options)
+    cfg = C.build_config(layers, options)
+    C.check_eval_every(cfg, [(file_name, file_layer), ("command line", cli)])
+    return cfg
 
 
 # ----------------------------------------------------------------------------------- commands

@@ -311,6 +311,26 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.device: {dev!r} is not auto, cpu, cuda or cuda:N")
 
 
+def check_eval_every(cfg: RunConfig, user_layers: list[tuple[str, dict]]) -> None:
+    """``--eval-every N`` given by the user (flag or config file) with ``--data`` and no
+    validation set would be ignored: an error naming the options that give one. Only the user's
+    layers count: a format's tuned ``eval.every`` (for its demo data, which has a validation
+    split) must not make ``--data`` without one fail. ``--no-eval`` is no conflict: it skips the
+    benchmarks after training, not validation during it."""
+    source = every = None
+    for name, layer in user_layers:
+        sec = layer.get("eval")
+        if isinstance(sec, dict) and sec.get("every") is not None:
+            source, every = name, sec["every"]
+    if not every or not cfg.data.paths:  # no --data: the format's demo brings its validation
+        return
+    d = cfg.data
+    if not d.val_paths and not d.val_split and d.val_fraction == 0:
+        raise ConfigError(f"{source}: --eval-every {every} (eval.every) asks for the validation "
+                          f"loss every {every} steps but there is no validation set: give "
+                          "--val-data, --val-split or --val-fraction, or drop --eval-every")
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML config file; a missing file or a syntax error is a ConfigError."""
     p = Path(path)

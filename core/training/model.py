@@ -12,11 +12,33 @@ Design choices
   hooks (FSDP2's all-gathers, DDP's, activation checkpointing's) stay eager around the compiled
   code and parameter names (hence checkpoints) do not change, as wrapping blocks in an
   ``OptimizedModule`` would make them. Blocks of one class share their compiled code.
+
+Local path or hub id (``--model``, ``--tokenizer``, ``sftctl eval``'s CHECKPOINT and ``--base``):
+``resolve_path_or_id`` decides before anything is loaded, so a typo in a path is "not found:
+PATH" (exit 2), never a hub error about repo ids or connections.
+
+1. A string naming something that exists (after ``~`` expansion) is that local path.
+2. It is a path, reported as not found, when it starts with ``.``, ``/`` or ``~``, holds a
+   backslash, ends with ``/``, has more than one ``/``, or has characters a hub id cannot
+   have (the hub's form is ``NAME`` or ``ORG/NAME``, letters, digits, ``-``, ``_``, ``.``).
+3. ``ORG/NAME`` whose ``ORG`` is an existing local directory (``models/nope`` next to a
+   ``models/`` folder) is a path too: that is what a user with that folder means, and deciding
+   it without the network gives the same answer online and offline. The message says so, for
+   the rare user who meant the hub id (run from another directory, or use the hub's cache).
+4. Anything else (``gpt2``, ``Qwen/Qwen2.5-0.5B``) is a hub id; when it cannot be fetched
+   (offline, unknown) the hub's own message is shown.
+
+Messages that would send the user elsewhere are rewritten: transformers' "install sentencepiece
+or tiktoken" for a directory without tokenizer files names the directory and what is missing;
+"pass trust_remote_code=True" names sftctl's ``--trust-remote-code`` and the ``auto_map`` entry
+that needs it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -57,26 +79,110 @@ def model_source(name_or_path: str | None, fmt, run_dir: Path, strategy) -> tupl
         strategy.barrier()
         path = str(base.resolve())
         return path, path
-    p = Path(name_or_path).expanduser()
-    if p.exists():
+    src = resolve_path_or_id(name_or_path, "model")
+    p = Path(src)
+    if p.is_absolute():
         if not (p / "config.json").is_file():
             raise ModelError(f"{p}: not a Hugging Face model directory (no config.json)")
-        return str(p.resolve()), str(p.resolve())
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or \
-            "\\" in name_or_path:
-        raise ModelError(f"model path not found: {name_or_path}")
-    return name_or_path, name_or_path  # a hub id
+    return src, src
+
+
+# the hub's repo-id form: NAME or ORG/NAME (huggingface_hub validates the same characters)
+_HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?$")
+
+
+def resolve_path_or_id(name: str, what: str) -> str:
+    """The absolute path of an existing local ``name``, else ``name`` as a hub id; a string
+    that reads as a path (the rules in the module docstring) and does not exist is a
+    ``ModelError`` "<what> path not found: NAME". ``what``: "model", "tokenizer", ..."""
+    p = Path(name).expanduser()
+    if p.exists():
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/") or \
+            not _HUB_ID.match(name):
+        raise ModelError(f"{what} path not found: {name}")
+    org = name.partition("/")[0]
+    if "/" in name and Path(org).is_dir():
+        raise ModelError(f"{what} path not found: {name} (read as a local path because the "
+                         f"directory {org}/ exists here; ORG/NAME is looked up on the hub only "
+                         "when ORG is not a local directory)")
+    return name
+
+
+# files a tokenizer's vocabulary lives in (tokenizers' JSON, sentencepiece, BPE, WordPiece,
+# tiktoken); byte-level tokenizers need only tokenizer_config.json
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+               "vocab.json", "merges.txt", "vocab.txt")
+
+
+def _tokenizer_files(d: Path) -> list[str]:
+    return sorted(n.name for n in d.iterdir() if n.name in VOCAB_FILES or n.name ==
+                  "tokenizer_config.json" or n.suffix in (".model", ".tiktoken"))
+
+
+def check_tokenizer_dir(d: Path, what: str) -> None:
+    """A local directory with no tokenizer file at all: say so (transformers would ask for
+    sentencepiece or tiktoken, which would not help). ``what``: "the checkpoint", ..."""
+    if d.is_dir() and not _tokenizer_files(d):
+        raise ModelError(f"{what} {d} has no tokenizer files (none of tokenizer.json, "
+                         "tokenizer_config.json, tokenizer.model, vocab.json/merges.txt, "
+                         "vocab.txt); copy them from its base model (tokenizer.save_pretrained"
+                         f"(\"{d}\"))" + (" or pass --tokenizer PATH_OR_ID" if what == "the model"
+                                          else ""))
+
+
+def remote_code_entries(src: str) -> list[str]:
+    """``auto_map`` entries (custom classes) of a local model or tokenizer directory."""
+    out = []
+    for name in ("config.json", "tokenizer_config.json"):
+        f = Path(src) / name
+        try:
+            auto = json.loads(f.read_text(encoding="utf-8")).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for cls, ref in auto.items():
+            out.append(f"{name}: {cls} -> {ref}")
+    return out
+
+
+def explain_load_error(e: Exception, src: str, what: str, flag_hint: str) -> str | None:
+    """A message for a failed ``from_pretrained`` of ``src`` whose own message would send the
+    user the wrong way (custom code, a missing vocabulary), else None; ``flag_hint``: what
+    the user can do about custom code in this command."""
+    text = str(e)
+    if "trust_remote_code" in text:
+        local = Path(src).is_dir()
+        entries = remote_code_entries(src) if local else []
+        where = f"the directory {src}" if local else f"the hub repository {src}"
+        return (f"the {what} {src} needs custom code from {where}"
+                + (f" ({'; '.join(entries)})" if entries else "")
+                + f"; {flag_hint}")
+    if "sentencepiece or tiktoken" in text and Path(src).is_dir():
+        d = Path(src)
+        have = _tokenizer_files(d)
+        return (f"cannot load the tokenizer of {d}: it has no vocabulary file (none of "
+                f"{', '.join(VOCAB_FILES)}; it has {', '.join(have) or 'no tokenizer file'}); "
+                "copy the tokenizer files of its base model into it")
+    return None
+
+
+REMOTE_CODE_HINT = ("sftctl does not run it by default: review that code, then pass "
+                    "--trust-remote-code (YAML: model: trust_remote_code: true) to run it")
 
 
 def load_tokenizer(src: str, model_cfg):
-    """The tokenizer, right-padded, with EOS required and a pad token guaranteed."""
+    """The tokenizer, right-padded, with EOS required and a pad token guaranteed. ``src``: a
+    resolved model source, or ``--tokenizer`` as given (resolved here)."""
     from transformers import AutoTokenizer
 
+    src = resolve_path_or_id(src, "tokenizer")
+    check_tokenizer_dir(Path(src), "--tokenizer" if model_cfg.tokenizer else "the model")
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model_cfg.trust_remote_code,
                                             revision=model_cfg.revision)
     except Exception as e:
-        raise ModelError(f"cannot load the tokenizer {src!r}: {type(e).__name__}: "
+        raise ModelError(explain_load_error(e, src, "tokenizer", REMOTE_CODE_HINT) or
+                         f"cannot load the tokenizer {src!r}: {type(e).__name__}: "
                          f"{str(e)[:400]}") from None
     if tok.eos_token_id is None:
         raise ModelError(f"tokenizer {src!r} has no eos_token; SFT appends EOS to every "
@@ -105,7 +211,8 @@ def load_model(src: str, model_cfg, tokenizer, device: torch.device, *,
     try:
         model, report = AutoModelForCausalLM.from_pretrained(src, output_loading_info=True, **kw)
     except Exception as e:
-        raise ModelError(f"cannot load the model {src!r}: {type(e).__name__}: "
+        raise ModelError(explain_load_error(e, src, "model", REMOTE_CODE_HINT) or
+                         f"cannot load the model {src!r}: {type(e).__name__}: "
                          f"{str(e)[:400]}") from None
     _check_load_report(src, report, model_cfg.allow_missing_weights)
     emb = model.get_input_embeddings().weight.shape[0]
