@@ -43,8 +43,9 @@ def private_cache(tmp_path, monkeypatch):
 
 def prep(pm, tok, paths, data=None, **kw):
     data_kw = {"paths": [str(p) for p in paths], **(data or {})}
-    cfg = build_config([("test", {"data": data_kw, "train": {"quiet": True, **kw}})],
-                       pm.config_options())
+    # no post-training benchmark: it would hold records of --data out of training
+    cfg = build_config([("test", {"data": data_kw, "train": {"quiet": True, **kw},
+                                  "eval": {"enabled": False}})], pm.config_options())
     return prepare_run_data(cfg, pm.dataset_formats()[cfg.data.format or "alpaca"], tok, pm)
 
 

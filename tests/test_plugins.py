@@ -132,9 +132,12 @@ def test_historic_configure_reaches_late_plugins():
         def sftctl_configure(self, config):
             seen.append(config)
 
-    pm.hook.sftctl_configure.call_historic(kwargs=dict(config="CFG", pm=pm))
+    from sftctl.run.config import build_config
+
+    cfg = build_config([("t", {})], pm.config_options())  # built-ins read a real config
+    pm.hook.sftctl_configure.call_historic(kwargs=dict(config=cfg, pm=pm))
     pm.add_plugin(Late(), "late")
-    assert seen == ["CFG"]
+    assert len(seen) == 1 and seen[0] is cfg
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -299,7 +302,10 @@ def test_hook_exceptions_name_plugin_and_hook_through_wrappers():
 
     # historic: the replay to a plugin registered later is guarded too
     pm = get_plugin_manager(entry_points=False)
-    pm.hook.sftctl_configure.call_historic(kwargs=dict(config="cfg", pm=pm))
+    from sftctl.run.config import build_config
+
+    cfg = build_config([("t", {})], pm.config_options())  # the built-ins read a real config
+    pm.hook.sftctl_configure.call_historic(kwargs=dict(config=cfg, pm=pm))
     with pytest.raises(PluginHookError, match="plugin 'late' failed in sftctl_configure: "
                                               "ValueError: late failure"):
         pm.add_plugin(Boom(), "late")
