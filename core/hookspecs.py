@@ -76,10 +76,12 @@ def sftctl_register_trackers(register):
 
 
 @hookspec
-def sftctl_add_commands(subparsers):
+def sftctl_add_commands(subparsers, options):
     """Add ``sftctl`` subcommands: ``p = subparsers.add_parser(...)``; ``p.set_defaults(
     func=callable)``; the callable receives the parsed ``argparse.Namespace`` and returns an exit
-    code."""
+    code. ``options`` (optional to declare): the registered plugin options (name ->
+    ``ConfigOption``), for a command that offers them as flags the way ``train`` does
+    (``sftctl.run.cli.add_config_arguments``)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ __all__ = ["add_eval_parser", "add_report_parser", "cmd_eval", "cmd_report"]
 # (default here: cuda when present), --quiet (logs go to eval/)
 SHARED_FLAGS = {"plugins": "plugin", "eval.tasks": "tasks", "eval.limit": "limit",
                 "train.device": "device", "train.quiet": "quiet"}
+# train flags that only feed the eval config (read from it, with --config's values under them):
+# --threads, --heldout FILE, --format (the held-out records' format)
+CONFIG_FLAGS = {"train.threads", "eval.heldout", "data.format"}
 
 
 def _shared(args) -> None:
@@ -53,6 +56,17 @@ def _errors():
     return ConfigError, ModelError
 
 
+def _nonneg_int(text: str) -> int:
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def _positive_int(text: str) -> int:
     import argparse
     try:
@@ -64,7 +78,7 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def add_eval_parser(subparsers) -> Any:
+def add_eval_parser(subparsers, options: dict | None = None) -> Any:
     p = subparsers.add_parser(
         "eval", help="benchmark a checkpoint (and its base model) with lm-eval; write the report",
         description="Run lm-eval on CHECKPOINT and on its base model, for the benchmarks the "
@@ -81,10 +95,28 @@ def add_eval_parser(subparsers) -> Any:
                    help="lm-eval batch size (default 16)")
     p.add_argument("--dtype", default=None,
                    help="model dtype for lm-eval (default: float32 on CPU, the checkpoint's on CUDA)")
-    # the options `sftctl train` also has come from the same config fields (one flag, one help)
+    p.add_argument("--config", metavar="RUN.YAML", default=None,
+                   help="YAML config in train's format; its plugins, options, data.format, "
+                        "eval (tasks, limit, heldout) and train.threads/device apply; flags "
+                        "override it")
+    p.add_argument("--include-path", metavar="DIR", action="append", default=[],
+                   help="folder of your own lm-eval task YAMLs (repeatable); --tasks names "
+                        "tasks in it (default: every task in it)")
+    p.add_argument("--num-fewshot", type=_nonneg_int, default=None, metavar="N",
+                   help="few-shot examples for every lm-eval task (the held-out benchmark of "
+                        "your data stays zero-shot)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render lm-eval prompts with the model's chat template (lm-eval's "
+                        "apply_chat_template)")
+    p.add_argument("--online", action="store_true",
+                   help="allow downloads (models, data sets) for this evaluation; by default "
+                        "the worker runs with HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set")
+    # the options `sftctl train` also has come from the same config fields (one flag, one help),
+    # plugin options included (--alpaca-heldout, --chat-template, ...)
     from sftctl.run.cli import add_config_arguments
 
-    add_config_arguments(p, {}, only=set(SHARED_FLAGS), aliases={"eval.limit": ["--limit"]})
+    add_config_arguments(p, options or {}, only=set(SHARED_FLAGS) | CONFIG_FLAGS,
+                         aliases={"eval.limit": ["--limit"]})
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -116,9 +148,96 @@ def _split_names(values: list[str] | None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _eval_config(args, pm, options, run_dir: Path | None, out_dir: Path):
+    """The eval's RunConfig, layered like train's: the run's own format and plugin options
+    (a run directory's config.yaml), then ``--config``, then the flags. Returns (config, the
+    plugins the user asked for: --plugin and the file's ``plugins``)."""
+    from sftctl.run import config as C
+    from sftctl.run.aliases import apply_aliases
+
+    ConfigError, _ = _errors()
+    cli: dict = {}
+    for key, value in vars(args).items():
+        if "." in key or key == "plugins":
+            C.set_dotted(cli, key, value)
+    file_name = str(args.config) if args.config else "config"
+    file_layer = C.load_yaml(args.config) if args.config else {}
+    import logging
+    file_layer = apply_aliases(file_layer, file_name, logging.getLogger("sftctl"))
+    asked = list(dict.fromkeys([*(file_layer.get("plugins") or []), *(cli.get("plugins") or [])]))
+    run_layer: dict = {}
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        try:
+            run_cfg = C.load_yaml(run_dir / "config.yaml")
+        except ConfigError:
+            run_cfg = {}
+        run_layer = {"options": {k: v for k, v in (run_cfg.get("options") or {}).items()
+                                 if k in options}}
+        run_plugins = [p for p in run_cfg.get("plugins") or [] if p in pm.infos]
+        run_format = (run_cfg.get("data") or {}).get("format")
+    else:
+        run_plugins, run_format = [], None
+    pm.require(asked)
+    # the held-out records' format: --format / data.format, else the first --plugin format,
+    # else the run's, else alpaca (train's rule, with the run in between)
+    fmt = (cli.get("data") or {}).get("format") or (file_layer.get("data") or {}).get("format")
+    if fmt is None:
+        owned = [f for name in asked for f in
+                 ([name] if name in pm.formats_of(name) else pm.formats_of(name)[:1])]
+        fmt = owned[0] if owned else (run_format or "alpaca")
+    enabled = list(dict.fromkeys([*run_plugins, *asked]))
+    layers = [("defaults", {"plugins": enabled, "data": {"format": fmt}})]
+    if run_layer:
+        layers.append((str(run_dir / "config.yaml"), run_layer))
+    layers.append((file_name, {k: v for k, v in file_layer.items() if k != "plugins"}))
+    layers.append(("command line", {k: v for k, v in cli.items() if k != "plugins"}))
+    # plugins write their task files into the evaluation's directory
+    layers.append(("sftctl eval", {"train": {"output_dir": str(out_dir)}}))
+    return C.build_config(layers, options), asked
+
+
+def _include_tasks(dirs: list[str]) -> dict[str, str]:
+    """Task name -> its folder, for every task YAML in the --include-path folders."""
+    import yaml
+
+    from .spec import _TaskLoader
+
+    ConfigError, _ = _errors()
+    found: dict[str, str] = {}
+    for d in dirs:
+        folder = Path(d).expanduser().resolve()
+        if not folder.is_dir():
+            raise ConfigError(f"--include-path: {d} is not a directory")
+        for path in sorted(folder.rglob("*.y*ml")):
+            try:
+                cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskLoader)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--include-path: {path}: invalid YAML: {e}") from None
+            if isinstance(cfg, dict) and isinstance(cfg.get("task"), str):
+                found.setdefault(cfg["task"], str(path.parent))
+        if not any(Path(v).is_relative_to(folder) for v in found.values()):
+            raise ConfigError(f"--include-path: {d} holds no lm-eval task YAML (a file with "
+                              "'task: NAME')")
+    return found
+
+
+def _demo_specs(cfg, pm, registered: dict, asked: list[str]) -> set[str]:
+    """Names of the benchmarks that come from a plugin's demo data: registered without --data
+    but not with it (the plugin falls back to its demo split only when no data is given)."""
+    import dataclasses
+    with_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                  paths=["<your data>"]))
+    try:
+        again = pm.benchmarks(with_data)
+    except Exception:  # a plugin that cannot register without reading the data: not demo
+        return set()
+    return {n for n, b in registered.items() if b.plugin in asked and n not in again}
+
+
 def cmd_eval(args, pm=None, options=None) -> int:
-    from .runner import (EvalOptions, evaluate_models, finish_report, gather_tasks,
-                         resolve_base_model)
+    import dataclasses
+
+    from .runner import EvalOptions, evaluate_models, finish_report, resolve_base_model
     from .spec import BenchmarkSpec, specs_from_json
 
     ConfigError, ModelError = _errors()
@@ -147,7 +266,6 @@ def cmd_eval(args, pm=None, options=None) -> int:
     else:
         name = Path(model_ref).name if local.exists() else model_ref.replace("/", "--")
         out_dir = (local.resolve().parent if local.exists() else Path.cwd()) / f"{name}-eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     summary: dict = {}
     for path in ([run_dir / "summary.json"] if run_dir else []) + (
@@ -159,34 +277,86 @@ def cmd_eval(args, pm=None, options=None) -> int:
                 raise ConfigError(f"{path}: invalid JSON: {e}") from None
             break
 
-    # benchmarks: the run's, plus those of --plugin plugins, narrowed by --tasks
+    if pm is None:
+        raise ConfigError("sftctl eval needs the sftctl plugin manager (run it as `sftctl eval`)")
+    options = options if options is not None else pm.config_options()
+    cfg, asked = _eval_config(args, pm, options, run_dir, out_dir)
+    args.quiet = bool(cfg.train.quiet)
+    local_tasks = _include_tasks(args.include_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    warnings: list[str] = []
+
+    def warn(msg: str) -> None:  # said even with --quiet: it changes what the numbers mean
+        warnings.append(msg)
+        print(f"[sftctl eval] WARNING: {msg}", file=sys.stderr, flush=True)
+
+    # benchmarks: the run's, those of the asked plugins, the --include-path tasks; --tasks narrows
     try:
         known = {s.name: s for s in specs_from_json(summary.get("benchmarks"), "summary.json")}
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if args.plugin:
-        if pm is None:
-            raise ConfigError("--plugin needs the sftctl plugin manager (run through `sftctl eval`)")
-        pm.require(args.plugin)
-        from sftctl.run.config import build_config
-        fmt = next((f for name in args.plugin for f in pm.formats_of(name)), None)
-        layer = {"plugins": list(args.plugin), "train": {"output_dir": str(out_dir)}}
-        if fmt:
-            layer["data"] = {"format": fmt}
-        cfg = build_config([("command line", layer)], pm.config_options())
-        for s in gather_tasks(cfg, pm, limit=args.limit):
-            known.setdefault(s.name, s)
-    names = _split_names(args.tasks) or list(known)
-    if not names:
+    registered = pm.benchmarks(cfg)
+    # an option whose plugin is neither asked for nor the run's is an error, as in train
+    pm.check_benchmark_options(cfg, registered)
+    demo = _demo_specs(cfg, pm, registered, asked) if asked else set()
+    for name, s in registered.items():
+        if s.plugin in asked:
+            known[name] = s
+    for name, folder in local_tasks.items():
+        known[name] = BenchmarkSpec(name=name, include_path=folder,
+                                    description=f"lm-eval task from {folder}")
+    names = _split_names(cfg.eval.tasks)
+    if not names and not local_tasks:
+        names = list(known)
+    elif not names:
+        names = list(local_tasks)
+
+    # the benchmark of the user's own data: --heldout, else the run's held-out records
+    heldout = None
+    if cfg.eval.heldout:
+        heldout = {"source": f"--heldout {cfg.eval.heldout}", "paths": [cfg.eval.heldout],
+                   "split": cfg.data.split}
+    elif summary.get("heldout") and (not _split_names(cfg.eval.tasks) or {
+            "heldout_generate", "heldout_nll"} & set(names)):
+        heldout = summary["heldout"]
+    heldout_specs_: list = []
+    if heldout:
+        from .user_tasks import GENERATE_TASK, NLL_TASK, heldout_specs
+
+        try:
+            heldout_specs_ = heldout_specs(heldout, cfg, pm, model_ref, out_dir, run_dir=run_dir,
+                                           limit=cfg.eval.limit)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"--heldout: {e}") from None
+        names = [n for n in names if n not in (GENERATE_TASK, NLL_TASK)]
+    if not names and not heldout_specs_:
         raise ConfigError("no benchmarks to run: this checkpoint's run registered none; give "
-                          "--tasks (lm-eval task names) or --plugin NAME")
+                          "--tasks (lm-eval task names), --include-path DIR, --heldout FILE or "
+                          "--plugin NAME")
     tasks = []
     for n in names:
         spec = known.get(n) or BenchmarkSpec(name=n, description="lm-eval task")
-        if args.limit is not None:
-            import dataclasses
-            spec = dataclasses.replace(spec, limit=min(args.limit, spec.limit or args.limit))
+        if cfg.eval.limit is not None:
+            spec = dataclasses.replace(spec, limit=min(cfg.eval.limit, spec.limit or cfg.eval.limit))
+        if args.num_fewshot is not None:
+            spec = dataclasses.replace(spec, num_fewshot=args.num_fewshot)
+        if args.apply_chat_template:
+            spec = dataclasses.replace(spec, apply_chat_template=True)
         tasks.append(spec)
+    tasks += heldout_specs_
+
+    # demo data on a checkpoint that was not trained on that demo: allowed (it is what was
+    # asked for) but never silent
+    trained_on = set((summary.get("data") or {}).get("train") or [])  # demo: "demo:FORMAT:train"
+    formats = pm.dataset_formats()
+    for spec in tasks:
+        if spec.name in demo and not any(f"demo:{n}:train" in trained_on for n, f in
+                                         formats.items() if f.plugin == spec.plugin):
+            warn(f"{spec.name} (plugin {spec.plugin}) benchmarks the plugin's built-in DEMO data, "
+                 f"not your data: {model_ref} was not trained on that demo. For your own "
+                 "held-out records give --heldout FILE"
+                 + (f" (or the plugin's own option, e.g. --{spec.plugin}-heldout FILE)"
+                    if f"{spec.plugin}.heldout" in options else ""))
 
     models: dict[str, str] = {}
     if args.base is None:
@@ -200,10 +370,12 @@ def cmd_eval(args, pm=None, options=None) -> int:
         models["base"] = args.base
     models["sft"] = model_ref
 
-    opts = EvalOptions(batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                       quiet=args.quiet)
+    device = cfg.train.device
+    opts = EvalOptions(batch_size=args.batch_size, device=None if device == "auto" else device,
+                       dtype=args.dtype, quiet=bool(cfg.train.quiet), threads=cfg.train.threads,
+                       online=args.online)
     try:
-        manifest = evaluate_models(models, tasks, out_dir, opts)
+        manifest = evaluate_models(models, tasks, out_dir, opts, warnings=warnings)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     return finish_report(out_dir, pm, manifest, opts)

@@ -14,10 +14,10 @@ from sftctl import hookimpl
 
 
 @hookimpl
-def sftctl_add_commands(subparsers):
+def sftctl_add_commands(subparsers, options):
     from .cli import add_eval_parser, add_report_parser
 
-    add_eval_parser(subparsers)
+    add_eval_parser(subparsers, options)
     add_report_parser(subparsers)
 
 

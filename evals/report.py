@@ -288,6 +288,7 @@ def _benchmarks(run_dir: Path, warnings: list[str]) -> tuple[dict | None, dict[s
     manifest = _read_json(eval_dir / "manifest.json", warnings)
     if manifest is None:
         return None, {}
+    warnings.extend(manifest.get("warnings") or [])  # e.g. demo data on a user's checkpoint
     labels = list(manifest.get("models", {}))
     tasks = manifest.get("tasks") or []
     raw: dict[str, dict[str, dict]] = {lb: {} for lb in labels}

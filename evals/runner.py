@@ -74,6 +74,8 @@ class EvalOptions:
     bootstrap_iters: int = 1000      # lm-eval's bootstrap for stderr of non-mean metrics
     quiet: bool = False
     timeout_s: float | None = None   # per model worker
+    threads: int | None = None       # torch CPU threads in the worker (None: torch's choice)
+    online: bool = False             # True: the worker is not forced offline (downloads allowed)
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> EvalOptions:
@@ -83,7 +85,8 @@ class EvalOptions:
         train = getattr(cfg, "train", None)
         device = getattr(train, "device", None)
         return cls(device=None if device in (None, "auto") else device,
-                   quiet=bool(getattr(train, "quiet", False)))
+                   quiet=bool(getattr(train, "quiet", False)),
+                   threads=getattr(train, "threads", None))
 
 
 def _now() -> str:
@@ -106,8 +109,10 @@ def _is_local_model(ref: str) -> bool:
 
 
 def evaluate_models(models: dict[str, str], specs: list[BenchmarkSpec], out_dir: str | Path,
-                    options: EvalOptions | None = None) -> dict:
+                    options: EvalOptions | None = None, warnings: list[str] | None = None) -> dict:
     """Run every spec on every model (label -> path or hub id); write ``out_dir/eval/``.
+
+    ``warnings``: said by the caller already; kept in the manifest so the report shows them.
 
     Returns the manifest (also written to ``out_dir/eval/manifest.json``). Each
     ``manifest["runs"][label][task]["status"]`` is ``"ok"`` or ``"error"``.
@@ -130,8 +135,14 @@ def evaluate_models(models: dict[str, str], specs: list[BenchmarkSpec], out_dir:
         "models": {},
         "tasks": [s.to_dict() for s in specs],
         "options": asdict(options),
+        "warnings": list(warnings or []),
         "runs": {},
     }
+    if options.online and not options.quiet:
+        still = [k for k in OFFLINE_ENV if os.environ.get(k, "") not in ("", "0")]
+        print("[sftctl eval] --online: downloads allowed for this evaluation (the worker is not "
+              "forced offline)" + (f"; your environment still sets {', '.join(still)}"
+                                   if still else ""), file=sys.stderr, flush=True)
     for i, (label, ref) in enumerate(models.items(), 1):
         ref = str(Path(ref).expanduser().resolve()) if _is_local_model(str(ref)) else str(ref)
         manifest["models"][label] = {"path": ref, "local": _is_local_model(ref)}
@@ -167,7 +178,8 @@ def _run_worker(label: str, ref: str, specs: list[BenchmarkSpec], eval_dir: Path
     # lm-eval (through accelerate) try to join the training's process group.
     env = {k: v for k, v in os.environ.items()
            if k not in _DIST_ENV and not k.startswith(("TORCHELASTIC_", "TORCHRUN_"))}
-    env.update(OFFLINE_ENV)
+    if not options.online:
+        env.update(OFFLINE_ENV)
     if options.quiet:
         env["TQDM_DISABLE"] = "1"
     cmd = [sys.executable, "-m", "sftctl.evals.runner", "--worker", str(job_path)]
@@ -379,7 +391,8 @@ def _explain(spec: BenchmarkSpec, exc: BaseException, known: list[str]) -> str:
             "offline" in msg.lower() and isinstance(exc, (ConnectionError, OSError))):
         return (f"lm-eval task {spec.name!r} needs data that is not in the local Hugging Face "
                 f"cache, and sftctl evaluates offline (HF_DATASETS_OFFLINE=1): {exc}. Put the data "
-                "set into the cache (HF_HOME) beforehand, or register a local task YAML.")
+                "set into the cache (HF_HOME) beforehand, register a local task YAML "
+                "(--include-path), or pass --online to allow downloads.")
     return msg
 
 
@@ -517,6 +530,8 @@ class _Worker:
         (self.out_dir / "model_info.json").write_text(json.dumps({
             "model_args": model_args, "device": device, "batch_size": self.opts.batch_size,
             "lm_eval_model": "hf (sftctl: context kept whole at a clean token boundary)",
+            "threads": _torch_threads(),
+            "offline_env": {k: os.environ.get(k) for k in OFFLINE_ENV},
             "load_time_s": round(time.time() - t0, 3),
             "num_parameters": getattr(lm, "_model", None) and sum(
                 p.numel() for p in lm._model.parameters()),
@@ -620,12 +635,24 @@ class _Worker:
         return 1 if failed else 0
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def worker_main(job_path: str) -> int:
     """The worker process: offline switches first (before lm_eval/transformers/datasets are
     imported), logging to the job's folder, then the job."""
-    for k, v in OFFLINE_ENV.items():
-        os.environ.setdefault(k, v)
-    worker = _Worker(json.loads(Path(job_path).read_text(encoding="utf-8")))
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    if not job["options"].get("online"):
+        for k, v in OFFLINE_ENV.items():
+            os.environ.setdefault(k, v)
+    if job["options"].get("threads"):
+        import torch
+
+        torch.set_num_threads(int(job["options"]["threads"]))
+    worker = _Worker(job)
     (worker.out_dir / "lm_eval.log").write_text("", encoding="utf-8")
     _setup_worker_logging(worker.out_dir / "lm_eval.log")
     return worker.run()

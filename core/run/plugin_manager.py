@@ -501,12 +501,14 @@ class PluginManager(pluggy.PluginManager):
         exception from a command names its plugin (exit 1: the command was running)."""
         hook = self.hook.sftctl_add_commands
         impls = hook.get_hookimpls()
+        options = self.config_options()
         if any(i.hookwrapper or i.wrapper for i in impls):
-            hook(subparsers=subparsers)  # a wrapper must run around the others: no attribution
+            # a wrapper must run around the others: no attribution
+            hook(subparsers=subparsers, options=options)
             return
         for impl in reversed(impls):  # pluggy's order: last registered first
             before = set(subparsers.choices)
-            self.call_impl(impl, subparsers=subparsers)
+            self.call_impl(impl, subparsers=subparsers, options=options)
             for cmd in set(subparsers.choices) - before:
                 parser = subparsers.choices[cmd]
                 func = parser.get_default("func")
