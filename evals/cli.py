@@ -347,7 +347,8 @@ def cmd_eval(args, pm=None, options=None) -> int:
 
     # demo data on a checkpoint that was not trained on that demo: allowed (it is what was
     # asked for) but never silent
-    trained_on = set((summary.get("data") or {}).get("train") or [])  # demo: "demo:FORMAT:train"
+    data = summary.get("data") if isinstance(summary.get("data"), dict) else {}
+    trained_on = set(data.get("train") or [])  # a demo run trained on "demo:FORMAT:train"
     formats = pm.dataset_formats()
     for spec in tasks:
         if spec.name in demo and not any(f"demo:{n}:train" in trained_on for n, f in
