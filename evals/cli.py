@@ -1,6 +1,8 @@
 """``sftctl eval`` and ``sftctl report`` (added to the main CLI by the ``evals`` plugin through ``sftctl_add_commands``).
 
-``sftctl eval CHECKPOINT [--base MODEL] [--tasks T ...] [--output-dir DIR]``
+``sftctl eval CHECKPOINT [--base MODEL] [--tasks T ...] [--output-dir DIR] [--config RUN.YAML]
+[--heldout FILE] [--include-path DIR] [--num-fewshot N] [--apply-chat-template] [--online]
+[--threads N] [plugin options]`` (docs/evaluation.md has the table)
     CHECKPOINT is a run directory (``summary.json`` + ``model/``), a checkpoint inside one, or any
     Hugging Face model directory or cached hub id. Benchmarks default to the run's (its
     ``summary.json``); ``--tasks`` picks registered benchmarks by name, and any other name is run as
@@ -13,6 +15,11 @@
 Design choices
 - Both commands take ``(args, pm, options)`` so the report gets the loaded plugin manager (report
   sections) and ``--plugin`` can bring a plugin's benchmarks to a plain checkpoint.
+- The eval config is built like train's (``build_config``): the run's format and plugin
+  options, ``--config``, then the flags; plugin options are flags through the hook's ``options``.
+- A plugin's demo benchmark on a checkpoint not trained on that demo runs (it was asked for)
+  with a WARNING line and a report warning; "demo" is found by asking the plugin again as if
+  --data were given (what it then no longer registers came from its demo data).
 - Argument and input problems raise ``SftctlError`` subclasses, so the main CLI prints one line
   and exits 2; a failed benchmark is not an error of the command: it is in the report and the
   exit status is ``EXIT_BENCHMARK_FAILED`` (3).

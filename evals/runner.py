@@ -7,7 +7,8 @@ Design choices
 - One subprocess per model. Training memory (model, optimizer, CUDA caches) is freed by the OS no
   matter what the trainer left behind, and the worker's environment carries the offline switches
   (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``, ``TRANSFORMERS_OFFLINE``) from its first line,
-  before any Hugging Face import. A crashed or killed worker loses nothing already finished.
+  before any Hugging Face import (``EvalOptions.online``, ``sftctl eval --online``, lifts them for
+  that evaluation only). A crashed or killed worker loses nothing already finished.
 - Inside a worker the model is loaded once as lm-eval's ``hf`` model (what
   ``simple_evaluate(model="hf", model_args=...)`` builds, with one tokenization fix for
   log-likelihood requests, see :func:`_hf_model_class`) and every benchmark is a separate
