@@ -117,7 +117,8 @@ def test_nan_skip_leaves_weights_and_optimizer_unchanged(setup, tmp_path):
             assert torch.equal(v, s3["optimizer"]["state"][pid][k]), (pid, k)
     assert s3["state"]["step"] == 3 and s3["state"]["nonfinite_skipped"] == 1
     line = [x for x in read_metrics(out) if x["kind"] == "train"][2]
-    assert line["step"] == 3 and line["skipped_nonfinite"] is True and line["loss"] != line["loss"]
+    assert line["step"] == 3 and line["skipped_nonfinite"] is True
+    assert line["loss"] is None and line["loss_nonfinite"] == "nan"  # strict JSON
     summary = json.loads((out / "summary.json").read_text())
     assert summary["nonfinite_skipped"] == 1 and summary["steps"] == STEPS
 

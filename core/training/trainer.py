@@ -204,6 +204,7 @@ class Trainer:
         if self.is_main and self.data.heldout:
             from .atomic import write_text
 
+            self.out_dir.mkdir(parents=True, exist_ok=True)  # API users: the CLI makes it first
             write_text(self.out_dir / "heldout.jsonl", "".join(
                 json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in self.data.heldout))
         self.model = self._build_model(src)
