@@ -312,6 +312,8 @@ def test_eval_every_without_a_validation_set_is_an_error(setup, tmp_path):
     vals = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()
             if '"val"' in x]
     assert [v["step"] for v in vals] == [2, 4]
+    assert "--no-eval turns off the post-training benchmarks and report only; validation " \
+           "still runs every 2 steps (--eval-every)" in r.stderr  # the pair is named
     # a format's tuned eval.every (its demo has validation) does not make --data fail
     r = run(["train", "--plugin", "alpaca", "--data", str(data), "--output-dir",
              str(tmp_path / "d"), "--print-config"], tmp_path)

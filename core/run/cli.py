@@ -278,6 +278,10 @@ def cmd_train(args, pm, options) -> int:
     if args.print_config:
         print(C.dump_yaml(cfg), end="")
         return EXIT_OK
+    if not cfg.eval.enabled and cfg.eval.every and rank == 0:
+        # not a conflict, but easy to misread: name what each option does
+        log.warning("--no-eval turns off the post-training benchmarks and report only; "
+                    "validation still runs every %d steps (--eval-every)", cfg.eval.every)
     world_size_from_env()
     prepare_resume(cfg)  # --resume: output dir of PATH, --overwrite conflict, finished run
     trainer = Trainer(cfg, pm)

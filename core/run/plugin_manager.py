@@ -557,9 +557,6 @@ class PluginManager(pluggy.PluginManager):
             layers.append((f"defaults of plugin {impl.plugin_name!r}", layer))
         return layers
 
-    def call_lifecycle(self, hook_name: str, **kwargs) -> list:
-        return getattr(self.hook, hook_name)(**kwargs)
-
     def describe(self, config=None) -> list[dict]:
         """Plugins with what they registered (``sftctl plugins``)."""
         formats, opts, scheds = self.dataset_formats(), self.optimizers(), self.schedulers()
