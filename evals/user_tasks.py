@@ -243,17 +243,13 @@ def _mean(items) -> float:
 
 
 def _task_base():
-    from lm_eval.api.task import ConfigurableTask
+    from .task_class import PythonTask
 
-    return ConfigurableTask
+    return PythonTask
 
 
 class _HeldOutTask(_task_base()):
     """Context = the record's prompt: verbatim, or its messages in the model's chat template."""
-
-    def __init__(self, config=None, **kwargs):
-        config = {k: v for k, v in dict(config or {}).items() if k != "class"}
-        super().__init__(config=config, **kwargs)
 
     def fewshot_context(self, doc, num_fewshot, system_instruction=None,
                         apply_chat_template=False, fewshot_as_multiturn=False,

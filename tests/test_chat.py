@@ -415,3 +415,31 @@ def test_chat_packing_keeps_conversations_apart(chat_golden_run, tmp_path):
     plain0 = curve(out0)["val_loss"][0]
     assert packed0[0] == plain0[0] == 0
     assert packed0[1] == pytest.approx(plain0[1], rel=1e-5)
+
+
+def test_embedded_chat_default_is_benchmarked_with_the_chat_template(tmp_path):
+    """`sftctl train --plugin chat` (shortened) ends with lm-eval's multi-turn benchmark on base
+    and SFT: prompts are the conversation so far in the model's chat template, ending with the
+    assistant header, and the score is the last answer's exact match."""
+    out = tmp_path / "run"
+    r = run_cli(["train", "--plugin", "chat", "--max-steps", "3", "--eval-limit", "3",
+                 "--chat-demo-train-size", "60", "--chat-demo-heldout-size", "6",
+                 "--output-dir", str(out), "--quiet"], env=cli_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    rows = [b for b in report["benchmarks"]["table"] if b["task"] == "chat_multiturn_exact_match"]
+    assert [(b["metric"], b["status"]) for b in rows] == [("exact_match",
+                                                          {"base": "ok", "sft": "ok"})]
+    assert rows[0]["base"] is not None and rows[0]["sft"] is not None
+    samples = sorted((out / "eval" / "sft" / "chat_multiturn_exact_match").glob("samples_*"))
+    assert samples, list((out / "eval").rglob("*"))
+    first = json.loads(samples[0].read_text().splitlines()[0])
+    prompt = first["arguments"]["gen_args_0"]["arg_0"]
+    history = first["doc"]["history"]
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert f"<|im_start|>user\n{history[-1]['content']}<|im_end|>\n" in prompt
+    assert first["target"] == first["doc"]["answer"] and "exact_match" in first
+    for model in ("base", "sft"):
+        status = json.loads((out / "eval" / model / "chat_multiturn_exact_match" /
+                             "status.json").read_text())
+        assert status["status"] == "ok", status

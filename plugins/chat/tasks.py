@@ -94,17 +94,13 @@ def chat_benchmarks(conversations: Sequence[list[dict]], work_dir: str | Path, *
 
 
 def _task_base():
-    from lm_eval.api.task import ConfigurableTask
+    from sftctl.evals.task_class import PythonTask
 
-    return ConfigurableTask
+    return PythonTask
 
 
 class MultiTurnTask(_task_base()):
     """A generate_until task whose context is the doc's ``history`` in the model's template."""
-
-    def __init__(self, config=None, **kwargs):
-        config = {k: v for k, v in dict(config or {}).items() if k != "class"}
-        super().__init__(config=config, **kwargs)
 
     def fewshot_context(self, doc, num_fewshot, system_instruction=None,
                         apply_chat_template=False, fewshot_as_multiturn=False,
