@@ -14,7 +14,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def no_installed_plugins(monkeypatch):
+    """Installed third-party plugins and test fault injection stay out of a test module that
+    imports this fixture (the plugin tests opt in to entry points themselves)."""
+    monkeypatch.setenv("SFTCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.delenv("SFTCTL_PLUGINS", raising=False)
+    monkeypatch.delenv("SFTCTL_FAULT", raising=False)
+
+
+def tiny_alpaca_setup(tmp_path_factory, name: str, n: int = 24, seed: int = 31):
+    """(folder, tiny base model, JSONL of ``n`` alpaca records) for a module's CLI runs."""
+    tmp = tmp_path_factory.mktemp(name)
+    base = build_tiny_base(tmp / "base")
+    data = write_jsonl(tmp / "train.jsonl", alpaca_records(n, seed=seed))
+    return tmp, base, data
 
 TINY_OVERRIDES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                   "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}

@@ -25,6 +25,7 @@ from sftctl.run.config import iter_fields
 
 from sftctl_testutil import (alpaca_records, build_tiny_base, cli_env, plain_val_loss,
                              read_metrics, run_cli, write_jsonl)
+from sftctl_testutil import no_installed_plugins  # noqa: F401 (autouse)
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 GOLDEN_YAML = GOLDEN / "alpaca_golden.yaml"
@@ -32,12 +33,6 @@ REGEN = os.environ.get("SFTCTL_REGEN_GOLDEN") == "1"
 RTOL = 2e-4  # thread count and kernel ISA may change fp32 rounding; the curve must not move
 
 
-
-@pytest.fixture(autouse=True)
-def no_installed_plugins(monkeypatch):
-    """Installed third-party plugins stay out of these tests (the plugin tests opt in)."""
-    monkeypatch.setenv("SFTCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
-    monkeypatch.delenv("SFTCTL_PLUGINS", raising=False)
 
 def curve(run_dir: Path) -> dict:
     m = read_metrics(run_dir)

@@ -38,6 +38,7 @@ from sftctl.training.distributed import select_strategy
 from sftctl.errors import ConfigError
 
 from sftctl_testutil import alpaca_records, build_tiny_base, cli_env, read_metrics, write_jsonl
+from sftctl_testutil import no_installed_plugins  # noqa: F401 (autouse)
 
 RTOL = 1e-5
 # fp32 weights after a few AdamW steps differ only by the summation order of the gradients; Adam
@@ -45,12 +46,6 @@ RTOL = 1e-5
 # rounding difference into a visible one (seen: 3.5e-6 on 1 of 16k entries; lr is 2e-3). All
 # but a handful of entries must agree to 1e-6.
 WEIGHT_ATOL = 2e-5
-
-
-@pytest.fixture(autouse=True)
-def no_installed_plugins(monkeypatch):
-    monkeypatch.setenv("SFTCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
-    monkeypatch.delenv("SFTCTL_PLUGINS", raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -38,14 +38,9 @@ from sftctl.run.plugin_manager import get_plugin_manager  # noqa: E402
 
 from sftctl_testutil import (alpaca_records, build_tiny_base, cli_env, read_metrics,  # noqa: E402
                              write_jsonl)
+from sftctl_testutil import no_installed_plugins  # noqa: F401 (autouse)
 
 BLOCK_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-
-
-@pytest.fixture(autouse=True)
-def no_installed_plugins(monkeypatch):
-    monkeypatch.setenv("SFTCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
-    monkeypatch.delenv("SFTCTL_PLUGINS", raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sftctl_testutil import alpaca_records, build_tiny_base, cli_env, run_cli, write_jsonl  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def no_installed_plugins(monkeypatch):
-    monkeypatch.setenv("SFTCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
-    monkeypatch.delenv("SFTCTL_PLUGINS", raising=False)
+from sftctl_testutil import no_installed_plugins  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")

@@ -29,24 +29,15 @@ from pathlib import Path
 
 import pytest
 
-from sftctl_testutil import alpaca_records, build_tiny_base, cli_env, write_jsonl
+from sftctl_testutil import cli_env, write_jsonl
+from sftctl_testutil import no_installed_plugins, tiny_alpaca_setup  # noqa: F401 (autouse)
 
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def no_installed_plugins(monkeypatch):
-    monkeypatch.setenv("SFTCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
-    monkeypatch.delenv("SFTCTL_PLUGINS", raising=False)
-    monkeypatch.delenv("SFTCTL_FAULT", raising=False)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reliability2")
-    base = build_tiny_base(tmp / "base")
-    data = write_jsonl(tmp / "train.jsonl", alpaca_records(24, seed=31))
-    return tmp, base, data
+    return tiny_alpaca_setup(tmp_path_factory, "reliability2")
 
 
 def train_args(setup, out: Path, *extra, model=None, data=None) -> list[str]:

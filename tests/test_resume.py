@@ -23,15 +23,9 @@ import torch
 from sftctl.run import cli
 
 from sftctl_testutil import TINY_OVERRIDES, alpaca_records, cli_env, read_metrics, write_jsonl
+from sftctl_testutil import no_installed_plugins  # noqa: F401 (autouse)
 
 STEPS = 12
-
-
-@pytest.fixture(autouse=True)
-def no_installed_plugins(monkeypatch):
-    monkeypatch.setenv("SFTCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
-    monkeypatch.delenv("SFTCTL_PLUGINS", raising=False)
-    monkeypatch.delenv("SFTCTL_FAULT", raising=False)
 
 
 def build_dropout_base(out_dir: Path) -> Path:

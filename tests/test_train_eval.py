@@ -18,15 +18,10 @@ pytest.importorskip("lm_eval")
 from sftctl.plugins.alpaca.tasks import CHOICE_TASK, EXACT_MATCH_TASK  # noqa: E402
 
 from sftctl_testutil import build_tiny_base, cli_env, read_metrics, run_cli  # noqa: E402
+from sftctl_testutil import no_installed_plugins  # noqa: F401 (autouse)
 
 LIMIT = 4  # --eval-limit: examples per benchmark
 STEPS = 4
-
-
-@pytest.fixture(autouse=True)
-def no_installed_plugins(monkeypatch):
-    monkeypatch.setenv("SFTCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
-    monkeypatch.delenv("SFTCTL_PLUGINS", raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,11 @@ from sftctl.run.plugin_manager import get_plugin_manager
 from sftctl.plugins.schedulers import lr_factor
 
 from sftctl_testutil import alpaca_records, build_tiny_base, read_metrics, write_jsonl
+from sftctl_testutil import no_installed_plugins  # noqa: F401 (autouse)
 
 torch.set_num_threads(1)
 
 
-
-@pytest.fixture(autouse=True)
-def no_installed_plugins(monkeypatch):
-    """Installed third-party plugins stay out of these tests (the plugin tests opt in)."""
-    monkeypatch.setenv("SFTCTL_DISABLE_PLUGIN_AUTOLOAD", "1")
-    monkeypatch.delenv("SFTCTL_PLUGINS", raising=False)
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
