@@ -570,6 +570,30 @@ def _md_cell(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", "<br>")
 
 
+def benchmark_markdown(rows: list[dict], labels: list[str], fmt=None) -> str:
+    """A Markdown table of report.json's benchmark rows: task, metric, one column per model
+    label (base, sft), delta; ``fmt`` formats a score (default: 4 decimals)."""
+    if fmt is None:
+        def fmt(v):
+            return "–" if v is None else f"{v:.4f}"
+
+    both = "base" in labels and "sft" in labels
+    head = ["task", "metric", *labels] + (["delta (SFT − base)"] if both else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        metric = r.get("metric", "-") + ("" if r.get("filter", "none") == "none"
+                                         else f" ({r['filter']})")
+        cells = [str(r.get("task")), metric]
+        for lb in labels:
+            ok = (r.get("status") or {}).get(lb, "ok") == "ok"
+            cells.append(fmt(r.get(lb)) if ok else "error")
+        if both:
+            d = r.get("delta")
+            cells.append("–" if d is None else f"{d:+.4f}")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def render_markdown(report: dict) -> str:
     L: list[str] = ["# sftctl run report", ""]
     L.append(f"Run directory: `{report['run_dir']}` — generated {report['generated_at']} "

@@ -158,23 +158,10 @@ def _bench_section(inp: CardInputs) -> list[str]:
                  "numbers are claimed for this model.")
     else:
         bench = b[1]
-        labels = bench.get("labels") or []
-        both = "base" in labels and "sft" in labels
-        head = ["task", "metric", *(("base", "SFT") if both else labels)]
-        if both:
-            head.append("delta")
-        L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in bench.get("table") or []:
-            metric = r.get("metric", "-") + ("" if r.get("filter", "none") == "none"
-                                             else f" ({r['filter']})")
-            cells = [str(r.get("task")), metric]
-            for lb in labels:
-                ok = (r.get("status") or {}).get(lb, "ok") == "ok"
-                cells.append(_fmt(r.get(lb)) if ok else "error")
-            if both:
-                d = r.get("delta")
-                cells.append("–" if d is None else f"{d:+.4f}")
-            L.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        from sftctl.evals.report import benchmark_markdown
+
+        L.append(benchmark_markdown(bench.get("table") or [], bench.get("labels") or [],
+                                    fmt=_fmt))
         L.append("")
         sizes = []
         for t in bench.get("tasks") or []:

@@ -232,29 +232,9 @@ def read_benchmarks(run_dir: Path) -> tuple[list[dict], str] | None:
     rows = bench.get("table") or []
     if not rows:
         return None
+    from sftctl.evals.report import benchmark_markdown
+
     return rows, benchmark_markdown(rows, bench.get("labels") or [])
-
-
-def benchmark_markdown(rows: list[dict], labels: list[str]) -> str:
-    """A Markdown table: task, metric, one column per model label (base, sft), delta."""
-    def fmt(v):
-        return "–" if v is None else f"{v:.4f}"
-
-    both = "base" in labels and "sft" in labels
-    head = ["task", "metric", *labels] + (["delta (SFT − base)"] if both else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        metric = r.get("metric", "-") + ("" if r.get("filter", "none") == "none"
-                                         else f" ({r['filter']})")
-        cells = [str(r.get("task")), metric]
-        for lb in labels:
-            ok = (r.get("status") or {}).get(lb, "ok") == "ok"
-            cells.append(fmt(r.get(lb)) if ok else "error")
-        if both:
-            d = r.get("delta")
-            cells.append("–" if d is None else f"{d:+.4f}")
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
 
 
 def benchmark_scalars(rows: list[dict]) -> dict[str, float]:
