@@ -31,10 +31,13 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._ext import load_extension
+from .linear_ce_ref import (LinearCrossEntropyOutput, default_chunk_rows, resolve_compact,
+                            torch_linear_cross_entropy)
 
 load_extension()
 
-__all__ = ["CrossEntropyOutput", "cross_entropy", "sft_labels", "REDUCTIONS"]
+__all__ = ["CrossEntropyOutput", "cross_entropy", "sft_labels", "REDUCTIONS",
+           "linear_cross_entropy", "LinearCrossEntropyOutput", "torch_linear_cross_entropy"]
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -256,3 +259,40 @@ def sft_labels(input_ids: torch.Tensor, *, loss_mask=None, prompt_lengths=None,
     """
     return torch.ops.sftctl.sft_labels(input_ids, loss_mask, prompt_lengths, attention_mask,
                                        position_ids, document_ids, int(ignore_index))
+
+
+# ---------------------------------------------------------------- linear + cross-entropy
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, *, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0, normalizer=None,
+                         z_loss: float = 0.0, softcap: Optional[float] = None,
+                         logit_scale: Optional[float] = None, return_lse: bool = False,
+                         grad_scale=None, chunk_rows: Optional[int] = None,
+                         compact: Optional[bool] = None):
+    """Cross-entropy of ``logits = logit_scale * (hidden @ weight.T + bias)`` without ever
+    holding the [N, V] logits: the head matmul and the loss in one op, chunked over rows.
+
+    Same semantics as ``cross_entropy(logits, targets, ...)`` (label_smoothing, z_loss, softcap
+    ``c * tanh(z / c)`` applied after the scale, normalizer, grad_scale), fp32 logits and fp32
+    accumulation. ``hidden [..., d]``, ``targets [...]``, ``weight [V, d]``, ``bias [V]``; the
+    GEMMs run in hidden's dtype (under autocast: the autocast dtype), the weight is converted
+    when it differs (fp32 master weights), and dweight comes back in weight's dtype.
+
+    - ``chunk_rows``: rows per chunk (default: as many as keep an fp32 chunk of logits <= 1 GiB).
+    - ``compact``: drop ignored rows before the matmul (needs a host sync for the count). Default
+      (None): on, except while a CUDA graph is being captured; False computes every row.
+    - ``return_lse``: also return the fp32 per-row log-sum-exp (0 for ignored rows; not
+      differentiable) as ``LinearCrossEntropyOutput(loss, lse)``.
+    Returns the fp32 loss (0-dim, or the targets' shape for ``reduction="none"``).
+    """
+    if isinstance(hidden, torch.Tensor) and hidden.device.type in ("cuda", "cpu"):
+        dev_type = hidden.device.type
+        if torch.is_autocast_enabled(dev_type):
+            hidden = hidden.to(torch.get_autocast_dtype(dev_type))
+    return torch_linear_cross_entropy(
+        hidden, weight, targets, bias, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, normalizer=normalizer, z_loss=z_loss, softcap=softcap,
+        logit_scale=logit_scale, return_lse=return_lse, grad_scale=grad_scale,
+        chunk_rows=chunk_rows, compact=compact)

@@ -1,0 +1,317 @@
+"""sftctl.ops.linear_cross_entropy (and its stock-PyTorch twin) against a float64 reference.
+
+The reference (``ref_lce``) runs on the same values (hidden, weight and bias rounded to the GEMM
+dtype, then converted exactly to float64), writes the loss out by hand and takes every gradient
+from float64 autograd. Criteria:
+- loss and lse: relative error <= 1e-6 (fp32 logits and fp32/fp64 accumulation);
+- dhidden, dweight, dbias per element: the final rounding to the output dtype plus the rounding
+  of the logits' gradient to the GEMM dtype (and fp32 arithmetic) relative to that element's own
+  terms: |err| <= u_out |ref| + u_g * (|G| @ |W|) for dhidden (|G|^T @ |H| for dweight, sum |G|
+  for dbias), G the float64 gradient of the logits. A wrong softmax, scale or mask fails by
+  orders of magnitude; a bf16 rounding of the logits (not done) would fail the loss criterion.
+CUDA cases run where a GPU and the CUDA kernels exist (the ``device`` fixture); the large-shape,
+graph-capture and peak-memory cases are CUDA-only at the end of the file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sftctl
+from sftctl import ops
+
+_HAS_CUDA = torch.cuda.is_available() and sftctl.extension_info().get("cuda", False)
+_CUDA = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA device and CUDA kernels")
+
+MANT = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+OPTIONS = {
+    "plain": {},
+    "smooth": {"label_smoothing": 0.1},
+    "zloss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 4.0},
+    "scale": {"logit_scale": 0.625},
+    "normalizer": {"normalizer": 37.0},
+    "grad_scale": {"grad_scale": 64.0},
+    "lse": {"return_lse": True},
+    "all": {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 5.0, "logit_scale": 1.5,
+            "return_lse": True, "grad_scale": 8.0},
+}
+
+
+def make_inputs(n, d, v, dtype, device, ignore="some", bias=False, seed=0, ignore_index=-100):
+    g = torch.Generator().manual_seed(seed * 7919 + n * 31 + d * 7 + v)
+    h = (torch.randn(n, d, generator=g) * 1.5).to(dtype)
+    w = (torch.randn(v, d, generator=g) / math.sqrt(max(d, 1)) * 2.0).to(dtype)
+    b = (torch.randn(v, generator=g) * 0.5).to(dtype) if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    if ignore == "some" and n > 1:
+        t[torch.rand(n, generator=g) < 0.3] = ignore_index
+        t[0] = ignore_index
+    elif ignore == "all":
+        t[:] = ignore_index
+    mv = lambda x: None if x is None else x.to(device)  # noqa: E731
+    return mv(h), mv(w), t.to(device), mv(b)
+
+
+def ref_lce(h, w, t, b=None, *, gemm_dtype, ignore_index=-100, reduction="mean",
+            label_smoothing=0.0, normalizer=None, z_loss=0.0, softcap=None, logit_scale=None,
+            **_):
+    """float64 loss/lse/logits of the op's definition; h, w, b are float64 leaves (rounded to
+    the GEMM dtype first by the caller)."""
+    z = h @ w.t()
+    if b is not None:
+        z = z + b
+    if logit_scale is not None:
+        z = z * logit_scale
+    z.retain_grad()
+    zc = softcap * torch.tanh(z / softcap) if softcap else z
+    v = zc.shape[1]
+    valid = t != ignore_index
+    st = torch.where(valid, t, 0)
+    lse = torch.logsumexp(zc, 1)
+    row = (1 - label_smoothing) * (lse - zc.gather(1, st[:, None])[:, 0])
+    if label_smoothing:
+        row = row + label_smoothing * (lse - zc.sum(1) / v)
+    row = row + z_loss * lse * lse
+    row = torch.where(valid, row, 0.0)
+    if reduction == "none":
+        loss = row
+    elif reduction == "sum":
+        loss = row.sum()
+    else:
+        div = float(normalizer) if normalizer is not None else float(valid.sum())
+        loss = row.sum() / div if div else row.sum() * 0.0
+    return loss, torch.where(valid, lse, 0.0).detach(), z
+
+
+def grad_terms(z, t, rl, go, *, reduction, ignore_index=-100, label_smoothing=0.0,
+               normalizer=None, z_loss=0.0, softcap=None, logit_scale=None, **_):
+    """Per element of the raw logits' gradient, the sum of magnitudes it is computed from:
+    s * ls * (p |1 + 2 c lse| + eps / V + (1 - eps) [j == y]) * (1 - tanh^2), s the row's factor
+    of the reduction and grad_output. Rounding errors scale with this, not with the (possibly
+    cancelling) gradient itself."""
+    ls = 1.0 if logit_scale is None else abs(logit_scale)
+    tz = torch.tanh(z / softcap) if softcap else None  # z is already scaled (ref_lce)
+    zc = softcap * tz if softcap else z
+    v = z.shape[1]
+    valid = t != ignore_index
+    lse = torch.logsumexp(zc, 1, keepdim=True)
+    p = torch.exp(zc - lse)
+    onehot = torch.zeros_like(p)
+    onehot[torch.arange(z.shape[0]), torch.where(valid, t, 0)] = 1.0
+    go = go.double().cpu().reshape(-1)
+    if reduction == "mean":
+        div = float(normalizer) if normalizer is not None else float(valid.sum())
+        srow = (go / div if div else go * 0).expand(z.shape[0])
+    else:
+        srow = go.expand(z.shape[0])
+    terms = p * (1 + 2 * z_loss * lse).abs() + label_smoothing / v + (1 - label_smoothing) * onehot
+    if softcap:
+        terms = terms * (1 - tz * tz)
+    terms = terms * (srow.abs() * ls * valid)[:, None]
+    return terms
+
+
+def _u(dtype):
+    return 2.0 ** -MANT[dtype]
+
+
+def check_rel(actual, expected, rel=1e-6, abs_=1e-7, what="loss"):
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    err = (a - e).abs()
+    ok = err <= rel * e.abs() + abs_
+    assert bool(ok.all()), f"{what}: max error {err.max().item():.3e} (max |ref| {e.abs().max():.3e})"
+
+
+def check_grad(actual, expected, terms, out_dtype, gemm_dtype, what, roundings=1, fan=None):
+    """|err| <= roundings * u_out |ref| + u_g * terms (+ fp32 slack); see the module doc."""
+    assert actual is not None, f"{what}: no gradient"
+    assert actual.dtype == out_dtype, f"{what}: dtype {actual.dtype}, expected {out_dtype}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    tm = terms.detach().double().cpu()
+    u_g = _u(gemm_dtype) if gemm_dtype != torch.float32 else 0.0
+    tol = roundings * _u(out_dtype) * e.abs() + (u_g + 2e-5) * tm + 1e-30
+    if gemm_dtype == torch.float16:  # the logits' gradient can underflow fp16's subnormals:
+        tol = tol + 2.0 ** -25 * fan.double().cpu()  # 2^-25 absolute per element of it
+    if out_dtype == torch.float16:  # fp16's subnormal spacing, absolute
+        tol = tol + roundings * 2.0 ** -24
+    err = (a - e).abs()
+    bad = err > tol
+    assert not bool(bad.any()), (
+        f"{what}: {int(bad.sum())} of {bad.numel()} elements out of bound; worst err "
+        f"{err[bad].max().item():.3e} vs tol {tol[bad].min().item():.3e}; max |ref| "
+        f"{e.abs().max().item():.3e}")
+
+
+def run_case(fn, h, w, t, b, *, grad_out=None, want=(True, True, True), **kw):
+    """Forward + backward of ``fn``; returns (loss, lse, dh, dw, db)."""
+    hh = h.detach().clone().requires_grad_(want[0])
+    ww = w.detach().clone().requires_grad_(want[1])
+    bb = None if b is None else b.detach().clone().requires_grad_(want[2])
+    out = fn(hh, ww, t, bb, **kw)
+    loss, lse = (out.loss, out.lse) if kw.get("return_lse") else (out, None)
+    if any(want):
+        go = torch.ones_like(loss) if grad_out is None else grad_out
+        loss.backward(go)
+    return (loss.detach(), lse, hh.grad, ww.grad, None if bb is None else bb.grad)
+
+
+def compare(fn, h, w, t, b, *, reduction="mean", grad_out=None, gemm_dtype=None, **kw):
+    gemm_dtype = gemm_dtype or h.dtype
+    loss, lse, dh, dw, db = run_case(fn, h, w, t, b, reduction=reduction, grad_out=grad_out,
+                                     **kw)
+    h64 = h.to(gemm_dtype).double().cpu().requires_grad_()
+    w64 = w.to(gemm_dtype).double().cpu().requires_grad_()
+    b64 = None if b is None else b.to(gemm_dtype).double().cpu().requires_grad_()
+    rl, rlse, z = ref_lce(h64, w64, t.cpu(), b64, gemm_dtype=gemm_dtype, reduction=reduction,
+                          **kw)
+    go = torch.ones_like(rl) if grad_out is None else grad_out.double().cpu()
+    rl.backward(go)
+    check_rel(loss, rl, what="loss")
+    if kw.get("return_lse"):
+        assert lse.dtype == torch.float32 and tuple(lse.shape) == tuple(t.shape)
+        check_rel(lse, rlse, rel=1e-6, abs_=1e-6, what="lse")
+    G = grad_terms(z.detach(), t.cpu(), rl, go, reduction=reduction, **kw)  # [N, V]
+    # a grad_output different from grad_scale rescales the saved gradients: one more rounding
+    gs = kw.get("grad_scale")
+    extra = 2 if (grad_out is not None or (gs is not None and reduction != "none")) else 1
+    ones = (G > 0).double()  # [N, V] the elements that can carry an underflow error
+    wa, ha = w64.detach().abs(), h64.detach().abs()
+    check_grad(dh, h64.grad, G @ wa, h.dtype, gemm_dtype, "dhidden", extra, ones @ wa)
+    check_grad(dw, w64.grad, G.t() @ ha, w.dtype, gemm_dtype, "dweight", extra, ones.t() @ ha)
+    if b is not None:
+        check_grad(db, b64.grad, G.sum(0), b.dtype, gemm_dtype, "dbias", extra, ones.sum(0))
+    return loss
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (N, d, V): one row; d = 1; V = 1 and 3; odd sizes; N not a multiple of the chunk (chunk 64)
+SHAPES = [(1, 1, 3), (5, 1, 1), (7, 17, 129), (333, 64, 1000)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_shapes_dtypes(device, dtype, shape, reduction):
+    n, d, v = shape
+    # options rotate over the cases so every dtype and shape meets several of them
+    key = sorted(OPTIONS)[(DTYPES.index(dtype) * 7 + SHAPES.index(shape) * 3
+                           + ["mean", "sum", "none"].index(reduction)) % len(OPTIONS)]
+    kw = dict(OPTIONS[key])
+    if reduction != "mean":
+        kw.pop("normalizer", None)
+    h, w, t, b = make_inputs(n, d, v, dtype, device, bias=(n % 2 == 1))
+    compare(ops.linear_cross_entropy, h, w, t, b, reduction=reduction, chunk_rows=64, **kw)
+
+
+@pytest.mark.parametrize("ignore", ["none", "some", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", sorted(OPTIONS))
+def test_options(device, opt, reduction, ignore):
+    kw = dict(OPTIONS[opt])
+    if reduction != "mean":
+        kw.pop("normalizer", None)
+    h, w, t, b = make_inputs(45, 24, 301, torch.bfloat16, device, ignore=ignore,
+                             bias=opt in ("all", "scale"))
+    go = None
+    if reduction == "none":
+        go = torch.randn(45, generator=torch.Generator().manual_seed(1)).to(device)
+    compare(ops.linear_cross_entropy, h, w, t, b, reduction=reduction, chunk_rows=16,
+            grad_out=go, **kw)
+
+
+@pytest.mark.parametrize("impl", ["op", "torch"])
+@pytest.mark.parametrize("compact", [None, False])
+def test_compaction_and_reference(device, impl, compact):
+    fn = ops.linear_cross_entropy if impl == "op" else ops.torch_linear_cross_entropy
+    h, w, t, b = make_inputs(97, 32, 515, torch.bfloat16, device, bias=True)
+    compare(fn, h, w, t, b, chunk_rows=20, compact=compact, label_smoothing=0.1, z_loss=1e-3)
+    compare(fn, h, w, t, b, reduction="none", chunk_rows=20, compact=compact,
+            grad_out=torch.rand(97).to(device), softcap=3.0)
+
+
+def test_fp32_master_weight_under_autocast():
+    """bf16 activations, fp32 weight (master weights under autocast): GEMMs in bf16, dweight
+    accumulated straight into an fp32 gradient (no bf16 rounding of it)."""
+    h, w, t, _ = make_inputs(64, 32, 257, torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, dh, dw, _ = run_case(ops.linear_cross_entropy, h, w, t, None, chunk_rows=16)
+    assert dh.dtype == torch.float32 and dw.dtype == torch.float32
+    compare(ops.linear_cross_entropy, h.bfloat16(), w, t, None, chunk_rows=16,
+            gemm_dtype=torch.bfloat16)
+    loss2, _, dh2, dw2, _ = run_case(ops.linear_cross_entropy, h.bfloat16(), w, t, None,
+                                     chunk_rows=16)
+    assert torch.equal(loss, loss2) and torch.equal(dw, dw2)
+
+
+def test_frozen_weight_and_hidden(device):
+    h, w, t, b = make_inputs(40, 16, 200, torch.bfloat16, device, bias=True)
+    _, _, dh, dw, db = run_case(ops.linear_cross_entropy, h, w, t, b, want=(True, False, False))
+    assert dw is None and db is None and dh is not None
+    _, _, dh, dw, db = run_case(ops.linear_cross_entropy, h, w, t, b, want=(False, True, True))
+    assert dh is None and dw is not None and db is not None
+    compare(ops.linear_cross_entropy, h, w, t, b)
+
+
+def test_tied_weight(device):
+    """The head weight is also the embedding: both gradients add up in weight.grad."""
+    h, w, t, _ = make_inputs(30, 16, 90, torch.float32, device, ignore="none")
+    ids = torch.randint(0, 90, (30,), generator=torch.Generator().manual_seed(3)).to(device)
+    wt = w.detach().clone().requires_grad_()
+    hid = torch.nn.functional.embedding(ids, wt) + h  # [30, 16]
+    loss = ops.linear_cross_entropy(hid, wt, t)
+    loss.backward()
+    w64 = w.double().cpu().requires_grad_()
+    hid64 = torch.nn.functional.embedding(ids.cpu(), w64) + h.double().cpu()
+    rl, _, _ = ref_lce(hid64, w64, t.cpu(), gemm_dtype=torch.float32)
+    rl.backward()
+    check_rel(loss, rl)
+    torch.testing.assert_close(wt.grad.double().cpu(), w64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_leading_dims_and_errors(device):
+    h, w, t, _ = make_inputs(24, 8, 50, torch.float32, device)
+    loss = ops.linear_cross_entropy(h.view(4, 6, 8), w, t.view(4, 6), reduction="none")
+    assert tuple(loss.shape) == (4, 6)
+    out = ops.linear_cross_entropy(h.view(4, 6, 8), w, t.view(4, 6), return_lse=True)
+    assert tuple(out.lse.shape) == (4, 6) and out.loss.dim() == 0
+    with pytest.raises(ValueError, match="reduction"):
+        ops.linear_cross_entropy(h, w, t, reduction="avg")
+    with pytest.raises(ValueError, match="input features"):
+        ops.linear_cross_entropy(h, w[:, :5], t)
+    with pytest.raises(ValueError, match="targets shape"):
+        ops.linear_cross_entropy(h, w, t[:5])
+    with pytest.raises(ValueError, match="bias"):
+        ops.linear_cross_entropy(h, w, t, torch.zeros(7, device=device))
+    bad = t.clone()
+    bad[3] = 50
+    with pytest.raises((RuntimeError, IndexError), match="out of range|outside|index"):
+        ops.linear_cross_entropy(h, w, bad)
+
+
+def test_deterministic(device):
+    h, w, t, b = make_inputs(150, 32, 700, torch.bfloat16, device, bias=True)
+    r1 = run_case(ops.linear_cross_entropy, h, w, t, b, chunk_rows=32, z_loss=1e-3,
+                  return_lse=True)
+    r2 = run_case(ops.linear_cross_entropy, h, w, t, b, chunk_rows=32, z_loss=1e-3,
+                  return_lse=True)
+    for a, c in zip(r1, r2):
+        assert torch.equal(a, c)
+
+
+def test_gradcheck_fp64():
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.tensor([1, -100, 3, 8, 0, 2])
+    for red in ("mean", "sum", "none"):
+        fn = lambda h, w, b: ops.linear_cross_entropy(  # noqa: E731
+            h, w, t, b, reduction=red, label_smoothing=0.1, z_loss=1e-2, softcap=3.0,
+            logit_scale=0.8, chunk_rows=4)
+        assert torch.autograd.gradcheck(fn, (h, w, b), eps=1e-6, atol=1e-5)
