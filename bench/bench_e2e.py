@@ -69,6 +69,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -462,8 +463,11 @@ def _text(e: subprocess.TimeoutExpired) -> str:
 def _error_tail(text: str) -> str:
     lines = [x for x in text.splitlines() if x.strip() and "it/s]" not in x]
     oom = [x for x in lines if "OutOfMemoryError" in x or "out of memory" in x]
+    errs = [x for x in lines if re.match(r"^\s*(\[\w+\]:?\s*)?[\w.]*(Error|Exception)\b", x)]
     last = [x for x in lines if not x.startswith((" ", "\t", "Traceback"))][-3:]
-    return (("OOM: " + oom[-1][:300] + " | ") if oom else "") + " / ".join(last)[-1500:]
+    return (("OOM: " + oom[-1][:300] + " | ") if oom else "") + \
+        (("first error: " + errs[0].strip()[:300] + " | ") if errs else "") + \
+        " / ".join(last)[-900:]
 
 
 # ------------------------------------------------------------------------------------- parent
@@ -690,7 +694,8 @@ def markdown(r: dict) -> str:
                      f"mean {d['length_mean']:.0f}, max {d['length_max']}; "
                      f"N_matmul {w['n_matmul_params'] / 1e9:.3f}B")
     lines += ["", "| workload | runner | tokens/s | trainable tok/s | MFU | peak GiB | "
-                  "first step s | attention | loss | note |", "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
+                  "first step s | attention | loss | note |",
+              "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
     for x in r["runs"]:
         if x.get("tokens_per_s"):
             note = ""
