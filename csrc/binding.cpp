@@ -25,6 +25,9 @@
 #endif
 
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -153,6 +156,7 @@ CEInputs prepare_ce(const at::Tensor& logits_in, const at::Tensor& targets_in,
   p.vocab = V;
   p.ignore_index = ignore_index;
   p.dtype = dtype;
+  p.grad_dtype = static_cast<int>(dtype);
   p.reduction = static_cast<Reduction>(reduction);
   p.label_smoothing = static_cast<float>(label_smoothing);
   p.z_loss = static_cast<float>(z_loss);
@@ -291,6 +295,279 @@ void scale_grad_(at::Tensor& grad, const at::Tensor& grad_output, const OptTenso
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused linear + cross-entropy (sftctl::linear_cross_entropy): a row-chunked driver around ATen
+// GEMMs and the cross-entropy kernels above. See core/ops/functional.py for the design notes.
+
+// Rows per chunk: the most whose fp32 logits (rows * V * 4 bytes) fit kLceChunkBytes, a multiple
+// of 128 when >= 128; mirrored by core/ops/linear_ce_ref.py (default_chunk_rows).
+constexpr int64_t kLceChunkBytes = int64_t{1} << 30;
+
+int64_t lce_chunk_rows(int64_t vocab, int64_t n_rows, int64_t requested) {
+  int64_t rows = requested;
+  if (rows <= 0) {
+    rows = std::max<int64_t>(1, kLceChunkBytes / (4 * std::max<int64_t>(vocab, 1)));
+    if (rows >= 128) rows = rows / 128 * 128;
+  }
+  return std::max<int64_t>(1, std::min(rows, std::max<int64_t>(n_rows, 1)));
+}
+
+// Rows of a [V, d] fp32 temporary per dweight GEMM piece after the first chunk (the first chunk
+// writes the accumulator directly): bounds that temporary at ~256 MiB.
+constexpr int64_t kLceDwPieceBytes = int64_t{256} << 20;
+
+bool stream_capturing(const at::Tensor& t) {
+#ifdef SFTCTL_WITH_CUDA
+  if (t.is_cuda()) {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    const cudaError_t e = cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream().stream(), &st);
+    TORCH_CHECK(e == cudaSuccess, "sftctl::linear_cross_entropy: cudaStreamIsCapturing: ",
+                cudaGetErrorString(e));
+    return st != cudaStreamCaptureStatusNone;
+  }
+#endif
+  (void)t;
+  return false;
+}
+
+// out[M, N] (fp32) = a[M, K] @ b[K, N] (+ bias[N]), fp32 output and accumulation. On CUDA the
+// 16-bit operands go straight to cuBLAS through aten::mm.dtype (fp32 output); on the CPU (where
+// that overload does not exist) the caller passes fp32 operands.
+void gemm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  if (a.scalar_type() == at::kFloat) {
+    if (bias.defined())
+      at::addmm_out(out, bias, a, b);
+    else
+      at::mm_out(out, a, b);
+  } else {
+    TORCH_INTERNAL_ASSERT(a.is_cuda(), "16-bit GEMM operands on the CPU");
+    at::mm_out(out, a, b, at::kFloat);
+    // a 16-bit bias is added in fp32 afterwards (addmm.dtype's bias handling differs between
+    // torch versions; LM heads rarely have a bias, so the extra pass is rare)
+    if (bias.defined()) out.add_(bias);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
+    const at::Tensor& hidden_in, const at::Tensor& weight, const at::Tensor& targets_in,
+    const OptTensor& bias, const OptTensor& normalizer, const OptTensor& grad_scale,
+    const OptTensor& row_scale, int64_t ignore_index, int64_t reduction, double label_smoothing,
+    double z_loss, double softcap, double logit_scale, bool return_lse, bool grad_hidden,
+    bool grad_weight, bool grad_bias, int64_t compact, int64_t chunk_rows) {
+  const char* op = "sftctl::linear_cross_entropy";
+  // ---- validation
+  check_supported_device(hidden_in, op, "hidden");
+  TORCH_CHECK(hidden_in.dim() == 2, op, ": hidden must be 2-D [N, d], got shape ",
+              hidden_in.sizes(), " (sftctl.ops.linear_cross_entropy flattens leading dims)");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [V, d], got shape ", weight.sizes());
+  const int64_t N = hidden_in.size(0), d = hidden_in.size(1), V = weight.size(0);
+  TORCH_CHECK(weight.size(1) == d, op, ": weight has ", weight.size(1),
+              " input features but hidden has ", d, " (weight is [V, d])");
+  TORCH_CHECK(V >= 1, op, ": weight must have at least one row (V >= 1), got shape ",
+              weight.sizes());
+  const DType gdt = kernel_dtype(hidden_in, op, "hidden");  // the GEMM dtype
+  (void)kernel_dtype(weight, op, "weight");
+  check_device(weight, hidden_in, op, "weight", "hidden");
+  TORCH_CHECK(targets_in.dim() == 1 && targets_in.size(0) == N, op,
+              ": targets must be 1-D [N] = [", N, "], got shape ", targets_in.sizes());
+  check_device(targets_in, hidden_in, op, "targets", "hidden");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, op, ": bias must be 1-D [V] = [", V,
+                "], got shape ", bias->sizes());
+    (void)kernel_dtype(*bias, op, "bias");
+    check_device(*bias, hidden_in, op, "bias", "hidden");
+  }
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, op,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+              ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(z_loss >= 0.0 && std::isfinite(z_loss), op,
+              ": z_loss must be a finite number >= 0, got ", z_loss);
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op,
+              ": softcap must be a finite number >= 0 (0 is off), got ", softcap);
+  TORCH_CHECK(std::isfinite(logit_scale) && logit_scale != 0.0, op,
+              ": logit_scale must be a finite nonzero number, got ", logit_scale);
+  TORCH_CHECK(chunk_rows >= 0, op, ": chunk_rows must be >= 0 (0: automatic), got ", chunk_rows);
+  TORCH_CHECK(!grad_bias || bias.has_value(), op, ": grad_bias without a bias");
+  if (normalizer.has_value())
+    TORCH_CHECK(reduction == 1, op, ": normalizer is only used with reduction='mean' (1), got "
+                "reduction ", reduction);
+
+  // GEMMs and elementwise work below are implementation details: no autograd recording, no
+  // autocast (the op decides its own precisions).
+  const c10::DeviceGuard device_guard(hidden_in.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+
+  const at::ScalarType gst = hidden_in.scalar_type();
+  const auto f32 = hidden_in.options().dtype(at::kFloat);
+  const bool cuda = hidden_in.is_cuda();
+  at::Tensor hidden = hidden_in.contiguous();                      // [N, d]
+  at::Tensor targets = index_i64(targets_in, op, "targets", false);  // [N]
+  at::Tensor w = weight.scalar_type() == gst ? weight : weight.to(gst);  // [V, d], GEMM dtype
+  at::Tensor b;                                                    // [V] GEMM dtype (or fp32)
+  if (bias.has_value()) b = bias->scalar_type() == gst ? *bias : bias->to(gst);
+  at::Tensor rscale;
+  if (row_scale.has_value()) {
+    TORCH_CHECK(row_scale->dim() == 1 && row_scale->size(0) == N, op,
+                ": row_scale must be 1-D [N] = [", N, "], got shape ", row_scale->sizes());
+    check_device(*row_scale, hidden_in, op, "row_scale", "hidden");
+    rscale = row_scale->to(at::kFloat).contiguous();
+  }
+  // CPU GEMMs run on fp32 copies of the 16-bit operands (exact: products of 16-bit values are
+  // exact in fp32, accumulation is fp32 either way).
+  const bool f32_operands = !cuda && gst != at::kFloat;
+  const at::Tensor wg = f32_operands ? w.to(at::kFloat) : w;       // [V, d] GEMM operand
+  const at::Tensor bg = !b.defined() ? b : (f32_operands || !cuda ? b.to(at::kFloat) : b);
+
+  // ---- gradient factor and mean divisor, on the device (no host sync)
+  const at::Tensor valid = targets.ne(ignore_index);  // [N] bool
+  at::Tensor gs = grad_scale.has_value() ? scalar_f32(*grad_scale, hidden, op, "grad_scale")
+                                         : at::ones({}, f32);
+  at::Tensor divisor;  // mean only
+  at::Tensor factor = gs;
+  if (reduction == 1) {
+    divisor = normalizer.has_value() ? scalar_f32(*normalizer, hidden, op, "normalizer")
+                                     : valid.sum().to(at::kFloat);
+    const at::Tensor nz = divisor.ne(0);
+    factor = at::where(nz, gs / at::where(nz, divisor, at::ones({}, f32)), at::zeros({}, f32));
+  }
+  factor = factor.contiguous();
+
+  // ---- compaction: drop ignored rows before the GEMMs (a host sync: the count)
+  bool do_compact = compact != 0 && N > 0 && !stream_capturing(hidden);
+  at::Tensor idx;  // [n] rows kept, when compacting
+  at::Tensor h = hidden, t = targets, rs = rscale;
+  if (do_compact) {
+    at::Tensor keep = at::nonzero(valid).squeeze(1);  // syncs
+    if (keep.size(0) < N) {
+      idx = keep;
+      h = hidden.index_select(0, idx);
+      t = targets.index_select(0, idx);
+      if (rs.defined()) rs = rs.index_select(0, idx);
+    }
+  }
+  if (!cuda) {  // the CPU kernel checks too, but per chunk; name the row of the whole input
+    const at::Tensor bad = valid & (targets.lt(0) | targets.ge(V));
+    if (bad.any().item<bool>()) {
+      const int64_t i = at::nonzero(bad)[0][0].item<int64_t>();
+      TORCH_CHECK(false, op, ": targets[", i, "] = ", targets[i].item<int64_t>(),
+                  " is out of range [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+    }
+  }
+  const int64_t n = h.size(0);
+
+  // ---- outputs and accumulators
+  at::Tensor row_loss = at::zeros({n}, f32);  // [n]
+  at::Tensor lse_c = at::zeros({n}, f32);     // [n]
+  const bool any_grad = grad_hidden || grad_weight || grad_bias;
+  at::Tensor dh_c = grad_hidden ? at::zeros({n, d}, hidden.options()) : at::Tensor();  // [n, d]
+  const bool dw_direct = grad_weight && weight.scalar_type() == at::kFloat;
+  // [V, d] fp32: the fp32 gradient itself, or an fp32 accumulator for a 16-bit weight
+  at::Tensor dw_acc = grad_weight ? at::zeros({V, d}, f32) : at::Tensor();
+  at::Tensor db_acc = grad_bias ? at::zeros({V}, f32) : at::Tensor();  // [V]
+
+  const int64_t R = lce_chunk_rows(V, n, chunk_rows);
+  at::Tensor zbuf, gbuf, dh_tmp, dw_tmp;
+  if (n > 0) {
+    zbuf = at::empty({std::min(R, n), V}, f32);  // fp32 logits of one chunk
+    if (any_grad) gbuf = at::empty({std::min(R, n), V}, hidden.options());  // dlogits, GEMM dtype
+  }
+  const int64_t dw_piece =
+      std::max<int64_t>(1, std::min<int64_t>(V, kLceDwPieceBytes / (4 * std::max<int64_t>(d, 1))));
+  for (int64_t r0 = 0, chunk = 0; r0 < n; r0 += R, ++chunk) {
+    const int64_t rows = std::min(R, n - r0);
+    const at::Tensor hc = h.narrow(0, r0, rows);                          // [rows, d]
+    const at::Tensor hg = f32_operands ? hc.to(at::kFloat) : hc;          // GEMM operand
+    at::Tensor z = zbuf.narrow(0, 0, rows);                               // [rows, V] fp32
+    gemm_f32(z, hg, wg.t(), bg);
+    at::Tensor g = any_grad ? gbuf.narrow(0, 0, rows) : at::Tensor();     // [rows, V]
+
+    CrossEntropyParams p;
+    const at::Tensor tc = t.narrow(0, r0, rows);
+    p.logits = z.data_ptr();
+    p.logits_row_stride = V;
+    p.targets = tc.data_ptr<int64_t>();
+    p.n_rows = rows;
+    p.vocab = V;
+    p.ignore_index = ignore_index;
+    p.dtype = DType::Float32;
+    p.reduction = Reduction::None;  // per-row losses; the driver reduces (the divisor is global)
+    p.label_smoothing = static_cast<float>(label_smoothing);
+    p.z_loss = static_cast<float>(z_loss);
+    p.softcap = static_cast<float>(softcap);
+    p.logit_scale = static_cast<float>(logit_scale);
+    p.grad_scale = factor.data_ptr<float>();
+    p.loss = row_loss.data_ptr<float>() + r0;
+    p.lse = lse_c.data_ptr<float>() + r0;
+    if (any_grad) {
+      p.grad = g.data_ptr();
+      p.grad_row_stride = V;
+      p.grad_dtype = static_cast<int>(gdt);
+      if (rs.defined()) p.row_scale = rs.data_ptr<float>() + r0;
+    }
+    launch_ce(p, z);
+    if (!any_grad) continue;
+
+    const at::Tensor gg = f32_operands ? g.to(at::kFloat) : g;  // [rows, V] GEMM operand
+    if (grad_hidden) {
+      at::Tensor dst = dh_c.narrow(0, r0, rows);  // [rows, d]
+      if (gst == at::kFloat) {
+        at::mm_out(dst, gg, wg);
+      } else {
+        if (!dh_tmp.defined()) dh_tmp = at::empty({std::min(R, n), d}, f32);
+        at::Tensor tmp = dh_tmp.narrow(0, 0, rows);
+        gemm_f32(tmp, gg, wg, at::Tensor());
+        dst.copy_(tmp);  // rounded once to hidden's dtype
+      }
+    }
+    if (grad_weight) {
+      const at::Tensor gt = gg.t();  // [V, rows]
+      if (chunk == 0) {
+        gemm_f32(dw_acc, gt, hg, at::Tensor());  // the first chunk writes the accumulator
+      } else if (gst == at::kFloat || f32_operands) {
+        at::addmm_out(dw_acc, dw_acc, gt, hg);  // fp32 operands: accumulate in the GEMM (beta 1)
+      } else {
+        // aten::addmm.dtype wants its `self` in the 16-bit dtype, so an fp32 accumulator cannot
+        // be cuBLAS's C: fp32 pieces of the product are added to it (temporary <= 256 MiB).
+        for (int64_t v0 = 0; v0 < V; v0 += dw_piece) {
+          const int64_t vp = std::min(dw_piece, V - v0);
+          if (!dw_tmp.defined()) dw_tmp = at::empty({dw_piece, d}, f32);
+          at::Tensor tmp = dw_tmp.narrow(0, 0, vp);
+          gemm_f32(tmp, gt.narrow(0, v0, vp), hg, at::Tensor());
+          dw_acc.narrow(0, v0, vp).add_(tmp);
+        }
+      }
+    }
+    if (grad_bias) db_acc.add_(at::sum(g, {0}, false, at::kFloat));
+  }
+
+  // ---- reduce, scatter back the compacted rows, round the gradients
+  at::Tensor loss;
+  if (reduction == 0) {
+    loss = idx.defined() ? at::zeros({N}, f32).index_copy_(0, idx, row_loss) : row_loss;
+  } else {
+    at::Tensor total = row_loss.sum(at::kDouble);  // fixed-order reduction: deterministic
+    if (reduction == 1) {
+      const at::Tensor div = divisor.to(at::kDouble);
+      const at::Tensor nz = div.ne(0);
+      total = at::where(nz, total / at::where(nz, div, at::ones_like(div)), at::zeros_like(div));
+    }
+    loss = total.to(at::kFloat);
+  }
+  at::Tensor lse = at::empty({0}, f32);
+  if (return_lse)
+    lse = idx.defined() ? at::zeros({N}, f32).index_copy_(0, idx, lse_c) : lse_c;
+  at::Tensor dh = at::empty({0}, hidden.options());
+  if (grad_hidden)
+    dh = idx.defined() ? at::zeros({N, d}, hidden.options()).index_copy_(0, idx, dh_c) : dh_c;
+  at::Tensor dw = at::empty({0}, weight.options());
+  if (grad_weight) dw = dw_direct ? dw_acc : dw_acc.to(weight.scalar_type());
+  at::Tensor db = at::empty({0}, bias.has_value() ? bias->options() : f32);
+  if (grad_bias) db = db_acc.to(bias->scalar_type());
+  return {loss, lse, dh, dw, db};
+}
+
 std::tuple<at::Tensor, at::Tensor> sft_labels(const at::Tensor& input_ids,
                                               const OptTensor& loss_mask,
                                               const OptTensor& prompt_lengths,
@@ -366,6 +643,13 @@ TORCH_LIBRARY(sftctl, m) {
       "bool return_lse, bool return_accuracy) -> (Tensor loss, Tensor lse, Tensor correct)");
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output, Tensor? grad_scale) -> ()");
   m.def(
+      "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
+      "Tensor? normalizer, Tensor? grad_scale, Tensor? row_scale, int ignore_index, "
+      "int reduction, float label_smoothing, float z_loss, float softcap, float logit_scale, "
+      "bool return_lse, bool grad_hidden, bool grad_weight, bool grad_bias, int compact, "
+      "int chunk_rows) -> (Tensor loss, Tensor lse, Tensor grad_hidden, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  m.def(
       "sft_labels(Tensor input_ids, Tensor? loss_mask, Tensor? prompt_lengths, "
       "Tensor? attention_mask, Tensor? position_ids, Tensor? document_ids, int ignore_index) "
       "-> (Tensor labels, Tensor num_trainable)");
@@ -373,6 +657,7 @@ TORCH_LIBRARY(sftctl, m) {
 
 TORCH_LIBRARY_IMPL(sftctl, CPU, m) {
   m.impl("cross_entropy", &sftctl::cross_entropy);
+  m.impl("linear_cross_entropy", &sftctl::linear_cross_entropy);
   m.impl("cross_entropy_", &sftctl::cross_entropy_);
   m.impl("scale_grad_", &sftctl::scale_grad_);
   m.impl("sft_labels", &sftctl::sft_labels);
@@ -381,6 +666,7 @@ TORCH_LIBRARY_IMPL(sftctl, CPU, m) {
 #ifdef SFTCTL_WITH_CUDA
 TORCH_LIBRARY_IMPL(sftctl, CUDA, m) {
   m.impl("cross_entropy", &sftctl::cross_entropy);
+  m.impl("linear_cross_entropy", &sftctl::linear_cross_entropy);
   m.impl("cross_entropy_", &sftctl::cross_entropy_);
   m.impl("scale_grad_", &sftctl::scale_grad_);
   m.impl("sft_labels", &sftctl::sft_labels);

@@ -26,13 +26,14 @@ Design choices
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
 
 from .._ext import load_extension
-from .linear_ce_ref import (LinearCrossEntropyOutput, default_chunk_rows, resolve_compact,
-                            torch_linear_cross_entropy)
+from .linear_ce_ref import LinearCrossEntropyOutput, torch_linear_cross_entropy
+from .linear_ce_ref import _check_args as _check_lce_args
 
 load_extension()
 
@@ -262,6 +263,126 @@ def sft_labels(input_ids: torch.Tensor, *, loss_mask=None, prompt_lengths=None,
 
 
 # ---------------------------------------------------------------- linear + cross-entropy
+#
+# Design (issue 14): a device-generic chunk driver in csrc/binding.cpp runs over row chunks of
+# the (compacted) hidden states: GEMM into an fp32 logits chunk (aten::mm.dtype with fp32 output
+# on CUDA, fp32 operands on the CPU) -> the fused cross-entropy kernel on that chunk, which writes
+# per-row loss and lse and the logits' gradient straight in the GEMM dtype (bf16/fp16, rounded
+# once, already multiplied by the reduction factor, logit_scale and any per-row factor) ->
+# dhidden = dlogits @ W (fp32 output, rounded once) and dweight += dlogits^T @ h in fp32. Only
+# one chunk of logits (fp32) and of their gradient (GEMM dtype) exists at a time; the chunk size
+# is chosen so the fp32 chunk stays <= 1 GiB (2048 rows at V = 128256). Why this and not a fused
+# GEMM+softmax kernel: cuBLAS GEMMs are already at the matmul floor, and the cross-entropy
+# kernel is memory-bound and tuned (bench/NOTES_cuda.md); the chunk round trip through HBM
+# (fp32 write + read, 16-bit gradient write + read) costs ~4 % of the GEMM time at d = 4096.
+# - mean/sum: the gradients are computed in forward (the loss is a scalar); backward only rescales
+#   them by grad_output / grad_scale (scale_grad_, a no-op for loss.backward()).
+# - none: forward computes losses only; backward reruns the chunks with grad_output as a per-row
+#   factor (row_scale) of the gradient.
+# - Compaction (ignored rows dropped before the GEMMs) needs a host sync for the count; the op
+#   does it in C++ at run time unless the current CUDA stream is capturing a graph, so the op
+#   stays capturable (and traceable: the outputs never depend on the count).
+# - dweight: accumulated in fp32. With an fp32 weight (master weights under autocast) the fp32
+#   accumulator is the returned gradient; with a 16-bit weight it is an extra [V, d] fp32 buffer
+#   (2 GiB at V = 128256, d = 4096) rounded once at the end. After the first chunk, the CUDA path
+#   adds fp32 GEMM pieces (<= 256 MiB temporaries) into it, because aten::addmm.dtype cannot
+#   accumulate into an fp32 C from 16-bit operands.
+# - No dweight work (no GEMM) when weight does not require grad, no dhidden work when hidden does
+#   not; the profiler test counts the GEMMs.
+
+_LCE_KERNELS = {
+    dev: torch._C._dispatch_has_kernel_for_dispatch_key("sftctl::linear_cross_entropy", key)
+    for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+}
+_LCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_lce_fallback_warned: set = set()
+
+
+@torch.library.register_fake("sftctl::linear_cross_entropy")
+def _lce_fake(hidden, weight, targets, bias, normalizer, grad_scale, row_scale, ignore_index,
+              reduction, label_smoothing, z_loss, softcap, logit_scale, return_lse, grad_hidden,
+              grad_weight, grad_bias, compact, chunk_rows):
+    torch._check(hidden.dim() == 2, lambda: "sftctl::linear_cross_entropy: hidden must be 2-D")
+    n = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    loss = hidden.new_empty((n,) if reduction == 0 else (), **f32)
+    lse = hidden.new_empty((n if return_lse else 0,), **f32)
+    dh = hidden.new_empty(tuple(hidden.shape) if grad_hidden else (0,))
+    dw = weight.new_empty(tuple(weight.shape) if grad_weight else (0,))
+    db = (bias.new_empty((bias.shape[0] if grad_bias else 0,)) if bias is not None
+          else hidden.new_empty((0,), **f32))
+    return loss, lse, dh, dw, db
+
+
+def _lce_setup_context(ctx, inputs, output):
+    (hidden, weight, targets, bias, normalizer, grad_scale, row_scale, ignore_index, reduction,
+     label_smoothing, z_loss, softcap, logit_scale, return_lse, grad_hidden, grad_weight,
+     grad_bias, compact, chunk_rows) = inputs
+    loss, lse, dh, dw, db = output
+    ctx.mark_non_differentiable(lse, dh, dw, db)
+    ctx.set_materialize_grads(False)
+    ctx.reduction = reduction
+    ctx.first_grad_output = None
+    ctx.flags = (grad_hidden, grad_weight, grad_bias)
+    if reduction != 0:
+        ctx.has_grad_scale = grad_scale is not None
+        ctx.save_for_backward(dh, dw, db, *((grad_scale,) if grad_scale is not None else ()))
+    else:
+        ctx.opts = (ignore_index, label_smoothing, z_loss, softcap, logit_scale, compact,
+                    chunk_rows)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, weight, targets, *((bias,) if bias is not None else ()))
+
+
+def _lce_backward(ctx, grad_loss, grad_lse, grad_dh, grad_dw, grad_db):
+    n_in = 19
+    if grad_loss is None:
+        return (None,) * n_in
+    need = ctx.needs_input_grad
+    if ctx.reduction == 0:
+        hidden, weight, targets = ctx.saved_tensors[:3]
+        bias = ctx.saved_tensors[3] if ctx.has_bias else None
+        ii, eps, zl, cap, ls, compact, chunk_rows = ctx.opts
+        _, _, dh, dw, db = torch.ops.sftctl.linear_cross_entropy(
+            hidden, weight, targets, bias, None, None, grad_loss.float().contiguous(), ii, 0,
+            eps, zl, cap, ls, False, bool(need[0]), bool(need[1]),
+            bool(need[3] and bias is not None), compact, chunk_rows)
+        return ((dh if need[0] else None), (dw if need[1] else None), None,
+                (db if need[3] and bias is not None else None)) + (None,) * (n_in - 4)
+    saved = ctx.saved_tensors
+    dh, dw, db = saved[:3]
+    grad_scale = saved[3] if ctx.has_grad_scale else None
+    flags = ctx.flags
+    for want, have, name in ((need[0], flags[0], "hidden"), (need[1], flags[1], "weight"),
+                             (need[3], flags[2], "bias")):
+        if want and not have:
+            raise RuntimeError(
+                f"sftctl::linear_cross_entropy was called without grad_{name}=True, so it has no "
+                f"gradient for {name}; sftctl.ops.linear_cross_entropy decides this from "
+                f"{name}.requires_grad and grad mode")
+    go = grad_loss.float()
+    bufs = [dh if flags[0] else None, dw if flags[1] else None, db if flags[2] else None]
+    if ctx.first_grad_output is None:
+        for b in bufs:
+            if b is not None:
+                torch.ops.sftctl.scale_grad_(b.view(-1, b.shape[-1]) if b.dim() else b, go,
+                                             grad_scale)
+        ctx.first_grad_output = go.detach().clone()
+        out = bufs
+    else:  # a repeated backward (retain_graph): rescale out of place from the first call
+        g1 = ctx.first_grad_output
+        if bool((g1 == 0) & (go != 0)):
+            raise RuntimeError(
+                "sftctl linear_cross_entropy: a repeated backward needs the gradient that the "
+                "first backward scaled in place by grad_output 0; run the forward again")
+        ratio = torch.where(g1 == 0, torch.zeros_like(g1), go / torch.where(g1 == 0, 1.0, g1))
+        out = [None if b is None else (b.float() * ratio).to(b.dtype) for b in bufs]
+    return ((out[0] if need[0] else None), (out[1] if need[1] else None), None,
+            (out[2] if need[3] else None)) + (None,) * (n_in - 4)
+
+
+torch.library.register_autograd("sftctl::linear_cross_entropy", _lce_backward,
+                                setup_context=_lce_setup_context)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -277,22 +398,60 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Same semantics as ``cross_entropy(logits, targets, ...)`` (label_smoothing, z_loss, softcap
     ``c * tanh(z / c)`` applied after the scale, normalizer, grad_scale), fp32 logits and fp32
     accumulation. ``hidden [..., d]``, ``targets [...]``, ``weight [V, d]``, ``bias [V]``; the
-    GEMMs run in hidden's dtype (under autocast: the autocast dtype), the weight is converted
-    when it differs (fp32 master weights), and dweight comes back in weight's dtype.
+    GEMMs run in hidden's dtype (under autocast: the autocast dtype); weight and bias are
+    converted to it when they differ (fp32 master weights), and each gradient comes back in its
+    input's dtype (dweight of an fp32 weight is accumulated in fp32 directly).
 
     - ``chunk_rows``: rows per chunk (default: as many as keep an fp32 chunk of logits <= 1 GiB).
-    - ``compact``: drop ignored rows before the matmul (needs a host sync for the count). Default
-      (None): on, except while a CUDA graph is being captured; False computes every row.
+    - ``compact``: drop ignored rows before the matmul (a host sync for their count). Default
+      (None, or True): on, except while the current CUDA stream captures a graph; False computes
+      every row (ignored rows contribute exactly 0) and never syncs.
     - ``return_lse``: also return the fp32 per-row log-sum-exp (0 for ignored rows; not
       differentiable) as ``LinearCrossEntropyOutput(loss, lse)``.
+    - ``grad_scale``: a loss scale the gradients are pre-multiplied by (see ``cross_entropy``).
     Returns the fp32 loss (0-dim, or the targets' shape for ``reduction="none"``).
+    float64 inputs, and devices sftctl._C has no kernels for, use ``torch_linear_cross_entropy``.
     """
     if isinstance(hidden, torch.Tensor) and hidden.device.type in ("cuda", "cpu"):
         dev_type = hidden.device.type
         if torch.is_autocast_enabled(dev_type):
             hidden = hidden.to(torch.get_autocast_dtype(dev_type))
-    return torch_linear_cross_entropy(
-        hidden, weight, targets, bias, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, normalizer=normalizer, z_loss=z_loss, softcap=softcap,
-        logit_scale=logit_scale, return_lse=return_lse, grad_scale=grad_scale,
-        chunk_rows=chunk_rows, compact=compact)
+    kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+              normalizer=normalizer, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+              return_lse=return_lse, grad_scale=grad_scale, chunk_rows=chunk_rows,
+              compact=compact)
+    _check_lce_args(hidden, weight, targets, bias, reduction)
+    dev_type = hidden.device.type
+    if (not _LCE_KERNELS.get(dev_type, False) or hidden.dtype not in _LCE_DTYPES
+            or weight.dtype not in _LCE_DTYPES
+            or (bias is not None and bias.dtype not in _LCE_DTYPES)):
+        if hidden.dtype != torch.float64 and dev_type not in _lce_fallback_warned:
+            _lce_fallback_warned.add(dev_type)
+            warnings.warn(f"sftctl.ops.linear_cross_entropy: sftctl._C has no kernel for "
+                          f"{dev_type} tensors of dtype {hidden.dtype}/{weight.dtype}; using "
+                          "the stock-PyTorch chunked implementation (torch_linear_cross_entropy)",
+                          stacklevel=2)
+        return torch_linear_cross_entropy(hidden, weight, targets, bias, **kw)
+    if chunk_rows is not None and int(chunk_rows) < 1:
+        raise ValueError(f"chunk_rows must be a positive integer or None, got {chunk_rows}")
+    red = REDUCTIONS[reduction]
+    d = hidden.shape[-1]
+    flat_h = hidden.reshape(-1, d)
+    flat_t = targets.reshape(-1)
+    normalizer = _as_scalar_tensor(normalizer, "normalizer", hidden.device)
+    grad_scale = _as_scalar_tensor(grad_scale, "grad_scale", hidden.device)
+    grad_on = torch.is_grad_enabled()
+    fused = red != 0  # mean/sum: gradients in forward; none: recomputed in backward
+    gh = fused and grad_on and hidden.requires_grad
+    gw = fused and grad_on and weight.requires_grad
+    gb = fused and grad_on and bias is not None and bias.requires_grad
+    loss, lse, _, _, _ = torch.ops.sftctl.linear_cross_entropy(
+        flat_h, weight, flat_t, bias, normalizer, grad_scale, None, int(ignore_index), red,
+        float(label_smoothing), float(z_loss), 0.0 if softcap is None else float(softcap),
+        1.0 if logit_scale is None else float(logit_scale), bool(return_lse), gh, gw, gb,
+        0 if compact is False else 1, 0 if chunk_rows is None else int(chunk_rows))
+    if red == 0:
+        loss = loss.view(targets.shape)
+    if return_lse:
+        return LinearCrossEntropyOutput(loss, lse.view(targets.shape))
+    return loss

@@ -101,26 +101,27 @@ inline float cap_scalar(float x, float c) {
 struct RowCtx {
   int64_t vocab, n_blocks, ignore_index;
   float softcap, eps, z_loss, scale;
+  float lscale;  // logit_scale: z = lscale * x (multiplying by 1 is exact, so always applied)
   bool want_grad;
 };
 
 // Processes row i; zbuf/ebuf are round_up(V, kPair) floats (ebuf == zbuf without softcap),
-// bmax n_blocks floats. Returns the row loss (double).
-template <typename T, bool kCap>
+// bmax n_blocks floats. Returns the row loss (double). T: logits, G: gradient storage type.
+template <typename T, typename G, bool kCap>
 double ce_row(const CrossEntropyParams& p, const RowCtx& c, int64_t i, float* zbuf, float* ebuf,
               float* bmax) {
   const int64_t V = c.vocab;
   const int64_t y = p.targets[i];
-  T* g = p.grad ? static_cast<T*>(p.grad) + i * p.grad_row_stride : nullptr;
+  G* g = p.grad ? static_cast<G*>(p.grad) + i * p.grad_row_stride : nullptr;
   if (y == c.ignore_index) {
     if (p.lse) p.lse[i] = 0.f;
     if (p.correct) p.correct[i] = false;
-    if (g) std::memset(static_cast<void*>(g), 0, sizeof(T) * V);  // all-zero bits are +0 in fp32/bf16/fp16
+    if (g) std::memset(static_cast<void*>(g), 0, sizeof(G) * V);  // all-zero bits are +0 in fp32/bf16/fp16
     return 0.0;
   }
   const T* x = static_cast<const T*>(p.logits) + i * p.logits_row_stride;
   const float ninf = -std::numeric_limits<float>::infinity();
-  const Vec vninf(ninf), vcap(c.softcap);
+  const Vec vninf(ninf), vcap(c.softcap), vls(c.lscale);
 
   // Sweep 1: online max / sum of exp / sum of z.
   float M = ninf;
@@ -137,6 +138,8 @@ double ce_row(const CrossEntropyParams& p, const RowCtx& c, int64_t i, float* zb
       const int64_t n = std::min(kPair, len - j);
       Vec a, b;
       Io<T>::load(x + j0 + j, n, a, b);  // 2 x [W] fp32
+      a = a * vls;
+      b = b * vls;
       if constexpr (kCap) {
         a = cap_vec(a, vcap);
         b = cap_vec(b, vcap);
@@ -176,7 +179,7 @@ double ce_row(const CrossEntropyParams& p, const RowCtx& c, int64_t i, float* zb
   double lse = static_cast<double>(M) + std::log(S);
   if (nan_seen) lse = std::numeric_limits<double>::quiet_NaN();
 
-  float zy = static_cast<float>(x[y]);
+  float zy = static_cast<float>(x[y]) * c.lscale;
   if constexpr (kCap) zy = cap_scalar(zy, c.softcap);
   const double eps = c.eps;
   double loss = (1.0 - eps) * (lse - zy) + c.z_loss * lse * lse;
@@ -195,6 +198,8 @@ double ce_row(const CrossEntropyParams& p, const RowCtx& c, int64_t i, float* zb
         const int64_t n = std::min(kPair, len - j);
         Vec a, b;
         Io<T>::load(x + j0 + j, n, a, b);
+        a = a * vls;
+        b = b * vls;
         if constexpr (kCap) {
           a = cap_vec(a, vcap);
           b = cap_vec(b, vcap);
@@ -213,10 +218,13 @@ double ce_row(const CrossEntropyParams& p, const RowCtx& c, int64_t i, float* zb
     p.correct[i] = ok;
   }
 
-  // Sweep 2: gradient from the cached e, rounded once to T.
+  // Sweep 2: gradient from the cached e, rounded once to G.
   if (g) {
-    const double coef = (1.0 + 2.0 * static_cast<double>(c.z_loss) * lse) * c.scale;
-    const float c0 = static_cast<float>(static_cast<double>(c.scale) * eps / static_cast<double>(V));
+    // this row's factor: reduction scale x logit_scale (dz/dx) x the optional per-row factor
+    const double rscale = static_cast<double>(c.scale) * static_cast<double>(c.lscale) *
+                          (p.row_scale ? static_cast<double>(p.row_scale[i]) : 1.0);
+    const double coef = (1.0 + 2.0 * static_cast<double>(c.z_loss) * lse) * rscale;
+    const float c0 = static_cast<float>(rscale * eps / static_cast<double>(V));
     const Vec vc0(c0);
     for (int64_t blk = 0; blk < c.n_blocks; ++blk) {
       const int64_t j0 = blk * kBlock;
@@ -236,24 +244,24 @@ double ce_row(const CrossEntropyParams& p, const RowCtx& c, int64_t i, float* zb
           a = a * (Vec(1.f) - ta * ta);
           b = b * (Vec(1.f) - tb * tb);
         }
-        Io<T>::store(g + j0 + j, n, a, b);
+        Io<G>::store(g + j0 + j, n, a, b);
       }
     }
     // Target element in double from z_y and lse: p_y * coef - (1 - eps) cancels when p_y -> 1,
     // and fp32 would leave an error of ~1e-7 of the terms instead of the result.
     const double py = std::exp(static_cast<double>(zy) - lse);
     double gy = (py * (1.0 + 2.0 * static_cast<double>(c.z_loss) * lse) - (1.0 - eps) -
-                 eps / static_cast<double>(V)) * static_cast<double>(c.scale);
+                 eps / static_cast<double>(V)) * rscale;
     if constexpr (kCap) {
       const double ty = static_cast<double>(zy) / static_cast<double>(c.softcap);
       gy *= 1.0 - ty * ty;
     }
-    g[y] = static_cast<T>(static_cast<float>(gy));
+    g[y] = static_cast<G>(static_cast<float>(gy));
   }
   return loss;
 }
 
-template <typename T, bool kCap>
+template <typename T, typename G, bool kCap>
 void ce_rows_t(const CrossEntropyParams& p, const RowCtx& c, double* row_loss) {
   const int64_t padded = round_up(c.vocab, kPair);
   // Rows are heavy for realistic V; small V gets bigger chunks to amortize the buffers.
@@ -264,17 +272,17 @@ void ce_rows_t(const CrossEntropyParams& p, const RowCtx& c, double* row_loss) {
     float* zbuf = buf.data();
     float* ebuf = kCap ? buf.data() + padded : zbuf;
     for (int64_t i = begin; i < end; ++i) {
-      row_loss[i] = ce_row<T, kCap>(p, c, i, zbuf, ebuf, bmax.data());
+      row_loss[i] = ce_row<T, G, kCap>(p, c, i, zbuf, ebuf, bmax.data());
     }
   });
 }
 
-template <typename T>
+template <typename T, typename G>
 void ce_rows_dtype(const CrossEntropyParams& p, const RowCtx& c, double* row_loss) {
   if (c.softcap > 0.f) {
-    ce_rows_t<T, true>(p, c, row_loss);
+    ce_rows_t<T, G, true>(p, c, row_loss);
   } else {
-    ce_rows_t<T, false>(p, c, row_loss);
+    ce_rows_t<T, G, false>(p, c, row_loss);
   }
 }
 
@@ -287,16 +295,24 @@ void ce_rows(const CrossEntropyParams& p, float scale, double* row_loss) {
   c.eps = p.label_smoothing;
   c.z_loss = p.z_loss;
   c.scale = scale;
+  c.lscale = p.logit_scale;
   c.want_grad = p.grad != nullptr;
+  const DType gd = grad_dtype_of(p);
   switch (p.dtype) {
     case DType::Float32:
-      ce_rows_dtype<float>(p, c, row_loss);
+      // fp32 logits may store their gradient in bf16/fp16 (the fused linear cross-entropy)
+      if (gd == DType::BFloat16)
+        ce_rows_dtype<float, c10::BFloat16>(p, c, row_loss);
+      else if (gd == DType::Float16)
+        ce_rows_dtype<float, c10::Half>(p, c, row_loss);
+      else
+        ce_rows_dtype<float, float>(p, c, row_loss);
       break;
     case DType::BFloat16:
-      ce_rows_dtype<c10::BFloat16>(p, c, row_loss);
+      ce_rows_dtype<c10::BFloat16, c10::BFloat16>(p, c, row_loss);
       break;
     case DType::Float16:
-      ce_rows_dtype<c10::Half>(p, c, row_loss);
+      ce_rows_dtype<c10::Half, c10::Half>(p, c, row_loss);
       break;
   }
 }

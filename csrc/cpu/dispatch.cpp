@@ -53,6 +53,10 @@ const char* kernel_capability() {
 
 void cross_entropy_forward(const CrossEntropyParams& p) {
   TORCH_CHECK(p.vocab >= 1, "cross_entropy: vocab must be >= 1, got ", p.vocab);
+  const DType gd = grad_dtype_of(p);
+  TORCH_CHECK(!p.grad || gd == p.dtype || (p.dtype == DType::Float32 && gd != DType::Float32),
+              "cross_entropy: a gradient dtype other than the logits' is only supported as "
+              "bf16/fp16 from fp32 logits");
   int64_t n_valid = 0;
   for (int64_t i = 0; i < p.n_rows; ++i) {
     const int64_t y = p.targets[i];

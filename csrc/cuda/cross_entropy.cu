@@ -163,28 +163,35 @@ struct Plan {
   int threads = 256;
 };
 
-template <typename T, int THREADS, bool FULL>
+template <typename T, typename G, int THREADS, bool FULL>
 const void* kernel_ptr(Kind kind) {
   switch (kind) {
     case Kind::Cluster:
-      return reinterpret_cast<const void*>(&ce_forward_kernel<T, THREADS, FULL, true>);
+      return reinterpret_cast<const void*>(&ce_forward_kernel<T, G, THREADS, FULL, true>);
     default:
-      return reinterpret_cast<const void*>(&ce_forward_kernel<T, THREADS, FULL, false>);
+      return reinterpret_cast<const void*>(&ce_forward_kernel<T, G, THREADS, FULL, false>);
   }
 }
 
-template <typename T>
+template <typename T, typename G>
 const void* pick_kernel(const Plan& plan, bool full) {
   if (plan.threads == 512)
-    return full ? kernel_ptr<T, 512, true>(plan.kind) : kernel_ptr<T, 512, false>(plan.kind);
-  return full ? kernel_ptr<T, 256, true>(plan.kind) : kernel_ptr<T, 256, false>(plan.kind);
+    return full ? kernel_ptr<T, G, 512, true>(plan.kind) : kernel_ptr<T, G, 512, false>(plan.kind);
+  return full ? kernel_ptr<T, G, 256, true>(plan.kind) : kernel_ptr<T, G, 256, false>(plan.kind);
 }
 
-const void* pick_kernel(const Plan& plan, DType dt, bool full) {
+// (logits dtype, gradient dtype): the same, or fp32 logits with a bf16/fp16 gradient.
+const void* pick_kernel(const Plan& plan, DType dt, DType gdt, bool full) {
+  if (dt == DType::Float32 && gdt == DType::BFloat16)
+    return pick_kernel<float, __nv_bfloat16>(plan, full);
+  if (dt == DType::Float32 && gdt == DType::Float16) return pick_kernel<float, __half>(plan, full);
+  if (gdt != dt)
+    throw std::runtime_error("sftctl CUDA cross_entropy: a gradient dtype other than the "
+                             "logits' is only supported as bf16/fp16 from fp32 logits");
   switch (dt) {
-    case DType::Float32: return pick_kernel<float>(plan, full);
-    case DType::BFloat16: return pick_kernel<__nv_bfloat16>(plan, full);
-    case DType::Float16: return pick_kernel<__half>(plan, full);
+    case DType::Float32: return pick_kernel<float, float>(plan, full);
+    case DType::BFloat16: return pick_kernel<__nv_bfloat16, __nv_bfloat16>(plan, full);
+    case DType::Float16: return pick_kernel<__half, __half>(plan, full);
   }
   throw std::runtime_error("sftctl CUDA cross_entropy: unknown dtype");
 }
@@ -210,7 +217,7 @@ Plan make_plan(const CrossEntropyParams& p, bool full) {
   plan.kind = Kind::Cluster;
   plan.nchunk = static_cast<int>(std::min<int64_t>(
       std::min(knobs.chunks, kMaxChunks), std::max<int64_t>(1, vpc / 256)));
-  const void* fn = pick_kernel(plan, p.dtype, full);
+  const void* fn = pick_kernel(plan, p.dtype, grad_dtype_of(p), full);
   const int smem = plan.vpc * 16;
   prepare_kernel(fn, smem, plan.csize > 8);
   if (max_active_clusters(fn, plan.csize, plan.threads, smem) <= 0) {
@@ -246,9 +253,10 @@ void cross_entropy_forward(const CrossEntropyParams& p, void* stream_ptr) {
   check(cudaGetLastError(), "launch of ce_prep_kernel");
 
   if (p.n_rows > 0) {
-    const bool full = p.softcap != 0.f || p.label_smoothing != 0.f || p.correct != nullptr;
+    const bool full = p.softcap != 0.f || p.label_smoothing != 0.f || p.correct != nullptr ||
+                      p.logit_scale != 1.f;
     const Plan plan = make_plan(p, full);
-    const void* fn = pick_kernel(plan, p.dtype, full);
+    const void* fn = pick_kernel(plan, p.dtype, grad_dtype_of(p), full);
     const bool tma = plan.kind == Kind::Cluster;
     const int smem = tma ? plan.vpc * 16 : 0;
     CeKernelArgs args;

@@ -86,14 +86,19 @@ struct Case {
   bool neginf = false;  // every 7th column -inf (masked vocabulary padding)
   std::string kernel = "";  // "", "global", "cluster"
   int slice_kb = 0;
+  int gdt = -1;          // gradient dtype (-1: the logits'); bf16/fp16 from fp32 logits
+  float ls = 1.f;        // logit_scale
+  bool row_scale = false;  // per-row gradient factors
+  DType gdtype() const { return gdt < 0 ? dt : static_cast<DType>(gdt); }
   std::string name() const {
-    char b[256];
+    char b[320];
     std::snprintf(b, sizeof b,
                   "%s N=%lld V=%lld pad=%lld off=%lld ign=%.2f red=%d eps=%g zl=%g cap=%g lse=%d "
-                  "acc=%d norm=%d gs=%d inplace=%d kernel=%s slice=%d",
+                  "acc=%d norm=%d gs=%d inplace=%d kernel=%s slice=%d grad=%s ls=%g rs=%d",
                   dname(dt), (long long)n, (long long)v, (long long)stride_pad,
                   (long long)base_off, ignore_frac, (int)red, eps, zl, cap, lse, acc, normalizer,
-                  grad_scale, inplace, kernel.empty() ? "auto" : kernel.c_str(), slice_kb);
+                  grad_scale, inplace, kernel.empty() ? "auto" : kernel.c_str(), slice_kb,
+                  dname(gdtype()), ls, row_scale);
     return b;
   }
 };
@@ -136,6 +141,11 @@ static void run_case(const Case& c, std::mt19937_64& rng) {
     for (auto& y : ht)
       if (y >= 0 && y % 7 == 0) y = (y + 1 < V) ? y + 1 : -100;  // never target a -inf column
   const float norm_val = 37.f, gs_val = 1024.f;
+  std::vector<float> hrs(N, 1.f);
+  if (c.row_scale)
+    for (int64_t i = 0; i < N; ++i) hrs[i] = 0.25f + 2.f * static_cast<float>(ud(rng));
+  const DType gd = c.gdtype();
+  const size_t ges = esize(gd);
 
   // ---- fp64 reference on the stored values
   std::vector<double> rloss(N, 0.0), rlse(N, 0.0), rgrad(N * V, 0.0);
@@ -152,7 +162,7 @@ static void run_case(const Case& c, std::mt19937_64& rng) {
     double mx = -INFINITY, sz = 0;
     int64_t am = 0;
     for (int64_t j = 0; j < V; ++j) {
-      double x = load_host(c.dt, hl.data(), c.base_off + i * stride + j);
+      double x = static_cast<double>(c.ls * load_host(c.dt, hl.data(), c.base_off + i * stride + j));
       if (c.cap > 0) {
         double t = std::tanh(x / c.cap);
         z[j] = c.cap * t;
@@ -180,7 +190,7 @@ static void run_case(const Case& c, std::mt19937_64& rng) {
     for (int64_t j = 0; j < V; ++j) {
       double p = std::exp(z[j] - lse);
       double g = p * (1 + 2 * c.zl * lse) - (j == y ? 1 - c.eps : 0.0) - c.eps / V;
-      rgrad[i * V + j] = gscale * g * d[j];
+      rgrad[i * V + j] = gscale * c.ls * hrs[i] * g * d[j];
     }
   }
   double rl_total = c.red == Reduction::Mean ? (divisor != 0 ? rtotal / divisor : 0.0) : rtotal;
@@ -191,6 +201,7 @@ static void run_case(const Case& c, std::mt19937_64& rng) {
   float *dloss = nullptr, *dlse = nullptr, *dws = nullptr, *dnorm = nullptr, *dgs = nullptr;
   bool* dcor = nullptr;
   void* dg = nullptr;
+  float* drs = nullptr;
   CK(cudaMalloc(&dl, hl.size() + 16));
   CK(cudaMemcpy(dl, hl.data(), hl.size(), cudaMemcpyHostToDevice));
   CK(cudaMalloc(&dt, N * 8 + 8));
@@ -206,6 +217,8 @@ static void run_case(const Case& c, std::mt19937_64& rng) {
   CK(cudaMemcpy(dnorm, &norm_val, 4, cudaMemcpyHostToDevice));
   CK(cudaMalloc(&dgs, 4));
   CK(cudaMemcpy(dgs, &gs_val, 4, cudaMemcpyHostToDevice));
+  CK(cudaMalloc(&drs, N * 4 + 4));
+  CK(cudaMemcpy(drs, hrs.data(), N * 4, cudaMemcpyHostToDevice));
   CrossEntropyParams p;
   p.logits = static_cast<unsigned char*>(dl) + c.base_off * es;
   p.logits_row_stride = stride;
@@ -218,6 +231,9 @@ static void run_case(const Case& c, std::mt19937_64& rng) {
   p.label_smoothing = c.eps;
   p.z_loss = c.zl;
   p.softcap = c.cap;
+  p.logit_scale = c.ls;
+  p.grad_dtype = static_cast<int>(gd);
+  p.row_scale = c.row_scale ? drs : nullptr;
   p.normalizer = c.normalizer ? dnorm : nullptr;
   p.grad_scale = c.grad_scale ? dgs : nullptr;
   p.loss = dloss;
@@ -228,8 +244,8 @@ static void run_case(const Case& c, std::mt19937_64& rng) {
       dg = const_cast<void*>(p.logits);
       p.grad_row_stride = stride;
     } else {
-      CK(cudaMalloc(&dg, N * V * es + 16));
-      CK(cudaMemset(dg, 0xff, N * V * es + 16));
+      CK(cudaMalloc(&dg, N * V * ges + 16));
+      CK(cudaMemset(dg, 0xff, N * V * ges + 16));
       p.grad_row_stride = V;
     }
     p.grad = dg;
@@ -276,7 +292,7 @@ static void run_case(const Case& c, std::mt19937_64& rng) {
     expect(bad == 0, nm + " correct mismatches " + std::to_string(bad));
   }
   if (c.grad) {
-    std::vector<unsigned char> hg(N * V * es);
+    std::vector<unsigned char> hg(N * V * ges);
     if (c.inplace) {
       // gather the rows out of the strided logits buffer
       std::vector<unsigned char> all(hl.size());
@@ -291,16 +307,16 @@ static void run_case(const Case& c, std::mt19937_64& rng) {
     int64_t nonzero_ignored = 0;
     for (int64_t i = 0; i < N; ++i)
       for (int64_t j = 0; j < V; ++j) {
-        const double g = load_host(c.dt, hg.data(), i * V + j), r = rgrad[i * V + j];
+        const double g = load_host(gd, hg.data(), i * V + j), r = rgrad[i * V + j];
         finite &= std::isfinite(g);
         if (ht[i] == -100 && g != 0.0) ++nonzero_ignored;
         num += (g - r) * (g - r);
         den += r * r;
-        const double rr = to_dtype(c.dt, (float)r) - r;
+        const double rr = to_dtype(gd, (float)r) - r;
         rnd += rr * rr;
       }
     num = std::sqrt(num), den = std::sqrt(den), rnd = std::sqrt(rnd);
-    const double tol = c.dt == DType::Float32 ? 2e-6 * den : 2 * rnd + 1e-6 * den;
+    const double tol = gd == DType::Float32 ? 2e-6 * den : 2 * rnd + 1e-6 * den;
     expect(finite && nonzero_ignored == 0 && num <= tol + 1e-30,
            nm + " grad err " + std::to_string(num / (den + 1e-300)) + " tol " +
                std::to_string(tol / (den + 1e-300)) + " nonzero_ignored " +
@@ -311,8 +327,8 @@ static void run_case(const Case& c, std::mt19937_64& rng) {
     std::vector<float> again(nloss);
     std::vector<unsigned char> g1, g2;
     if (c.grad) {
-      g1.resize(N * V * es);
-      g2.resize(N * V * es);
+      g1.resize(N * V * ges);
+      g2.resize(N * V * ges);
       CK(cudaMemcpy(g1.data(), dg, g1.size(), cudaMemcpyDeviceToHost));
       CK(cudaMemset(dg, 0xff, g1.size()));
     }
@@ -332,6 +348,7 @@ static void run_case(const Case& c, std::mt19937_64& rng) {
   CK(cudaFree(dcor));
   CK(cudaFree(dnorm));
   CK(cudaFree(dgs));
+  CK(cudaFree(drs));
   CK(cudaFree(dws));
 }
 
@@ -681,6 +698,36 @@ int main(int argc, char** argv) {
         c.ignore_frac = red == Reduction::Sum ? 0.0 : 0.3;
         cases.push_back(c);
       }
+  // fused linear cross-entropy: fp32 logits with the gradient stored in bf16/fp16, logit scale,
+  // per-row gradient factors; odd V makes the 16-bit gradient rows misaligned (scalar stores)
+  for (DType gd : {DType::BFloat16, DType::Float16})
+    for (int64_t v : {1LL, 129LL, 4099LL, 128256LL})
+      for (int opt = 0; opt < 3; ++opt) {
+        Case c;
+        c.dt = DType::Float32;
+        c.gdt = static_cast<int>(gd);
+        c.n = 5;
+        c.v = v;
+        c.ls = opt >= 1 ? 0.625f : 1.f;
+        c.row_scale = opt == 2;
+        c.cap = opt == 2 ? 6.f : 0.f;
+        c.eps = opt == 2 ? 0.1f : 0.f;
+        c.zl = opt == 1 ? 1e-3f : 0.f;
+        c.red = opt == 2 ? Reduction::None : Reduction::Mean;
+        c.lse = true;
+        c.grad_scale = opt == 1;
+        c.stride_pad = v == 4099 ? 1 : 0;
+        cases.push_back(c);
+      }
+  {
+    Case c;  // logit scale alone on same-dtype logits (the FULL path of the plain op)
+    c.dt = DType::BFloat16;
+    c.n = 4;
+    c.v = 32000;
+    c.ls = 1.75f;
+    c.row_scale = true;
+    cases.push_back(c);
+  }
   if (!quick) {
     // options, alone and together, on an odd and a large vocabulary
     for (DType dt : dts)

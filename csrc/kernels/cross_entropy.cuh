@@ -25,8 +25,10 @@
 // - No host synchronisation: the divisor of the mean (normalizer or count of non-ignored rows)
 //   and the gradient scale are computed on the device by a small prep kernel that also checks the
 //   targets (device-side assert on a target outside [0, V) that is not ignore_index).
-// - Template flags: FULL adds softcap, label smoothing and argmax bookkeeping; the common path
-//   (none of them) skips that work entirely.
+// - Template flags: FULL adds softcap, logit scale, label smoothing and argmax bookkeeping; the
+//   common path (none of them) skips that work entirely.
+// - Gradient storage type G: the logits' type T, or bf16/fp16 from fp32 logits (the fused linear
+//   cross-entropy feeds that gradient straight to its bf16/fp16 backward GEMMs; rounded once).
 #pragma once
 
 #include <cstdint>
@@ -128,11 +130,29 @@ struct RowConst {
 // ---------------------------------------------------------------------------------------------
 // Per-row geometry and the passes, shared by both variants of the row kernel below.
 
-// One row as seen by CTA `rank` of its cluster: head | body of 16-byte vectors | tail.
+// Stores one body vector's E = Vec<T>::kElems gradient values at an aligned G pointer: a 16-byte
+// store when G == T, E * sizeof(G) bytes (8 for fp32 -> bf16/fp16) otherwise.
+template <typename T, typename G>
+struct GradStore {
+  static constexpr int kBytes = Vec<T>::kElems * static_cast<int>(sizeof(G));
+  __device__ __forceinline__ static void store(G* d, const float (&g)[Vec<T>::kElems]) {
+    static_assert(Vec<T>::kElems == 4 && sizeof(G) == 2, "narrowing store: fp32 -> 16-bit only");
+    *reinterpret_cast<uint2*>(d) = make_uint2(Vec<G>::pack2(g[0], g[1]), Vec<G>::pack2(g[2], g[3]));
+  }
+};
 template <typename T>
+struct GradStore<T, T> {
+  static constexpr int kBytes = 16;
+  __device__ __forceinline__ static void store(T* d, const float (&g)[Vec<T>::kElems]) {
+    *reinterpret_cast<uint4*>(d) = Vec<T>::pack(g);
+  }
+};
+
+// One row as seen by CTA `rank` of its cluster: head | body of 16-byte vectors | tail.
+template <typename T, typename G>
 struct RowView {
   const T* lrow;
-  T* grow;      // null when no gradient is wanted
+  G* grow;      // null when no gradient is wanted
   int64_t row;
   int64_t y;
   int V;
@@ -148,7 +168,7 @@ struct RowView {
     row = r;
     V = static_cast<int>(p.vocab);
     lrow = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
-    grow = p.grad ? static_cast<T*>(p.grad) + r * p.grad_row_stride : nullptr;
+    grow = p.grad ? static_cast<G*>(p.grad) + r * p.grad_row_stride : nullptr;
     y = p.targets[r];
     const uint32_t mis = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(lrow)) & 15u;
     head = min(V, static_cast<int>(((16u - mis) & 15u) / sizeof(T)));
@@ -159,28 +179,30 @@ struct RowView {
     yvec = (y >= head && y < tail0) ? static_cast<int>(y - head) / E : -1;
     first = rank == 0;
     last = rank == csize - 1;
-    gvec = grow != nullptr && (reinterpret_cast<uintptr_t>(grow + head) & 15u) == 0;
+    gvec = grow != nullptr &&
+           (reinterpret_cast<uintptr_t>(grow + head) % GradStore<T, G>::kBytes) == 0;
   }
   __device__ __forceinline__ const uint4* body() const {
     return reinterpret_cast<const uint4*>(lrow + head) + v0;
   }
 };
 
-template <typename T, int THREADS>
-__device__ __forceinline__ void zero_row(const CrossEntropyParams& p, const RowView<T>& rv) {
-  using VT = Vec<T>;
-  constexpr int E = VT::kElems;
+template <typename T, typename G, int THREADS>
+__device__ __forceinline__ void zero_row(const CrossEntropyParams& p, const RowView<T, G>& rv) {
+  using VG = Vec<G>;
+  constexpr int E = Vec<T>::kElems;
   const int tid = threadIdx.x;
   if (rv.grow) {
     if (rv.gvec) {
-      uint4* dst = reinterpret_cast<uint4*>(rv.grow + rv.head) + rv.v0;
-      for (int i = tid; i < rv.nv; i += THREADS) dst[i] = make_uint4(0u, 0u, 0u, 0u);
+      const float z[E] = {};
+      G* dst = rv.grow + rv.head + rv.v0 * E;
+      for (int i = tid; i < rv.nv; i += THREADS) GradStore<T, G>::store(dst + i * E, z);
     } else {
       for (int i = tid; i < rv.nv * E; i += THREADS)
-        VT::store1(rv.grow + rv.head + rv.v0 * E + i, 0.f);
+        VG::store1(rv.grow + rv.head + rv.v0 * E + i, 0.f);
     }
-    if (rv.first && tid < rv.head) VT::store1(rv.grow + tid, 0.f);
-    if (rv.last && tid < rv.V - rv.tail0) VT::store1(rv.grow + rv.tail0 + tid, 0.f);
+    if (rv.first && tid < rv.head) VG::store1(rv.grow + tid, 0.f);
+    if (rv.last && tid < rv.V - rv.tail0) VG::store1(rv.grow + rv.tail0 + tid, 0.f);
   }
   if (rv.first && tid == 0) {
     if (p.reduction == Reduction::None)
@@ -192,15 +214,18 @@ __device__ __forceinline__ void zero_row(const CrossEntropyParams& p, const RowV
   }
 }
 
+// The transform of a stored value x into z (FULL kernels only): x * ls, then the softcap.
 struct Softcap {
   bool on;
   float cap, inv;
+  float ls;  // logit scale
 };
 
 // Pass 1 over one scalar column (head/tail elements).
 template <bool FULL>
 __device__ __forceinline__ void take_scalar(RowPart<FULL>& st, float x, int col, int64_t y,
                                             const Softcap& sc) {
+  if (FULL) x *= sc.ls;
   if (FULL && sc.on) x = sc.cap * tanhf(x * sc.inv);
   if (x > st.m) {
     st.s = st.s * fast_exp2((st.m - x) * kLog2e);  // m = -inf: s is 0, 0 * 0 = 0
@@ -221,12 +246,16 @@ __device__ __forceinline__ void take_scalar(RowPart<FULL>& st, float x, int col,
 }
 
 // Pass 1 over one 16-byte vector (body vector index v of the row).
-template <typename T, bool FULL>
+template <typename T, typename G, bool FULL>
 __device__ __forceinline__ void take_vec(RowPart<FULL>& st, const uint4& u, int v,
-                                         const RowView<T>& rv, const Softcap& sc) {
+                                         const RowView<T, G>& rv, const Softcap& sc) {
   constexpr int E = Vec<T>::kElems;
   float x[E];
   Vec<T>::unpack(u, x);
+  if (FULL) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] *= sc.ls;
+  }
   if (FULL && sc.on) {
 #pragma unroll
     for (int e = 0; e < E; ++e) x[e] = sc.cap * tanhf(x[e] * sc.inv);
@@ -266,8 +295,8 @@ __device__ __forceinline__ void take_vec(RowPart<FULL>& st, const uint4& u, int 
 }
 
 // Head and tail columns, pass 1 (thread 0 of the first / last CTA).
-template <typename T, bool FULL>
-__device__ __forceinline__ void take_edges(RowPart<FULL>& st, const RowView<T>& rv,
+template <typename T, typename G, bool FULL>
+__device__ __forceinline__ void take_edges(RowPart<FULL>& st, const RowView<T, G>& rv,
                                            const Softcap& sc) {
   if (threadIdx.x != 0) return;
   if (rv.first)
@@ -294,9 +323,9 @@ __device__ __forceinline__ RowPart<FULL> block_reduce(RowPart<FULL> st,
 }
 
 // Row constants and the row's outputs from the merged partial (thread 0 of each CTA).
-template <typename T, bool FULL>
-__device__ __forceinline__ RowConst finish_row(const CrossEntropyParams& p, const RowView<T>& rv,
-                                               const RowPart<FULL>& r) {
+template <typename T, typename G, bool FULL>
+__device__ __forceinline__ RowConst finish_row(const CrossEntropyParams& p,
+                                               const RowView<T, G>& rv, const RowPart<FULL>& r) {
   RowConst rc;
   const float ln_s = logf(r.s);  // s >= 1: the max term contributes exp(0)
   rc.m = r.m;
@@ -341,9 +370,9 @@ __device__ __forceinline__ GradCoef grad_coef(const CrossEntropyParams& p, const
 template <bool FULL>
 __device__ __forceinline__ float grad_scalar(float raw, int col, int64_t y, const GradCoef& k,
                                              const Softcap& sc) {
-  float x = raw, d = 1.f;
+  float x = FULL ? raw * sc.ls : raw, d = 1.f;
   if (FULL && sc.on) {
-    const float t = tanhf(raw * sc.inv);
+    const float t = tanhf(x * sc.inv);
     x = sc.cap * t;
     d = 1.f - t * t;
   }
@@ -353,17 +382,21 @@ __device__ __forceinline__ float grad_scalar(float raw, int col, int64_t y, cons
 }
 
 // Pass 2 over this CTA's body vectors [lo, hi) read from `src` (shared memory or the global row).
-template <typename T, int THREADS, bool FULL>
-__device__ __forceinline__ void grad_body(const RowView<T>& rv, const uint4* src, int lo, int hi,
-                                          const GradCoef& k, const Softcap& sc) {
+template <typename T, typename G, int THREADS, bool FULL>
+__device__ __forceinline__ void grad_body(const RowView<T, G>& rv, const uint4* src, int lo,
+                                          int hi, const GradCoef& k, const Softcap& sc) {
   using VT = Vec<T>;
   constexpr int E = VT::kElems;
-  uint4* gdst = reinterpret_cast<uint4*>(rv.grow + rv.head) + rv.v0;
+  G* gdst = rv.grow + rv.head + rv.v0 * E;
 #pragma unroll 2
   for (int i = lo + threadIdx.x; i < hi; i += THREADS) {
     const uint4 u = src[i];
     float x[E], g[E];
     VT::unpack(u, x);
+    if (FULL) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) x[e] *= sc.ls;
+    }
     if (FULL && sc.on) {
 #pragma unroll
       for (int e = 0; e < E; ++e) {
@@ -387,26 +420,27 @@ __device__ __forceinline__ void grad_body(const RowView<T>& rv, const uint4* src
       for (int e = 0; e < E; ++e) g[e] *= x[e];
     }
     if (rv.gvec) {
-      gdst[i] = VT::pack(g);
+      GradStore<T, G>::store(gdst + i * E, g);
     } else {
-      T* d = rv.grow + rv.head + (rv.v0 + i) * E;
+      G* d = gdst + i * E;
 #pragma unroll
-      for (int e = 0; e < E; ++e) VT::store1(d + e, g[e]);
+      for (int e = 0; e < E; ++e) Vec<G>::store1(d + e, g[e]);
     }
   }
 }
 
-template <typename T, bool FULL>
-__device__ __forceinline__ void grad_edges(const RowView<T>& rv, const GradCoef& k,
+template <typename T, typename G, bool FULL>
+__device__ __forceinline__ void grad_edges(const RowView<T, G>& rv, const GradCoef& k,
                                            const Softcap& sc) {
   using VT = Vec<T>;
+  using VG = Vec<G>;
   if (threadIdx.x != 0) return;
   if (rv.first)
     for (int j = 0; j < rv.head; ++j)
-      VT::store1(rv.grow + j, grad_scalar<FULL>(VT::load1(rv.lrow + j), j, rv.y, k, sc));
+      VG::store1(rv.grow + j, grad_scalar<FULL>(VT::load1(rv.lrow + j), j, rv.y, k, sc));
   if (rv.last)
     for (int j = rv.tail0; j < rv.V; ++j)
-      VT::store1(rv.grow + j, grad_scalar<FULL>(VT::load1(rv.lrow + j), j, rv.y, k, sc));
+      VG::store1(rv.grow + j, grad_scalar<FULL>(VT::load1(rv.lrow + j), j, rv.y, k, sc));
 }
 
 __device__ __forceinline__ Softcap make_softcap(const CrossEntropyParams& p, bool full) {
@@ -414,6 +448,7 @@ __device__ __forceinline__ Softcap make_softcap(const CrossEntropyParams& p, boo
   sc.on = full && p.softcap > 0.f;
   sc.cap = p.softcap;
   sc.inv = sc.on ? 1.f / p.softcap : 0.f;
+  sc.ls = full ? p.logit_scale : 1.f;
   return sc;
 }
 
@@ -428,7 +463,7 @@ constexpr int ce_min_blocks() {
   return THREADS <= 256 ? 3 : 2;
 }
 
-template <typename T, int THREADS, bool FULL, bool TMA>
+template <typename T, typename G, int THREADS, bool FULL, bool TMA>
 __global__ void __launch_bounds__(THREADS, ce_min_blocks<THREADS>())
     ce_forward_kernel(const CeKernelArgs a) {
   extern __shared__ __align__(128) uint4 slice[];  // TMA: this CTA's slice of the row
@@ -440,9 +475,9 @@ __global__ void __launch_bounds__(THREADS, ce_min_blocks<THREADS>())
   const CrossEntropyParams& p = a.p;
   const int tid = threadIdx.x;
   const int rank = TMA ? static_cast<int>(cluster_ctarank()) : 0;
-  const RowView<T> rv(p, a.row_begin + blockIdx.x / a.csize, rank, a.csize, a.vpc);
+  const RowView<T, G> rv(p, a.row_begin + blockIdx.x / a.csize, rank, a.csize, a.vpc);
   if (rv.y == p.ignore_index) {  // zero gradient row; the logits are never read
-    zero_row<T, THREADS>(p, rv);
+    zero_row<T, G, THREADS>(p, rv);
     return;
   }
   const uint4* gbody = rv.body();
@@ -465,7 +500,10 @@ __global__ void __launch_bounds__(THREADS, ce_min_blocks<THREADS>())
     }
     __syncthreads();  // barriers initialised before anyone waits on them
   }
-  const float scale = (rv.grow != nullptr) ? p.workspace[0] : 0.f;  // from the prep kernel
+  // gradient factor: the prep kernel's reduction scale x dz/dx x the optional per-row factor
+  const float scale = (rv.grow != nullptr) ? p.workspace[0] * p.logit_scale *
+                                                 (p.row_scale ? p.row_scale[rv.row] : 1.f)
+                                           : 0.f;
   const Softcap sc = make_softcap(p, FULL);
   const uint4* src = TMA ? slice : gbody;
 
@@ -503,8 +541,8 @@ __global__ void __launch_bounds__(THREADS, ce_min_blocks<THREADS>())
   // ---- pass 2: gradient from the shared-memory copy (global re-read in the fallback variant)
   if (rv.grow) {
     const GradCoef k = grad_coef(p, row_const, scale, FULL, rv.V);
-    grad_edges<T, FULL>(rv, k, sc);
-    grad_body<T, THREADS, FULL>(rv, src, 0, nv, k, sc);
+    grad_edges<T, G, FULL>(rv, k, sc);
+    grad_body<T, G, THREADS, FULL>(rv, src, 0, nv, k, sc);
   }
   if (TMA && a.csize > 1) cluster_wait();
 }

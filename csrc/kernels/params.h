@@ -15,15 +15,20 @@ enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
 enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
 
 // Fused cross-entropy over logits [n_rows, vocab]. One call computes, per non-ignored row i with
-// target y and (optionally soft-capped) logits z:
+// target y and logits z = softcap(logit_scale * x) of the stored values x:
 //   lse_i  = log sum_j exp(z_j)
 //   loss_i = (1 - eps) * (lse_i - z_y) + eps * (lse_i - mean_j z_j) + z_loss * lse_i^2
-// and, when grad != nullptr, the gradient of the reduced loss with respect to the raw logits:
-//   g_ij = scale * [ p_j * (1 + 2 z_loss lse_i) - (1 - eps) [j == y] - eps / V ] * dcap_ij
-// where p = softmax(z), dcap = 1 - tanh^2(x / softcap) (1 when softcap is off) and
+// and, when grad != nullptr, the gradient of the reduced loss with respect to the stored x:
+//   g_ij = scale * r_i * logit_scale * [ p_j (1 + 2 z_loss lse_i) - (1 - eps) [j == y] - eps / V ]
+//          * dcap_ij
+// where p = softmax(z), dcap = 1 - tanh^2(logit_scale x / softcap) (1 when softcap is off),
+//   r_i = row_scale[i] (1 when row_scale is null) and
 //   scale = grad_scale * (mean: 1 / normalizer, or 1 / n_valid when normalizer is null; 0 when
 //           the divisor is 0) for Mean, grad_scale for Sum and None (None's per-row grad_output is
-//           applied later by scale_grad_).
+//           applied later by scale_grad_, or up front through row_scale).
+// The gradient is stored in grad_dtype, which is the logits' dtype for sftctl::cross_entropy; the
+// fused linear cross-entropy reads fp32 logits and writes bf16/fp16 gradients (the GEMM input
+// dtype) directly, rounded once.
 // Ignored rows (target == ignore_index) have loss 0, lse 0, correct false and a zero gradient row.
 // All sums and the gradient are computed in fp32; the gradient is rounded once to the logits dtype.
 struct CrossEntropyParams {
@@ -38,17 +43,26 @@ struct CrossEntropyParams {
   float label_smoothing = 0.f;       // eps in [0, 1]
   float z_loss = 0.f;                // coefficient of lse^2, >= 0
   float softcap = 0.f;               // > 0 applies softcap * tanh(x / softcap); 0 is off
+  float logit_scale = 1.f;           // z = logit_scale * stored value, before the softcap
   const float* normalizer = nullptr; // 0-dim fp32, Mean only; null -> count of non-ignored rows
   const float* grad_scale = nullptr; // 0-dim fp32 multiplying the gradient (a loss scale); null -> 1
 
   float* loss = nullptr;             // None: [n_rows]; Mean/Sum: 0-dim
   float* lse = nullptr;              // optional [n_rows]
   bool* correct = nullptr;           // optional [n_rows]: argmax_j z_j == target (first max wins)
-  void* grad = nullptr;              // optional [n_rows, vocab] of `dtype`; may equal `logits`
+  void* grad = nullptr;              // optional [n_rows, vocab] of grad_dtype; may equal `logits`
   int64_t grad_row_stride = 0;       //   (memory mode: the gradient overwrites the logits)
+  int grad_dtype = -1;               // a DType, or -1: `dtype` (see grad_dtype_of); a different
+                                     //   one only as bf16/fp16 from fp32 logits
+  const float* row_scale = nullptr;  // optional [n_rows] fp32 factor of each row's gradient
 
   float* workspace = nullptr;        // kernel scratch, size given by the launcher's *_workspace()
 };
+
+// The dtype the gradient is stored in.
+inline DType grad_dtype_of(const CrossEntropyParams& p) {
+  return p.grad_dtype < 0 ? p.dtype : static_cast<DType>(p.grad_dtype);
+}
 
 // Masking op: next-token targets for causal-LM SFT.
 // labels[b, t] = input_ids[b, t + 1] when position t + 1 is a trainable token of the same document
