@@ -241,7 +241,8 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=3000)
     p.add_argument("--budget-s", type=float, default=1e9)
     p.add_argument("--build-done", type=Path, default=None)
-    p.add_argument("--skip", nargs="*", default=[], choices=["nccl", "resume", "one_gpu"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["nccl", "fsdp", "resume", "one_gpu"],
+                   help="steps to leave out (e.g. a second, warm call: --skip nccl fsdp resume)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (gloo)")
     p.add_argument("--nccl-worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -350,7 +351,9 @@ def main() -> int:
     # 2. N GPUs, FSDP2 ------------------------------------------------------------------------
     run_dir = root / "fsdp_run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    if left() < 120 and not args.smoke:
+    if "fsdp" in args.skip:
+        runs["fsdp"] = {"rc": "skipped", "error": "--skip fsdp"}
+    elif left() < 120 and not args.smoke:
         runs["fsdp"] = {"rc": "skipped", "error": f"{left():.0f} s of the budget left"}
     else:
         extra = ["--strategy", "fsdp", "--overwrite"] + (
@@ -471,7 +474,7 @@ def main() -> int:
     # 5. projection ----------------------------------------------------------------------------
     result["projection_8gpu"] = project(result, cfg, args.gpus)
     stem = f"fsdp8b_{card.replace(' ', '_').replace('/', '_')}_{result['date']}" + \
-        ("_smoke" if args.smoke else "")
+        ("_smoke" if args.smoke else "") + ("_skip-" + "-".join(args.skip) if args.skip else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
     (args.out / f"{stem}.md").write_text(md)

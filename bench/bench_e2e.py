@@ -571,6 +571,8 @@ def main() -> int:
                         "wait for it; the other runners go first)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on the CPU (fp32), 2+2 steps: checks the script, not speed")
+    p.add_argument("--tag", default="", help="appended to the result files' names (one call "
+                                             "of several)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -671,7 +673,7 @@ def main() -> int:
                   "n_matmul_params": flops_per_token_params(cfgs[k])} for k, w in wls.items()},
               "wall_s": round(time.perf_counter() - t_begin, 1), "runs": results}
     stem = f"e2e_{card.replace(' ', '_').replace('/', '_')}_{result['date']}" + \
-        ("_smoke" if args.smoke else "")
+        ("_smoke" if args.smoke else "") + (f"_{args.tag}" if args.tag else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
     (args.out / f"{stem}.md").write_text(md)

@@ -7,10 +7,11 @@
 #   bash bench/run_8b_device.sh
 #   F8_ARGS="--skip one_gpu" bash bench/run_8b_device.sh
 #
-# Carry: .whl (datasets, dill, multiprocess; .whl/extra/pyarrow and fsspec are installed only
-# when the machine's own are outside what datasets needs; trl/liger wheels are installed too,
-# unused here). Results go to $OUT: fsdp8b_*.json, fsdp8b_*.md, bench.log, runs.log, env.txt,
-# build.log.
+# Carry: .whl/e2e (the wheel folder WHL; carry [".whl/e2e"], 58 MB):
+# datasets, dill, multiprocess wheels (liger-kernel and trl are installed too, unused here);
+# its extra/pyarrow and extra/fsspec are installed only when the machine's own are outside what
+# datasets 5.2 needs. Results go to $OUT: fsdp8b_*.json, fsdp8b_*.md, bench.log, runs.log,
+# env.txt, build.log.
 set -o pipefail
 OUT=${OUT:-/tmp/sftctl_out}
 mkdir -p "$OUT"
@@ -37,19 +38,20 @@ if ! python3 -c "import sftctl._C" 2>/dev/null; then
 else
   touch /tmp/sftctl_build_done
 fi
-if ls .whl/*.whl > /dev/null 2>&1; then
+WHL=${WHL:-.whl/e2e}
+if ls $WHL/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+    --target /tmp/site $WHL/*.whl || exit 1
   if ! python3 -c "import pyarrow, sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)"; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/extra/pyarrow-*.whl || exit 1
+      --target /tmp/site $WHL/extra/pyarrow-*.whl || exit 1
   fi
   if ! python3 -c "
 import fsspec, sys
 v = tuple(int(x) for x in fsspec.__version__.split('.')[:3])
 sys.exit(v > (2026, 9, 0))"; then  # datasets 5.2 pins fsspec<=2026.9.0
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/extra/fsspec-*.whl || exit 1
+      --target /tmp/site $WHL/extra/fsspec-*.whl || exit 1
   fi
   export PYTHONPATH=/tmp/site
 fi
