@@ -258,6 +258,32 @@ def step_flops(cfg, doc_lengths: list[int]) -> float:
     return 6.0 * flops_per_token_params(cfg) * n + attn
 
 
+def check_packed_attention(wl: dict, row: list[int]) -> None:
+    """The HF runners' packed rows (position_ids restarting per document, no mask) must give each
+    document the loss it has alone: attention never crosses documents (fp64, CPU)."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    tok = json.loads(Path(wl["data"]["tokens"]).read_text())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(AutoConfig.from_pretrained(wl["model"]),
+                                          attn_implementation="sdpa", dtype=torch.float64)
+    ids = [tok["ids"][i] for i in row]
+    labels = [[x if m else -100 for x, m in zip(tok["ids"][i], tok["mask"][i])] for i in row]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([sum(ids, [])]),
+                       position_ids=torch.tensor([sum((list(range(len(x))) for x in ids), [])])
+                       ).logits[0]  # [T, V]
+        o = 0
+        for x, lab in zip(ids, labels):
+            alone = model(input_ids=torch.tensor([x])).logits[0]  # [len, V]
+            err = (logits[o:o + len(x)] - alone).abs().max().item()
+            if err > 1e-9:
+                raise SystemExit(f"smoke: packed attention crosses documents (max diff {err})")
+            o += len(x)
+    print(f"smoke: packed logits equal per-document logits ({len(row)} documents)", flush=True)
+
+
 # ------------------------------------------------------------------------------------ workers
 
 def hf_worker(spec: dict) -> dict:
@@ -608,6 +634,7 @@ def main() -> int:
         if ref != plan_rows(lens, args.seq_len, True, 1):
             raise SystemExit("smoke: the bench's packing differs from sftctl's BatchPlan")
         print("smoke: packed rows equal sftctl's BatchPlan rows", flush=True)
+        check_packed_attention(wls["b"], max(plan_rows(lens, args.seq_len, True, 1), key=len))
     cfgs = {k: AutoConfig.from_pretrained(w["model"]) for k, w in wls.items()}
     for k, w in wls.items():  # token-weighted mean document length, for the MFU of sftctl/TRL
         ids = json.loads(Path(w["data"]["tokens"]).read_text())["ids"]
