@@ -159,7 +159,7 @@ TRACKERS = ["tensorboard>=2.14", "wandb>=0.19", "mlflow-skinny>=2.16"]
 EXTRAS = {"lora": ["peft>=0.13"],
           "trackers": TRACKERS,
           "test": ["pytest", "pytest-timeout", "hypothesis", "expecttest", "peft>=0.13",
-                   *TRACKERS]}
+                   "jsonschema>=4.18", *TRACKERS]}
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 
 
@@ -174,7 +174,7 @@ setup(
               "sftctl.plugins.trackers", "sftctl.plugins.model_card", "sftctl.evals"],
     package_data={"sftctl": ["py.typed"], "sftctl.plugins.alpaca": ["*.yaml", "*.json"],
                   "sftctl.plugins.chat": ["*.yaml", "*.json"],
-                  "sftctl.evals": ["templates/*", "tasks/*"]},
+                  "sftctl.evals": ["templates/*", "tasks/*", "report.schema.json"]},
     ext_modules=extensions(),
     cmdclass=cmdclass(),
     install_requires=[

@@ -161,7 +161,8 @@ def sftctl_load_dataset(source, config):
 #
 # Order within ``sftctl train``: configure -> (setup: data, model loaded, prepare_model,
 # compiled, wrapped for DDP/FSDP, optimizer built, ``--resume`` restored) -> train_start ->
-# [step_end every --log-every steps, evaluate after each validation pass]* -> save_model (rank 0,
+# [step_end every --log-every steps, evaluate after each validation pass, checkpoint_saved after
+# each periodic checkpoint]* -> save_model (rank 0,
 # may replace what is saved) -> save (final model, into its temporary directory) -> after_train
 # -> (rank 0, unless --no-eval) post_train.
 
@@ -181,6 +182,20 @@ def sftctl_step_end(run, step, metrics):
     ``tokens_total``, ``tokens_per_s``, ``grad_norm``, ``time``); called every ``--log-every``
     steps. ``run.request_stop(reason)`` ends training after this step (validation and the final
     save still happen)."""
+
+
+@hookspec
+def sftctl_checkpoint_saved(run, step, path):
+    """A periodic checkpoint (``--save-every``) is complete on disk: ``path`` is its directory
+    (``OUTPUT_DIR/checkpoints/step-N``, marker written), ``step`` the optimizer steps done.
+
+    Called on every rank right after the save, before the next step; never for the preemption
+    save (the run is ending) nor for the final model (``sftctl_save``). The training state must
+    come out unchanged: read the model (``run.model``), never step it, and restore any RNG you
+    draw from. Whatever the hook takes in time delays training by as much (other ranks wait at
+    the next collective); the ``evals`` plugin benchmarks the checkpoint here on rank 0 for
+    ``--benchmark-every``.
+    """
 
 
 @hookspec

@@ -433,6 +433,138 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def _steering(summary: Any, warnings: list[str]) -> dict | None:
+    """summary.json's ``steering`` (``--benchmark-every`` series, ``--select-best``, gates;
+    ``steering.py``) with the curves the report plots; None when the run asked for none."""
+    st = summary.get("steering") if isinstance(summary, dict) else None
+    if st is None:
+        return None
+    if not isinstance(st, dict):
+        warnings.append("summary.json: 'steering' is not an object; ignored")
+        return None
+    out = {k: st.get(k) for k in ("benchmark_every", "benchmark_limit", "select_best",
+                                  "require", "selected", "gates_passed")}
+    out["points"] = [p for p in st.get("points") or [] if isinstance(p, dict)]
+    out["gates"] = [g for g in st.get("gates") or [] if isinstance(g, dict)]
+    for p in out["points"]:
+        for task, err in (p.get("errors") or {}).items():
+            warnings.append(f"benchmark {task} at step {p.get('step')} failed: {err}")
+    return out
+
+
+def steps_curves(steering: dict, primary: dict[str, str | None]) -> list[tuple[str, str]]:
+    """The (task, metric key) pairs the series shows: the --select-best metric, the gates'
+    metrics, then each task's primary metric (else its first), at most 6."""
+    points = steering["points"]
+    tasks = list(dict.fromkeys(t for p in points for t in p.get("scores", {})))
+    wanted: list[tuple[str, str]] = []
+    for text in [steering.get("select_best")] + [g.get("task", "") + ":" + str(g.get("metric"))
+                                                 for g in steering.get("gates") or []]:
+        if text and ":" in text:
+            task, metric = text.split(":", 1)
+            wanted.append((task, metric))
+    for task in tasks:
+        keys = list(dict.fromkeys(k for p in points for k in (p["scores"].get(task) or {})))
+        if keys:
+            pm_ = primary.get(task)
+            wanted.append((task, pm_ if pm_ in keys else keys[0]))
+    out: list[tuple[str, str]] = []
+    for task, metric in wanted:
+        keys = list(dict.fromkeys(k for p in points for k in (p["scores"].get(task) or {})))
+        match = metric if metric in keys else next((k for k in keys
+                                                    if k.split(",", 1)[0] == metric), None)
+        if match and (task, match) not in out:
+            out.append((task, match))
+    return out[:6]
+
+
+def _steps_plot(train: list[dict], steering: dict, primary: dict[str, str | None]) -> bytes:
+    """Training loss and, next to it, each shown benchmark score against the step."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    curves = steps_curves(steering, primary)
+    n = 1 + max(1, len(curves))
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.0), squeeze=False)
+    axes = axes[0]
+    t = [(r["step"], _num(r.get("loss"))) for r in train if _num(r.get("loss")) is not None]
+    axes[0].plot([s for s, _ in t], [v for _, v in t], color="#4c72b0", lw=1.2)
+    axes[0].set_title("train loss", fontsize=9)
+    sel = steering.get("selected") or {}
+    for ax, (task, key) in zip(axes[1:], curves):
+        pts = [(p["step"], _num((p["scores"].get(task) or {}).get(key)), p.get("model"))
+               for p in steering["points"]]
+        pts = [x for x in pts if x[1] is not None]
+        ax.plot([s for s, _, _ in pts], [v for _, v, _ in pts], color="#dd8452", lw=1.5,
+                marker="o", ms=4)
+        if sel.get("task") == task and sel.get("metric") == key and sel.get("step") is not None:
+            ax.plot([sel["step"]], [sel["score"]], marker="*", ms=14, color="#137333",
+                    ls="none", label=f"selected: step {sel['step']}")
+            ax.legend(fontsize=7)
+        ax.set_title(f"{task}\n{key}", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def steering_markdown(report: dict) -> tuple[str, str]:
+    """(gates block, series block) in Markdown; empty strings when the run has none."""
+    st = report.get("steering")
+    if not st:
+        return "", ""
+    gates = ""
+    if st.get("gates"):
+        ok = st.get("gates_passed")
+        L = [f"Gates on the final benchmark (`--require`): **{'all passed' if ok else 'FAILED'}**"
+             + ("" if ok else " — `sftctl train` exits with 5"), "",
+             "| gate | compared | value | result |", "|---|---|---|---|"]
+        for g in st["gates"]:
+            value = "–" if g.get("value") is None else f"{g['value']:.4f}"
+            result = "passed" if g.get("passed") else "**FAILED**" + (
+                f": {g['error']}" if g.get("error") else "")
+            what = "SFT − base" if g.get("kind") == "delta" else "SFT"
+            L.append("| " + " | ".join(_md_cell(c) for c in (f"`{g.get('gate')}`", what, value,
+                                                               result)) + " |")
+        gates = "\n".join(L)
+    series = ""
+    if st.get("points"):
+        primary = {t["name"]: t.get("primary_metric")
+                   for t in (report.get("benchmarks") or {}).get("tasks", [])}
+        curves = steps_curves(st, primary)
+        L = [f"Benchmarked every {st.get('benchmark_every')} steps on the first "
+             f"{st.get('benchmark_limit')} documents of each benchmark (the final model's "
+             "point too; the table above uses every document).", ""]
+        head = ["step", "model", *[f"{t}:{k}" for t, k in curves]]
+        L += ["| " + " | ".join(_md_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
+        for p in st["points"]:
+            cells = [str(p.get("step")), str(p.get("model"))]
+            for t, k in curves:
+                if t in (p.get("errors") or {}):
+                    cells.append("error")
+                else:
+                    v = (p["scores"].get(t) or {}).get(k)
+                    cells.append("–" if v is None else f"{v:.4f}")
+            L.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+        sel = st.get("selected")
+        if sel and sel.get("step") is not None:
+            where = ("the final model; model/ is unchanged" if sel.get("model") == "final" else
+                     f"model/ holds it; the final model is in {sel.get('final_dir')}/")
+            L += ["", f"Selected (`--select-best {st.get('select_best')}`): **step "
+                      f"{sel['step']}**, {sel.get('metric')} = {sel['score']:.4f} ({where})."]
+        elif sel:
+            L += ["", f"`--select-best {st.get('select_best')}`: nothing selected "
+                      f"({sel.get('reason')}); model/ is the final model."]
+        series = "\n".join(L)
+    return gates, series
+
+
 def build_report(run_dir: str | Path, pm: Any = None) -> tuple[dict, dict[str, bytes]]:
     """The report dict (what report.json holds) and its PNG assets, from the run dir alone."""
     run_dir = Path(run_dir).resolve()
@@ -457,6 +589,9 @@ def build_report(run_dir: str | Path, pm: Any = None) -> tuple[dict, dict[str, b
     samples = _side_by_side(run_dir, bench, warnings) if bench else []
     primary = {t["name"]: t.get("primary_metric") for t in (bench or {}).get("tasks", [])}
     assets = _plots(train, val, (bench or {}).get("table", []), primary)
+    steering = _steering(summary, warnings)
+    if steering and steering["points"]:
+        assets["benchmark_steps.png"] = _steps_plot(train, steering, primary)
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -471,6 +606,7 @@ def build_report(run_dir: str | Path, pm: Any = None) -> tuple[dict, dict[str, b
                      "val": [{k: r.get(k) for k in ("step", "val_loss", "val_ppl")} for r in val]},
         "plots": {name.rsplit(".", 1)[0]: f"{ASSETS}/{name}" for name in sorted(assets)},
         "benchmarks": bench,
+        "steering": steering,
         "samples": samples,
         "sections": [],
         "warnings": warnings,
@@ -630,6 +766,9 @@ def render_markdown(report: dict) -> str:
             for e in bench["errors"]:
                 L.append(f"- **{e['model']} / {e['task']}**: {e['error']}")
             L.append("")
+    gates_md, series_md = steering_markdown(report)
+    if gates_md:
+        L += ["## Gates", "", gates_md, ""]
     if report["samples"]:
         L += ["## Held-out prompts: base vs SFT", ""]
         labels = bench["labels"] if bench else []
@@ -652,6 +791,10 @@ def render_markdown(report: dict) -> str:
     for key, alt in (("loss", "loss curves"), ("lr", "learning rate")):
         if key in report["plots"]:
             L += [f"![{alt}]({report['plots'][key]})", ""]
+    if series_md:
+        L += ["### Benchmarks during training", "", series_md, ""]
+        if "benchmark_steps" in report["plots"]:
+            L += [f"![benchmark score per step]({report['plots']['benchmark_steps']})", ""]
     L += ["## Run summary", ""]
     items = summary_items(report)
     if items:
@@ -763,8 +906,12 @@ def render_html(report: dict, assets: dict[str, bytes]) -> str:
         s["html"] if s.get("html") else markdown_to_html(s["markdown"]))}
         for s in report["sections"]]
     tr = report["training"]
+    gates_md, series_md = steering_markdown(report)
+    Markup = jinja2.utils.markupsafe.Markup
     return env.get_template("report.html.j2").render(
         r=report, images=images, summary=summary_items(report), sections=sections,
+        gates_html=Markup(markdown_to_html(gates_md)) if gates_md else None,
+        series_html=Markup(markdown_to_html(series_md)) if series_md else None,
         training_stats=[(k.replace("_", " "), _fmt(v)) for k, v in tr.items()
                         if k not in ("train", "val")],
         fmt=_fmt, pm=_pm, delta=_delta_str, clip=_clip)

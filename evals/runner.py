@@ -43,11 +43,13 @@ from typing import Any
 from .spec import BenchmarkSpec, check_task_files, specs_from_json
 
 __all__ = ["EvalOptions", "evaluate_models", "run_post_train", "OFFLINE_ENV",
-           "EXIT_OK", "EXIT_BENCHMARK_FAILED", "EXIT_REPORT_FAILED", "MANIFEST_SCHEMA"]
+           "EXIT_OK", "EXIT_BENCHMARK_FAILED", "EXIT_REPORT_FAILED", "EXIT_GATE_FAILED",
+           "MANIFEST_SCHEMA"]
 
 EXIT_OK = 0
 EXIT_BENCHMARK_FAILED = 3   # evaluation ran, at least one benchmark (model x task) failed
 EXIT_REPORT_FAILED = 4      # benchmarks ran but the report could not be written
+EXIT_GATE_FAILED = 5        # a --require gate failed (model, summary, report all written)
 MANIFEST_SCHEMA = 1
 
 OFFLINE_ENV = {
@@ -305,6 +307,12 @@ def run_post_train(run_dir: str | Path, cfg: Any = None, pm: Any = None) -> int:
     """
     run_dir = Path(run_dir).resolve()
     summary = _read_summary(run_dir)
+    if cfg is not None and _steers(cfg):
+        # --benchmark-every/--select-best: the final model's point of the series, model/ made
+        # the best model, before the full benchmark describes model/ (steering.py)
+        from .steering import finish_series
+
+        finish_series(run_dir, cfg, quiet=bool(cfg.train.quiet))
     if "benchmarks" in summary:
         tasks = specs_from_json(summary["benchmarks"], where=f"{run_dir / 'summary.json'}: benchmarks")
     else:
@@ -343,16 +351,36 @@ def run_post_train(run_dir: str | Path, cfg: Any = None, pm: Any = None) -> int:
     if not tasks:
         print("[sftctl eval] no benchmark registered (no enabled plugin provides one): nothing "
               "to evaluate; the report has no benchmark table", file=sys.stderr)
+        gates = _gates(run_dir, cfg)
         rc = finish_report(run_dir, pm, manifest, options)
-        return EXIT_BENCHMARK_FAILED if heldout_failed and rc == EXIT_OK else rc
+        return gates or (EXIT_BENCHMARK_FAILED if heldout_failed and rc == EXIT_OK else rc)
     try:
         manifest = evaluate_models(models, tasks, run_dir, options)
     except ValueError as e:  # a broken registration: the trained run itself stays complete
         print(f"[sftctl eval] cannot evaluate: {e}", file=sys.stderr)
+        gates = _gates(run_dir, cfg)
         rc = finish_report(run_dir, pm, None, options)
-        return rc if rc != EXIT_OK else EXIT_BENCHMARK_FAILED
+        return gates or (rc if rc != EXIT_OK else EXIT_BENCHMARK_FAILED)
+    gates = _gates(run_dir, cfg)
     rc = finish_report(run_dir, pm, manifest, options)
-    return EXIT_BENCHMARK_FAILED if heldout_failed and rc == EXIT_OK else rc
+    rc = EXIT_BENCHMARK_FAILED if heldout_failed and rc == EXIT_OK else rc
+    return gates or rc
+
+
+def _steers(cfg: Any) -> bool:
+    ec = getattr(cfg, "eval", None)
+    return bool(getattr(ec, "benchmark_every", 0) or getattr(ec, "select_best", None)
+                or getattr(ec, "require", None))
+
+
+def _gates(run_dir: Path, cfg: Any) -> int:
+    """The --require gates on the final benchmark (before the report, which shows them):
+    0, EXIT_GATE_FAILED or EXIT_GATE_INVALID; a failed gate outranks a failed benchmark."""
+    if cfg is None or not getattr(getattr(cfg, "eval", None), "require", None):
+        return EXIT_OK
+    from .steering import check_gates
+
+    return check_gates(run_dir, cfg)
 
 
 def finish_report(run_dir: Path, pm: Any, manifest: dict | None, options: EvalOptions) -> int:

@@ -165,6 +165,16 @@ def test_report_without_evaluation_warns_and_counts_bad_metric_lines(tmp_path):
     assert set(report["plots"]) == {"loss", "lr"}
     md, html = paths["md"].read_text(), paths["html"].read_text()
     assert "No benchmark results." in md and "unreadable line(s)" in html
+    _validate_schema(report)  # a report without benchmarks is a valid report too
+
+
+def _validate_schema(report: dict) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    import sftctl.evals
+
+    schema = json.loads((Path(sftctl.evals.__file__).parent / "report.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()) \
+        .validate(report)
 
 
 def test_plugin_report_sections_through_the_plugin_manager(tmp_path):
@@ -192,6 +202,7 @@ def test_plugin_report_sections_through_the_plugin_manager(tmp_path):
     html = write_report(tmp_path, pm=pm)["html"].read_text()
     assert "<td>rows</td>" in html and "<p id='raw'>ok</p>" in html
     assert "Data audit" in (tmp_path / "report.md").read_text()
+    _validate_schema(json.loads((tmp_path / "report.json").read_text()))
 
 
 def test_post_train_with_a_broken_registration_keeps_the_run_and_says_why(tmp_path, capsys):

@@ -14,8 +14,9 @@ Design choices
 - Exit codes: 0 only when training finished and the final checkpoint is complete (and the
   post-training evaluation, when it runs, succeeded); 2 for invalid input (config, data, plugins,
   model path), reported before any training step; 1 for a failure during training; otherwise
-  the evaluation's own status; 75 when SIGTERM/SIGINT stopped training after saving a
-  resumable checkpoint (see docs/reliability.md); 130 for Ctrl-C outside the training loop
+  the evaluation's own status (3 a benchmark failed, 4 no report, 5 a ``--require`` gate
+  failed, everything written; ``sftctl.evals``); 75 when SIGTERM/SIGINT stopped training after
+  saving a resumable checkpoint (see docs/reliability.md); 130 for Ctrl-C outside the training loop
   (nothing to save). The output directory is locked, checked and, under ``--overwrite``, its
   previous run moved aside before the run starts (``rundir.py``). Errors are one message naming the file,
   record and field, and the plugin and hook when a plugin raised it (2 before training starts,

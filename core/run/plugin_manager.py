@@ -78,7 +78,8 @@ BUILTIN_PLUGINS = {
 
 # hooks called once training has started: a plugin failing there exits 1 (a run was under way);
 # every other hook runs before the first step, so its failure is an input-time error (exit 2)
-TRAINING_HOOKS = frozenset({"sftctl_step_end", "sftctl_evaluate", "sftctl_save_model",
+TRAINING_HOOKS = frozenset({"sftctl_step_end", "sftctl_evaluate", "sftctl_checkpoint_saved",
+                            "sftctl_save_model",
                             "sftctl_save",
                             "sftctl_after_train", "sftctl_post_train", "sftctl_report_sections"})
 

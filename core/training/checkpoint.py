@@ -37,7 +37,8 @@ Design choices
 - The checkpointer gets the parts it saves, not the trainer: the ``RunState`` bundle (one
   ``state_dict``/``load_state_dict`` for model, optimizer, scheduler, scaler, RNGs and counters),
   the strategy, its settings, the config text and the data fingerprint. ``before_save`` lets the
-  non-finite guard veto a save past an unread bad step.
+  non-finite guard veto a save past an unread bad step; ``after_save(step, path)`` runs after
+  each complete periodic save (the trainer calls ``sftctl_checkpoint_saved`` from it).
 - Plugins: ``sftctl_save`` stays the hook of the final model only (its documented meaning);
   plugin state kept in ``run.extras`` is not part of a resumable checkpoint.
 - Multi-process runs: every rank takes part (the state dict may be collective); rank 0 writes,
@@ -89,6 +90,7 @@ RESUME_MAY_CHANGE = {
     "train.max_nonfinite_in_a_row", "train.device", "train.strategy", "data.num_proc",
     "data.cache_dir", "model.attn_implementation", "model.gradient_checkpointing",
     "eval.enabled", "eval.every", "eval.initial", "eval.batch_size", "eval.tasks", "eval.limit",
+    "eval.benchmark_every", "eval.benchmark_limit", "eval.select_best", "eval.require",
 }
 
 
@@ -416,7 +418,8 @@ class Checkpointer:
                  keep_last: int, total_steps: int, config: dict, config_yaml: str,
                  data_fingerprint: str, device: torch.device,
                  before_save: Callable[[int], None] | None = None,
-                 faults: dict[str, str] | None = None):
+                 faults: dict[str, str] | None = None,
+                 after_save: Callable[[int, Path], None] | None = None):
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / CHECKPOINTS
         self.state = state
@@ -429,6 +432,8 @@ class Checkpointer:
         self.fingerprint = data_fingerprint
         self.device = device
         self.before_save = before_save or (lambda step: None)
+        # after a complete periodic save (the trainer calls sftctl_checkpoint_saved from it)
+        self.after_save = after_save or (lambda step, path: None)
         self.faults = faults or {}
         self.sharded = bool(getattr(strategy, "sharded_state", False))
         self.preemption = Preemption()
@@ -530,7 +535,7 @@ class Checkpointer:
                             "continue with the same command and --resume latest")
         if self.save_every and step % self.save_every == 0 and step < self.total_steps \
                 and self.saved_step != step:
-            self.save(reason="periodic")
+            self.after_save(step, self.save(reason="periodic"))
 
     def _agree_flag(self, flag: bool) -> bool:
         """Ranks agree on a host flag (a tiny all-reduce, only with several processes)."""

@@ -170,3 +170,23 @@ class EvalConfig:
         help="Records of --data held out of training for that benchmark when no --heldout, "
              "--val-data or --val-split is given (default: 5%%, at most 200, none below 20 "
              "records; 0: none).")
+    # evaluation that steers the run (sftctl.evals.steering; docs/evaluation.md)
+    benchmark_every: int = _f(
+        0, flag="--benchmark-every", minimum=0,
+        help="Benchmark the periodic checkpoint every N steps during training (a subset: "
+             "--benchmark-limit documents per benchmark), plotted against the step in the "
+             "report; sets --save-every N when it is 0 (0: off).")
+    benchmark_limit: int = _f(
+        50, flag="--benchmark-limit", minimum=1, metavar="K",
+        help="Documents per benchmark at each --benchmark-every step and for the final model's "
+             "point of that series.")
+    select_best: str | None = _f(
+        None, flag="--select-best", metavar="TASK:METRIC",
+        help="After training, make model/ the benchmarked checkpoint (or the final model) with "
+             "the best TASK:METRIC of the --benchmark-every series; the final model then moves "
+             "to model_final/.")
+    require: list[str] = _f(
+        factory=list, flag="--require", cli="append", metavar="GATE",
+        help="A gate on the final benchmark, e.g. 'TASK:METRIC>=0.8' (the SFT score) or "
+             "'TASK:METRIC:delta>=0.05' (SFT minus base); operators >=, >, <=, <; repeatable. "
+             "A failed gate ends the run with exit code 5 after everything is written.")

@@ -342,6 +342,8 @@ class Trainer:
             last_checkpoint=self.checkpointer.last_complete,
             params=[p for g in self.optimizer.param_groups for p in g["params"]])
         self.checkpointer.before_save = self.guard.sync
+        self.checkpointer.after_save = lambda step, path: self.pm.hook.sftctl_checkpoint_saved(
+            run=self.context, step=step, path=path)
         resumed = self.checkpointer.restore(cfg.train.resume)
         if resumed is not None:
             self.resumed_from = str(resumed)
