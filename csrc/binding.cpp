@@ -30,6 +30,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -348,6 +349,28 @@ void gemm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const a
   }
 }
 
+// acc[M, N] (fp32) += a[M, K] @ b[K, N] for 16-bit a, b on CUDA, accumulated by cuBLAS itself
+// (C = acc, beta = 1): aten::addmm.dtype insists on a 16-bit `self`, but aten::baddbmm.dtype_out
+// accumulates into its fp32 `out` (passed as self too) with only the batches' dtypes checked.
+// Returns false, once and for all, if this torch refuses it; the caller then adds fp32 pieces.
+std::atomic<bool> g_lce_baddbmm_ok{true};
+
+bool lce_accumulate_16bit(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (!g_lce_baddbmm_ok.load(std::memory_order_relaxed)) return false;
+  at::Tensor acc3 = acc.unsqueeze(0);  // [1, M, N] view of the accumulator
+  try {
+    at::baddbmm_out(acc3, acc3, a.unsqueeze(0), b.unsqueeze(0), at::kFloat, /*beta=*/1,
+                    /*alpha=*/1);
+  } catch (const c10::Error& e) {
+    g_lce_baddbmm_ok.store(false);
+    TORCH_WARN_ONCE("sftctl::linear_cross_entropy: aten::baddbmm.dtype_out cannot accumulate "
+                    "the fp32 dweight here (", e.what_without_backtrace(), "); adding fp32 "
+                    "GEMM pieces instead (a <= 256 MiB temporary and one more pass per chunk)");
+    return false;
+  }
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
     const at::Tensor& hidden_in, const at::Tensor& weight, const at::Tensor& targets_in,
     const OptTensor& bias, const OptTensor& normalizer, const OptTensor& grad_scale,
@@ -527,9 +550,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
         gemm_f32(dw_acc, gt, hg, at::Tensor());  // the first chunk writes the accumulator
       } else if (gst == at::kFloat || f32_operands) {
         at::addmm_out(dw_acc, dw_acc, gt, hg);  // fp32 operands: accumulate in the GEMM (beta 1)
-      } else {
-        // aten::addmm.dtype wants its `self` in the 16-bit dtype, so an fp32 accumulator cannot
-        // be cuBLAS's C: fp32 pieces of the product are added to it (temporary <= 256 MiB).
+      } else if (!lce_accumulate_16bit(dw_acc, gt, hg)) {
+        // fallback: fp32 pieces of the product added to the accumulator (temporary <= 256 MiB)
         for (int64_t v0 = 0; v0 < V; v0 += dw_piece) {
           const int64_t vp = std::min(dw_piece, V - v0);
           if (!dw_tmp.defined()) dw_tmp = at::empty({dw_piece, d}, f32);

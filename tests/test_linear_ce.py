@@ -235,11 +235,11 @@ def test_compaction_and_reference(device, impl, compact):
             grad_out=torch.rand(97).to(device), softcap=3.0)
 
 
-def test_fp32_master_weight_under_autocast():
+def test_fp32_master_weight_under_autocast(device):
     """bf16 activations, fp32 weight (master weights under autocast): GEMMs in bf16, dweight
     accumulated straight into an fp32 gradient (no bf16 rounding of it)."""
-    h, w, t, _ = make_inputs(64, 32, 257, torch.float32, "cpu")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    h, w, t, _ = make_inputs(64, 32, 257, torch.float32, device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         loss, _, dh, dw, _ = run_case(ops.linear_cross_entropy, h, w, t, None, chunk_rows=16)
     assert dh.dtype == torch.float32 and dw.dtype == torch.float32
     compare(ops.linear_cross_entropy, h.bfloat16(), w, t, None, chunk_rows=16,
@@ -471,8 +471,8 @@ def test_cuda_large_bf16_exact():
 
 @_CUDA
 def test_cuda_graph_capture():
-    """compact=None skips compaction under capture (no host sync); replay on new data matches
-    eager (which compacts), bitwise for the loss up to the row order of the sum -> close."""
+    """compact=None skips compaction under capture (no host sync); replaying the captured
+    forward + backward on new data matches eager (which compacts)."""
     dev = "cuda"
     n, d, v = 512, 256, 32000
     h, w, t, _ = make_inputs(n, d, v, torch.bfloat16, dev)
@@ -507,9 +507,11 @@ def test_cuda_graph_capture():
         graph.replay()
         torch.cuda.synchronize()
         loss, _, dh, dw, _ = run_case(ops.linear_cross_entropy, h2, w, t2, None, z_loss=1e-4)
+        # eager compacts (other GEMM shapes): equal up to fp32 rounding before the bf16 one
         torch.testing.assert_close(static_loss, loss, rtol=1e-6, atol=0)
-        torch.testing.assert_close(hp.grad, dh, rtol=0, atol=0)
-        torch.testing.assert_close(wp.grad, dw, rtol=2 ** -8, atol=1e-7)
+        torch.testing.assert_close(hp.grad, dh, rtol=2 ** -7, atol=1e-7)
+        torch.testing.assert_close(wp.grad, dw, rtol=2 ** -7, atol=1e-7)
+        assert bool((hp.grad[t2 == -100] == 0).all())  # ignored rows: exactly 0
 
 
 @_CUDA
@@ -530,8 +532,10 @@ def test_cuda_no_full_logits(wdtype):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     rows = 2048  # default chunk at V = 128256
-    budget = rows * v * (4 + 2) + v * d * 4 + n * d * 2 * 2 + (256 << 20) + (64 << 20)
-    if wdtype != torch.float32:
-        budget += v * d * 2  # the rounded copy of the fp32 accumulator
+    # fp32 logits chunk + its bf16 gradient; dweight in fp32; compacted hidden, its dhidden and
+    # the scattered dhidden; the <= 256 MiB dweight GEMM piece; cuBLAS workspaces; and a V x d
+    # bf16 copy (fp32 weight: the weight in the GEMM dtype; bf16 weight: the rounded gradient)
+    budget = (rows * v * (4 + 2) + v * d * 4 + n * d * 2 * 3 + (256 << 20) + (128 << 20)
+              + v * d * 2)
     assert extra <= budget, f"extra {extra / 2**30:.2f} GiB > budget {budget / 2**30:.2f} GiB"
     assert extra < n * v * 2, "as much memory as bf16 logits"

@@ -17,6 +17,8 @@ Design choices
   gradient, and any other use of them (or a backward of an op that saved them) is wrong; autograd's
   version counter catches the latter. ``register_autograd`` refuses mutable schemas, so this mode
   is a ``torch.autograd.Function``.
+- ``linear_cross_entropy`` fuses the LM head matmul with the loss and never holds the [N, V]
+  logits; its design notes are next to its registrations below.
 - ``register_fake`` describes every op's outputs, so the ops trace under torch.compile and
   FakeTensor; they allocate exactly what the C++ side allocates.
 - ``normalizer`` (mean only) and ``grad_scale`` are 0-dim tensors (numbers are accepted and put on
@@ -282,11 +284,12 @@ def sft_labels(input_ids: torch.Tensor, *, loss_mask=None, prompt_lengths=None,
 # - Compaction (ignored rows dropped before the GEMMs) needs a host sync for the count; the op
 #   does it in C++ at run time unless the current CUDA stream is capturing a graph, so the op
 #   stays capturable (and traceable: the outputs never depend on the count).
-# - dweight: accumulated in fp32. With an fp32 weight (master weights under autocast) the fp32
-#   accumulator is the returned gradient; with a 16-bit weight it is an extra [V, d] fp32 buffer
-#   (2 GiB at V = 128256, d = 4096) rounded once at the end. After the first chunk, the CUDA path
-#   adds fp32 GEMM pieces (<= 256 MiB temporaries) into it, because aten::addmm.dtype cannot
-#   accumulate into an fp32 C from 16-bit operands.
+# - dweight: accumulated in fp32 by cuBLAS itself (C = the fp32 accumulator, beta = 1, through
+#   aten::baddbmm.dtype_out: aten::addmm.dtype insists on a 16-bit C). With an fp32 weight (master
+#   weights under autocast) that accumulator is the returned gradient; with a 16-bit weight it is
+#   an extra [V, d] fp32 buffer (2 GiB at V = 128256, d = 4096) rounded once at the end. If a
+#   torch refuses the baddbmm form, the driver warns once and adds fp32 GEMM pieces
+#   (<= 256 MiB temporaries) instead.
 # - No dweight work (no GEMM) when weight does not require grad, no dhidden work when hidden does
 #   not; the profiler test counts the GEMMs.
 
