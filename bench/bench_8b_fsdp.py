@@ -166,7 +166,7 @@ def launch(cmd: list[str], env: dict, log_path: Path, metrics: Path, timeout: fl
             if time.perf_counter() - t0 > timeout:
                 p.terminate()
                 try:
-                    p.wait(timeout=20)
+                    p.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     p.kill()
                 rc = "timeout"
@@ -347,7 +347,20 @@ def main() -> int:
                 "--precision", "fp32" if args.smoke else "bf16",
                 "--device", "cpu" if args.smoke else "cuda"] + extra
 
-    runs = {}
+    runs = result["runs"] = {}
+
+    def dump(final: bool = False) -> None:
+        """Write the JSON and .md (after every step too: an outer timeout keeps what ran)."""
+        result["projection_8gpu"] = project(result, cfg, args.gpus)
+        stem = f"fsdp8b_{card.replace(' ', '_').replace('/', '_')}_{result['date']}" + \
+            ("_smoke" if args.smoke else "") + ("_skip-" + "-".join(args.skip) if args.skip
+                                                else "")
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        md = markdown(result)
+        (args.out / f"{stem}.md").write_text(md)
+        if final:
+            print(md)
+
     # 2. N GPUs, FSDP2 ------------------------------------------------------------------------
     run_dir = root / "fsdp_run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -383,8 +396,9 @@ def main() -> int:
             rec["peak_memory_gib_rank0"] = round(s["peak_memory_bytes"] / 2**30, 2)
             rec.update({k: s.get(k) for k in ("loss_kernel", "loss_impl", "fallbacks", "compiled",
                                               "wall_time_s", "train_time_s", "parameters")})
-            rec["attention"] = next((str(v) for k, v in s.items()
-                                     if "attn" in k or "attention" in k), None)
+            rec["attention"] = e2e.attention_label(s)
+            rec["attention_summary"] = next((v for k, v in s.items()
+                                             if "attn" in k or "attention" in k), None)
         # the final consolidated save (gather to rank 0 + write): from the last step's metrics
         # line (polled every 0.5 s) to sftctl's "done:" line
         if r["done_line_s"] and r["last_step_seen_s"]:
@@ -393,6 +407,7 @@ def main() -> int:
             rec["error"] = error_tail(r["lines"])
         runs["fsdp"] = rec
         print("[fsdp]", {k: v for k, v in rec.items() if k != "losses"}, flush=True)
+        dump()
 
     # 3. resume --------------------------------------------------------------------------------
     ck_ok = save and (run_dir / "checkpoints").is_dir() and any(
@@ -443,6 +458,7 @@ def main() -> int:
             rec["error"] = error_tail(r["lines"])
         runs["resume"] = rec
         print("[resume]", rec, flush=True)
+        dump()
     shutil.rmtree(run_dir, ignore_errors=True)
 
     # 4. one GPU ------------------------------------------------------------------------------
@@ -468,17 +484,10 @@ def main() -> int:
             rec["error"] = error_tail(r["lines"])
         runs["one_gpu"] = rec
         print("[one_gpu]", {k: v for k, v in rec.items() if k != "losses"}, flush=True)
+        dump()
         shutil.rmtree(one_dir, ignore_errors=True)
-    result["runs"] = runs
-
-    # 5. projection ----------------------------------------------------------------------------
-    result["projection_8gpu"] = project(result, cfg, args.gpus)
-    stem = f"fsdp8b_{card.replace(' ', '_').replace('/', '_')}_{result['date']}" + \
-        ("_smoke" if args.smoke else "") + ("_skip-" + "-".join(args.skip) if args.skip else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = markdown(result)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
+    # 5. projection (in dump) --------------------------------------------------------------------
+    dump(final=True)
     return 0
 
 
@@ -493,7 +502,7 @@ def project(result: dict, cfg, G: int) -> dict:
     c2 = (2 * ag + rs) / 1e3  # s per step on G GPUs (one micro-batch per step)
     c8 = c2 * (7 / 8) / ((G - 1) / G)  # same bus bandwidth, ring volume (G-1)/G
     t2 = fs["step_time_s"]
-    best, worst = max(t2, c8), t2 + max(0.0, c8 - c2)
+    best, worst = sorted((max(t2, c8), t2 + max(0.0, c8 - c2)))
     tok = fs["tokens_per_step"] / G  # per GPU
     return {"PROJECTION": True,
             "assumptions": "weak scaling (per-GPU batch fixed), compute per GPU as measured on "

@@ -475,10 +475,19 @@ def sftctl_run(spec: dict, timeout: float, log_path: Path) -> dict:
                       if k in keep or any(w in k for w in ("attn", "attention", "head", "sync",
                                                            "loss_path", "varlen"))}
     res["summary"]["examples_train"] = (summary.get("examples_detail") or {}).get("train")
-    res["attention"] = next((str(v) for k, v in summary.items()
-                             if "attn" in k or "attention" in k), "not in summary.json")
+    res["attention"] = attention_label(summary)
     res["loss_path"] = f"{summary.get('loss_impl')} ({summary.get('loss_kernel')})"
     return res
+
+
+def attention_label(summary: dict) -> str:
+    """What sftctl's summary.json says about its attention path, in one short string."""
+    v = next((v for k, v in summary.items() if "attn" in k or "attention" in k), None)
+    if isinstance(v, dict):
+        return (f"{v.get('implementation')}{' varlen' if v.get('varlen') else ''}"
+                f"{' (' + str(v['kernel']) + ')' if v.get('kernel') else ''}: "
+                f"{v.get('description', '')}")
+    return "not in summary.json" if v is None else str(v)
 
 
 def _text(e: subprocess.TimeoutExpired) -> str:
@@ -642,6 +651,36 @@ def main() -> int:
     todo = [k for k in ORDER if k.split("/")[0] in args.workloads and
             k.split("/")[1] in args.runners]
     results, pending = [], list(todo)
+
+    def dump(final: bool) -> None:
+        """Write the JSON and .md (after every run too: an outer timeout keeps what ran)."""
+        versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+        for mod in ("transformers", "liger_kernel", "trl", "datasets", "peft", "accelerate"):
+            try:
+                from importlib.metadata import version
+
+                versions[mod] = version(mod.replace("_", "-"))
+            except Exception:
+                versions[mod] = None
+        result = {"date": datetime.date.today().isoformat(), "card": card, "versions": versions,
+                  "smoke": args.smoke, "steps_timed": args.steps, "warmup_steps": args.warmup,
+                  "batch_size": args.batch_size, "seq_len": args.seq_len,
+                  "peak_flops": PEAK_BF16,
+                  "mfu_formula": "(6 * N_matmul * tokens + 6 * layers * hidden * "
+                                 "sum(doc_len^2)) / step_time / 989.5e12; N_matmul = parameters "
+                                 "- input embedding + head (tied head counted once as a matmul); "
+                                 "checkpointing recompute not counted",
+                  "workloads": {k: {kk: vv for kk, vv in w.items()} | {
+                      "n_matmul_params": flops_per_token_params(cfgs[k])} for k, w in wls.items()},
+                  "wall_s": round(time.perf_counter() - t_begin, 1), "runs": results}
+        stem = f"e2e_{card.replace(' ', '_').replace('/', '_')}_{result['date']}" + \
+            ("_smoke" if args.smoke else "") + (f"_{args.tag}" if args.tag else "")
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        md = markdown(result)
+        (args.out / f"{stem}.md").write_text(md)
+        if final:
+            print(md)
+
     while pending:
         built = args.build_done is None or args.build_done.exists()
         key = next((k for k in pending if built or not k.split("/")[1].startswith("sftctl")),
@@ -680,31 +719,8 @@ def main() -> int:
                                  "expected_trainable": want["trainable_total"],
                                  "equal": ex.get("tokens") == want["tokens_total"] and
                                  ex.get("trainable_tokens") == want["trainable_total"]}
-    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
-    for mod in ("transformers", "liger_kernel", "trl", "datasets", "peft", "accelerate"):
-        try:
-            from importlib.metadata import version
-
-            versions[mod] = version(mod.replace("_", "-"))
-        except Exception:
-            versions[mod] = None
-    result = {"date": datetime.date.today().isoformat(), "card": card, "versions": versions,
-              "smoke": args.smoke, "steps_timed": args.steps, "warmup_steps": args.warmup,
-              "batch_size": args.batch_size, "seq_len": args.seq_len,
-              "peak_flops": PEAK_BF16,
-              "mfu_formula": "(6 * N_matmul * tokens + 6 * layers * hidden * sum(doc_len^2)) / "
-                             "step_time / 989.5e12; N_matmul = parameters - input embedding + "
-                             "head (tied head counted once as a matmul); checkpointing "
-                             "recompute not counted",
-              "workloads": {k: {kk: vv for kk, vv in w.items()} | {
-                  "n_matmul_params": flops_per_token_params(cfgs[k])} for k, w in wls.items()},
-              "wall_s": round(time.perf_counter() - t_begin, 1), "runs": results}
-    stem = f"e2e_{card.replace(' ', '_').replace('/', '_')}_{result['date']}" + \
-        ("_smoke" if args.smoke else "") + (f"_{args.tag}" if args.tag else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = markdown(result)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
+        dump(final=False)
+    dump(final=True)
     return 0
 
 
