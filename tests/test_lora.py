@@ -15,13 +15,19 @@ What is checked
 - The non-finite guard skips a poisoned step under LoRA.
 - Bad input stops before training with the option named: rank 0, targets matching nothing, a
   LoRA resume of a full fine-tune checkpoint and the reverse, 4-bit on the CPU.
-- The embedded defaults: a LoRA lr for ``--plugin alpaca --plugin lora`` that flags override,
-  and the alpaca defaults untouched without lora.
+- The embedded defaults: embeddings trained in full (tied to the head, one tensor), rank 16
+  and lr 5e-3 for ``--plugin alpaca --plugin lora``, which flags override; the alpaca defaults
+  untouched without lora and with ``--model``.
+- ``--lora-base-dtype``: the frozen base in bf16, adapters fp32; refused with FSDP.
+- bitsandbytes: never imported by sftctl on the CPU path (a failing stand-in on the path);
+  on CUDA with bitsandbytes, QLoRA trains, saves the adapter and a full-precision merge.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -151,13 +157,72 @@ def test_rslora_dora_and_explicit_targets_reach_peft_and_merge_exactly(setup):
 def test_embedded_defaults_are_lora_only_and_flags_win(tmp_path):
     cfg, _ = lora_config(tmp_path, "--plugin", "alpaca")
     assert cfg.option("lora.r") == 16 and cfg.option("lora.alpha") == 32.0
-    cfg, _ = lora_config(tmp_path, "--plugin", "alpaca", "--lr", "3e-3", "--lora-r", "4")
+    assert cfg.option("lora.modules_to_save") == "embed_tokens" and cfg.optim.lr == 5e-3
+    cfg, _ = lora_config(tmp_path, "--plugin", "alpaca", "--lr", "3e-3", "--lora-r", "4",
+                         "--lora-modules-to-save", "")
     assert cfg.optim.lr == 3e-3 and cfg.option("lora.r") == 4
+    assert cfg.option("lora.modules_to_save") == ""
     pm = get_plugin_manager(["alpaca"], entry_points=False)
     parser = cli.build_parser(pm, pm.config_options())
     plain = cli.resolve_config(parser.parse_args(["train", "--plugin", "alpaca", "--output-dir",
                                                   str(tmp_path / "y")]), pm, pm.config_options())
-    assert plain.option("lora.r") == 8 and cfg.optim.lr != plain.optim.lr  # lora's layer only
+    assert plain.option("lora.r") == 8 and plain.optim.lr == 2e-3  # lora's layer only
+    assert plain.option("lora.modules_to_save") is None
+    # with --model (a pretrained base) the embedded layer does not apply
+    cfg, _ = lora_config(tmp_path, "--plugin", "alpaca", "--model", str(tmp_path))
+    assert cfg.option("lora.modules_to_save") is None and cfg.option("lora.r") == 8
+
+
+def test_saved_tied_embeddings_stay_tied_to_the_head_and_merge_exactly(setup):
+    """The embedded default's set-up: the embeddings train in full (modules_to_save) on a model
+    whose head is tied to them; peft keeps one trained tensor for both, and the merged model
+    is a tied transformers model that gives the adapted model's logits."""
+    peft_model, base = prepared(setup, "--lora-r", "4", "--lora-modules-to-save",
+                                "embed_tokens")
+    assert base.config.tie_word_embeddings
+    assert peft_model.peft_config["default"].ensure_weight_tying
+    emb = peft_model.get_input_embeddings().modules_to_save["default"].weight
+    head = peft_model.get_output_embeddings().modules_to_save["default"].weight
+    assert emb is head and emb.requires_grad
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert sum("modules_to_save" in n for n in trainable) == 1  # the shared tensor, once
+    ids = torch.randint(0, base.config.vocab_size, (2, 10))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    with torch.no_grad():
+        emb.add_(torch.randn_like(emb) * 0.05)
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.eval()
+    want = peft_model(input_ids=ids).logits
+    from sftctl.plugins.lora import _merged
+
+    merged = _merged(peft_model, None)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    torch.testing.assert_close(merged.model.embed_tokens.weight, emb)
+    torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_base_dtype_holds_the_frozen_base_in_bf16_and_fsdp_is_refused(setup, tmp_path):
+    from sftctl import ConfigError
+
+    peft_model, _ = prepared(setup, "--lora-r", "4", "--lora-base-dtype", "bf16")
+    dtypes = {(p.requires_grad, p.dtype) for p in peft_model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    ids = torch.randint(0, 500, (2, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in peft_model.parameters() if p.requires_grad)
+    # auto on the CPU: fp32 (the default here)
+    auto, _ = prepared(setup, "--lora-r", "4")
+    assert {p.dtype for p in auto.parameters()} == {torch.float32}
+    cfg, pm = lora_config(tmp_path, "--model", str(setup[1]), "--strategy", "fsdp",
+                          "--lora-base-dtype", "bf16")
+    with pytest.raises(ConfigError, match="--lora-base-dtype"):
+        pm.hook.sftctl_configure.call_historic(kwargs=dict(config=cfg, pm=pm))
 
 
 # ------------------------------------------------------------------------------- CLI runs
@@ -357,3 +422,91 @@ def test_compile_and_chat_format_train_with_adapters(setup, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     assert merged.get_input_embeddings().weight.shape[0] == len(
         AutoTokenizer.from_pretrained(out / "model"))
+
+
+# ------------------------------------------------------------------------ QLoRA, bitsandbytes
+
+# a stand-in bitsandbytes: importing it leaves a mark (even where the ImportError is caught)
+TRIPWIRE = ("import os\n"
+            "open(os.environ['SFTCTL_TEST_BNB_MARK'], 'w').write('imported')\n"
+            "raise ImportError('tripwire: bitsandbytes was imported')\n")
+
+
+def test_the_cpu_path_never_imports_bitsandbytes(setup, tmp_path):
+    """With a bitsandbytes on the path that fails when imported: sftctl's CLI, the plugin's
+    checks and the 4-bit refusal on the CPU never import it (the error names the option and
+    the CUDA requirement). peft itself imports bitsandbytes while it builds LoRA layers
+    whenever the package is installed; that is peft's doing, not sftctl's, and not tested."""
+    fake = tmp_path / "site" / "bitsandbytes"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(TRIPWIRE)
+    mark = tmp_path / "bnb_imported"
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"),
+                                          os.environ.get("PYTHONPATH", "")]),
+           "SFTCTL_TEST_BNB_MARK": str(mark)}
+    out = tmp_path / "cpu4bit"
+    r = run(setup[0], args_for(setup, out, "--max-steps", "2", "--lora-load-in-4bit"), **env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--lora-load-in-4bit" in r.stderr and "CUDA" in r.stderr
+    assert "tripwire" not in r.stderr and "Traceback" not in r.stderr and not mark.exists()
+    assert not (out / "metrics.jsonl").exists()
+    # in process: the CLI, the config layering and the plugin's configure hook, for a CPU LoRA
+    # run: bitsandbytes is found on the path but never imported
+    code = (
+        "import sys, importlib.util\n"
+        "assert importlib.util.find_spec('bitsandbytes') is not None\n"
+        "from sftctl.run import cli\n"
+        "from sftctl.run.plugin_manager import get_plugin_manager\n"
+        "pm = get_plugin_manager(['lora'], entry_points=False)\n"
+        "parser = cli.build_parser(pm, pm.config_options())\n"
+        f"argv = ['train', '--plugin', 'lora', '--model', {str(setup[1])!r}, '--device', "
+        f"'cpu', '--output-dir', {str(tmp_path / 'x')!r}]\n"
+        "cfg = cli.resolve_config(parser.parse_args(argv), pm, pm.config_options())\n"
+        "pm.hook.sftctl_configure.call_historic(kwargs=dict(config=cfg, pm=pm))\n"
+        "print('bitsandbytes' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=cli_env(setup[0], **env),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False" and not mark.exists()
+
+
+_HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _HAS_BNB),
+                    reason="QLoRA needs a CUDA GPU and bitsandbytes")
+def test_qlora_4bit_on_cuda_trains_saves_and_loads(setup, tmp_path):
+    """--lora-load-in-4bit on the GPU: the base reloads 4-bit NF4, the loss falls, the adapter
+    loads with PeftModel.from_pretrained on the full-precision base, and the merged checkpoint
+    (adapter merged into the full-precision base, not the NF4 weights) is a plain transformers
+    model giving the same logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tmp, base_dir, train, val = setup
+    out = tmp_path / "qlora"
+    r = run(tmp, ["train", "--plugin", "lora", "--model", str(base_dir), "--data", str(train),
+                  "--val-data", str(val), "--output-dir", str(out), "--no-eval", "--lr", "1e-2",
+                  "--seed", "5", "--device", "cuda", "--precision", "bf16", "--max-steps", "10",
+                  "--batch-size", "4", "--lora-r", "8", "--lora-alpha", "16",
+                  "--lora-load-in-4bit"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "4-bit NF4" in r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["val_loss"] < s["initial_val_loss"]
+    losses = [x["loss"] for x in read_metrics(out) if x["kind"] == "train"]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    m, b = load_file(out / "model" / "model.safetensors"), load_file(base_dir /
+                                                                     "model.safetensors")
+    assert sorted(m) == sorted(b) and all(m[k].shape == b[k].shape for k in b)
+    ids = torch.randint(0, 500, (2, 12))
+    merged = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    assert any(p.abs().sum() > 0 for n, p in adapted.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits,
+                                   adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
