@@ -10,6 +10,11 @@ Design choices
   mask from the position ids (sdpa/eager) or uses varlen kernels (flash attention), so attention
   never crosses documents; ``document_ids`` also go to the label op so that no target crosses a
   document boundary.
+- Packed batches also carry ``cu_seqlens`` (int32 cumulative segment lengths over the flattened
+  ``B * T`` tokens: each document, then each row's padding tail as a segment of its own) and
+  ``max_seqlen`` (a Python int), built here on the host, for varlen attention kernels
+  (``sftctl.training.attention``): the attention path needs no device sync to find the
+  documents. ``Batch.to`` copies from pinned memory with ``non_blocking=True`` on CUDA.
 """
 
 from __future__ import annotations
@@ -135,19 +140,43 @@ class Batch:
     document_ids: Any    # [B, T] int64 or None
     num_tokens: int      # real (non-pad) tokens
     num_examples: int
+    cu_seqlens: Any = None  # [S + 1] int32 segment starts over the flat B*T tokens (packed only)
+    max_seqlen: int = 0     # longest segment (host int; packed only)
+
+    def tensors(self) -> dict:
+        return {k: getattr(self, k) for k in ("input_ids", "loss_mask", "attention_mask",
+                                              "position_ids", "document_ids", "cu_seqlens")}
 
     def to(self, device) -> "Batch":
-        mv = lambda t: None if t is None else t.to(device, non_blocking=True)
-        return Batch(mv(self.input_ids), mv(self.loss_mask), mv(self.attention_mask),
-                     mv(self.position_ids), mv(self.document_ids), self.num_tokens,
-                     self.num_examples)
+        """A copy on ``device``; from the CPU to CUDA the tensors are pinned first so the copies
+        are asynchronous (``non_blocking``: the host does not wait for them)."""
+        import torch
 
-    def model_inputs(self) -> dict:
+        device = torch.device(device)
+        pin = device.type == "cuda" and torch.cuda.is_available()
+
+        def mv(t):
+            if t is None:
+                return None
+            if pin and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
+        moved = {k: mv(t) for k, t in self.tensors().items()}
+        return Batch(num_tokens=self.num_tokens, num_examples=self.num_examples,
+                     max_seqlen=self.max_seqlen, **moved)
+
+    def model_inputs(self, varlen: bool = False) -> dict:
+        """Forward kwargs; ``varlen``: also the packed documents for the ``sftctl_varlen``
+        attention (``cu_seq_lens_q/k``, ``max_length_q/k``)."""
         kw = {"input_ids": self.input_ids, "use_cache": False}
         if self.attention_mask is not None:
             kw["attention_mask"] = self.attention_mask
         if self.position_ids is not None:
             kw["position_ids"] = self.position_ids
+        if varlen and self.cu_seqlens is not None:
+            kw.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                      max_length_q=int(self.max_seqlen), max_length_k=int(self.max_seqlen))
         return kw
 
 
@@ -188,6 +217,28 @@ def collate(split: TokenizedSplit, rows: list[list[int]], *, pad_id: int, packin
     num_tokens = sum(len(s) for s, keep in zip(seqs, real) if keep)
     num_examples = sum(len(row) for row, keep in zip(rows, real) if keep)
     if packing:
+        cu_seqlens, max_seqlen = segment_bounds(rows, seqs, fetched, T)
         return Batch(input_ids, loss_mask, None, position_ids, document_ids, num_tokens,
-                     num_examples)
+                     num_examples, cu_seqlens, max_seqlen)
     return Batch(input_ids, loss_mask, attn, None, None, num_tokens, num_examples)
+
+
+def segment_bounds(rows, seqs, fetched, T: int):
+    """``(cu_seqlens [S + 1] int32, longest segment)`` of a packed batch padded to ``T``: the
+    documents of each row in order, then the row's padding tail (its own segment), over the
+    flattened ``B * T`` tokens."""
+    import torch
+
+    bounds, longest, at = [0], 0, 0
+    for row, seq in zip(rows, seqs):
+        for i in row:
+            n = len(fetched[i][0])
+            at += n
+            bounds.append(at)
+            longest = max(longest, n)
+        pad = T - len(seq)
+        if pad:
+            at += pad
+            bounds.append(at)
+            longest = max(longest, pad)
+    return torch.tensor(bounds, dtype=torch.int32), longest  # [S + 1]

@@ -454,6 +454,7 @@ def doctor_report() -> dict:
     from .._runtime import cpu_threads_info
 
     rep["cpu_threads"] = cpu_threads_info()
+    rep["training_paths"] = _training_paths()
     try:
         import lm_eval
 
@@ -461,6 +462,39 @@ def doctor_report() -> dict:
     except Exception:
         rep["versions"]["lm_eval"] = None
     return rep
+
+
+def _training_paths() -> dict:
+    """The trainer's fast paths on this machine and what it falls back to (docs/performance.md);
+    a run's actual choices and fallbacks are in its summary.json."""
+    out: dict = {}
+    try:
+        from ..training import attention, head
+
+        out["fused_head"] = head.availability()
+        out["packed_attention"] = attention.availability()
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _print_training_paths(tp: dict) -> None:
+    if "error" in tp:
+        print(f"training paths: unknown ({tp['error']})")
+        return
+    fh, pa = tp["fused_head"], tp["packed_attention"]
+    if fh["available"]:
+        ks = ", ".join(fh["compiled_kernels"]) or "none compiled: the chunked PyTorch reference"
+        print(f"fused head (linear + cross-entropy): available; kernels: {ks}")
+    else:
+        print(f"fused head (linear + cross-entropy): NOT available ({fh['reason']}); runs use "
+              "logits + cross_entropy (a counted fallback)")
+    tv = ("yes" + (" (windows" if pa["torch_varlen_window"] else " (no windows") +
+          (", GQA)" if pa["torch_varlen_gqa"] else ", GQA by repeating heads)")
+          if pa["torch_varlen_attn"] else "no")
+    print(f"varlen attention: flash-attn {pa['flash_attn'] or 'not installed'}; torch "
+          f"varlen_attn: {tv}")
+    print(f"    --packing here: {pa['packing_default']}")
 
 
 def cmd_doctor(args, pm, options) -> int:
@@ -498,6 +532,7 @@ def cmd_doctor(args, pm, options) -> int:
               f"{t['omp_wait_policy'] or 'default (spin)'}"
               + (f" (set by sftctl: {t['omp_wait_policy_set_by_sftctl']})"
                  if t['omp_wait_policy_set_by_sftctl'] else ""))
+        _print_training_paths(rep.get("training_paths") or {})
         print(f"plugins: {', '.join(rep['plugins'])}")
         _print_broken(pm)
     healthy = rep["extension"]["loaded"] and not pm.broken

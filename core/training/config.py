@@ -35,12 +35,22 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(
         False, flag="--gradient-checkpointing", cli="bool",
         help="Recompute activations in backward to save memory.")
-    compile: bool = _f(
-        False, flag="--compile", cli="bool",
+    compile: bool | str = _f(
+        False, flag="--compile", cli="bool", choices=(True, False, "auto"),
         help="torch.compile the forward of every transformer block (the model's "
              "_no_split_modules; the whole model's forward when it names none). Parameter "
              "names, checkpoints, DDP/FSDP hooks and the loss kernels are unchanged; the first "
-             "steps pay the compilation.")
+             "steps pay the compilation. YAML/--set also take auto: on with CUDA, off on the "
+             "CPU (see docs/performance.md).")
+    packed_attention: str = _f(
+        "auto", flag="--packed-attention", choices=("auto", "varlen", "model"),
+        help="Attention over packed rows (--packing). auto: on CUDA, variable-length attention "
+             "over the documents (flash-attn's varlen kernel when installed, else PyTorch's "
+             "varlen_attn), no mask built; a model or kernel that cannot is a counted fallback "
+             "to transformers' own path; on the CPU, transformers' own path. varlen: always "
+             "sftctl's varlen attention (on the CPU its exact per-document reference). model: "
+             "transformers' handling for --attn-implementation (sdpa: a block mask from the "
+             "position ids).")
 
 
 @dataclass
@@ -95,6 +105,14 @@ class TrainConfig:
     loss_impl: str = _f("fused", flag="--loss-impl", choices=("fused", "torch"),
                         help="fused: sftctl's compiled cross-entropy and label op (default); "
                              "torch: the plain PyTorch reference path.")
+    fused_head: str = _f(
+        "auto", flag="--fused-head", choices=("auto", "on", "off"),
+        help="With --loss-impl fused: compute the loss from the hidden states and the output "
+             "layer's weight in one op (sftctl linear_cross_entropy; the [tokens, vocab] logits "
+             "never exist), applying the model's own logit transforms (softcap, logit scale). "
+             "auto: wherever the output layer is a plain linear head the setup probe accepts, "
+             "else logits + cross-entropy, counted in summary.json's fallbacks; on: a model "
+             "that cannot is an error; off: always logits + cross-entropy.")
     label_smoothing: float = _f(
         0.0, flag="--label-smoothing", minimum=0.0, below=1.0, metavar="EPS",
         help="Label smoothing of the training loss: each target's loss becomes (1 - EPS) * NLL + "
@@ -117,6 +135,13 @@ class TrainConfig:
              "`hf auth login` or HF_TOKEN).")
     log_every: int = _f(1, flag="--log-every", minimum=1,
                         help="Write a metrics line every N optimizer steps.")
+    async_metrics: str = _f(
+        "auto", flag="--async-metrics", choices=("auto", "on", "off"),
+        help="Read a logged step's loss, gradient norm and token counts (and the non-finite "
+             "guard's device flags) after the next step has been queued, so the GPU never waits "
+             "for the host; the step's metrics line and sftctl_step_end hooks then run one step "
+             "later (a request_stop there ends training after the next step). auto: on with "
+             "CUDA, off on the CPU (where a read is not a device sync).")
     quiet: bool = _f(False, flag="--quiet", cli="store_true",
                      help="No progress bars and only warnings on stderr.")
     overwrite: bool = _f(False, flag="--overwrite", cli="store_true",

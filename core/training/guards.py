@@ -313,6 +313,66 @@ class NonFiniteGuard:
                                     + self._stop_hint(suggest_skip=False))
         self._reset_device_counters()
 
+    # -- deferred reads (the trainer's async metrics): a snapshot travels with a step's metrics
+    SNAPSHOT = ("count", "first", "last", "run", "max_run", "params_bad", "poisoned",
+                "any_poisoned", "any_params_bad", "any_limit")
+
+    def snapshot(self) -> torch.Tensor | None:
+        """Device mode: the counters since the last read as one fp64 device vector (decisions
+        summed over ranks by a device collective: no host read), and a new window started.
+        ``_poisoned`` (sticky under stop) and the in-a-row run carry over, so every update
+        after a bad step stays masked until the snapshot is read (``fold``)."""
+        if self.mode == "host" or not self._pending:
+            return None
+        d = lambda t: t.to(torch.float64).reshape(1)  # noqa: E731
+        local = [d(self._count), d(self._first), d(self._last), d(self._run), d(self._max_run),
+                 d(self._params_bad), d(self._poisoned)]
+        decide = torch.cat([d(self._poisoned), d((self._params_bad > 0).to(torch.float64)),
+                            d((self._max_run >= self.limit).to(torch.float64))])  # [3]
+        if self.world_size > 1:
+            decide = self.all_reduce_sum(decide)
+        snap = torch.cat(local + [decide])  # [len(SNAPSHOT)]
+        z = lambda dt: torch.zeros((), dtype=dt, device=self.device)  # noqa: E731
+        self._count = z(torch.float32)
+        self._first = z(torch.long)
+        self._last = z(torch.long)
+        self._max_run = self._run.clone()
+        self._params_bad = z(torch.long)
+        self._pending = False
+        return snap
+
+    def fold(self, values: list[float], step: int) -> bool:
+        """Host values of a ``snapshot`` taken at ``step``: raise when the run must stop (as
+        ``sync`` would), else fold the skipped steps into ``TrainState``. Returns whether
+        ``step`` itself was skipped."""
+        v = dict(zip(self.SNAPSHOT, values))
+        st = self.counters
+        first, last = int(v["first"]), int(v["last"])
+        if v["any_params_bad"] > 0:
+            raise TrainingError(self._params_message(int(v["params_bad"]) or step, step))
+        if self.policy == "stop":
+            if v["any_poisoned"] > 0:
+                first = first or st.nonfinite_last_step or step
+                detail = "" if first == step else (
+                    f" (the flag is read every --log-every steps on the GPU: detected at step "
+                    f"{step}; no update was applied from step {first} on)")
+                raise TrainingError(f"step {first}: non-finite loss or gradient norm; the step "
+                                    f"was not applied{detail}" + self._stop_hint())
+            return False
+        count = int(v["count"])
+        if count:
+            st.nonfinite_skipped += count
+            st.nonfinite_last_step = last
+            log.warning("non-finite loss or gradient norm: %d step(s) skipped between steps "
+                        "%d and %d (%d skipped so far)", count, first, last, st.nonfinite_skipped)
+        st.nonfinite_in_a_row = int(v["run"])
+        if v["any_limit"] > 0:
+            max_run = max(int(v["max_run"]), self.limit)
+            raise TrainingError(f"{max_run} non-finite steps in a row (by step {last}; "
+                                f"--max-nonfinite-in-a-row {self.limit})"
+                                + self._stop_hint(suggest_skip=False))
+        return bool(count) and last == step
+
     def _all_ranks(self, t: torch.Tensor) -> float:
         """Host value of ``t`` summed over ranks, so every rank takes the same decision (the
         loss is per rank; under fp16 only the loss is checked)."""
@@ -347,12 +407,14 @@ def install_nan_fault(faults: dict[str, str], model: torch.nn.Module, counters) 
     if head is None:
         raise ConfigError("SFTCTL_FAULT nan_at_step: the model has no output embeddings")
 
-    def poison(module, inputs, output):
+    # the output layer's *input* is poisoned, so the logits and the loss are NaN whether the
+    # loss is computed from the logits or fused with the head (training/head.py)
+    def poison(module, args):
         if module.training and first <= counters.step + 1 <= last:
-            return output * float("nan")
+            return (args[0] * float("nan"),) + tuple(args[1:])
         return None
 
-    head.register_forward_hook(poison)
+    head.register_forward_pre_hook(poison)
     log.warning("SFTCTL_FAULT: the logits of training steps %d-%d will be NaN", first, last)
 
 

@@ -112,10 +112,18 @@ def _torch_loss_sum_with_options(x: torch.Tensor, targets: torch.Tensor, eps: fl
     return torch.where(valid, row, 0.0).sum()
 
 
-def kernel_name(impl: str, device: torch.device) -> str:
-    """What ran, for the summary: e.g. ``sftctl._C cross_entropy (cpu)`` or ``torch``."""
+def kernel_name(impl: str, device: torch.device, fused_head: bool = False) -> str:
+    """What ran, for the summary: e.g. ``sftctl._C cross_entropy (cpu)`` or ``torch``;
+    ``fused_head``: the loss is ``linear_cross_entropy`` on the hidden states (``head.py``)."""
     if impl == "torch":
         return "torch (F.cross_entropy, fp32)"
+    if fused_head:
+        compiled = torch._C._dispatch_has_kernel_for_dispatch_key(
+            "sftctl::linear_cross_entropy", "CUDA" if device.type == "cuda" else "CPU") \
+            if torch._C._dispatch_has_kernel("sftctl::linear_cross_entropy") else False
+        op = ("sftctl._C linear_cross_entropy" if compiled else
+              "sftctl.ops linear_cross_entropy (chunked PyTorch reference)")
+        return f"{op} + sft_labels ({device.type})"
     return f"sftctl._C cross_entropy + sft_labels ({device.type})"
 
 

@@ -262,6 +262,20 @@ def _check_load_report(src: str, report: dict, allowed: bool) -> None:
                      "if that is intended (e.g. a new head), else check the model files")
 
 
+def resolve_compile(value, device: torch.device) -> bool:
+    """``model.compile`` as a bool: ``auto`` is on with CUDA, off on the CPU."""
+    if value == "auto":
+        return device.type == "cuda"
+    return bool(value)
+
+
+def has_blocks(model: torch.nn.Module) -> bool:
+    """Whether the model names transformer block classes that ``compile_blocks`` compiles one by
+    one (else it compiles the whole forward)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return any(type(m).__name__ in names for m in model.modules() if m is not model)
+
+
 def compile_blocks(model: torch.nn.Module) -> str:
     """``torch.compile`` the ``forward`` of each transformer block in place (see the module
     docstring); returns what was compiled, for the log and the summary."""

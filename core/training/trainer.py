@@ -45,14 +45,16 @@ from .. import OMP_WAIT_POLICY_REASON
 from .._runtime import cpu_threads_info
 from ..data import BatchPlan, PreparedData, collate, prepare_data
 from ..errors import ConfigError, TrainingError
-from . import atomic, guards
+from . import atomic, attention, guards
 from .checkpoint import Checkpointer, data_fingerprint
 from .context import RunContext
 from .distributed import Strategy, select_strategy
-from .loss import kernel_name, resolve_impl, sft_labels, token_loss
-from .model import (autocast_dtype, check_lengths, compile_blocks, load_model, load_tokenizer,
-                    model_source)
+from .head import FusedHead, HeadRequest, posted, target_rows
+from .loss import kernel_name, resolve_impl, sft_labels, token_loss, torch_sft_labels
+from .model import (autocast_dtype, check_lengths, compile_blocks, has_blocks, load_model,
+                    load_tokenizer, model_source, resolve_compile)
 from .optim import param_groups
+from .readback import DeviceRead
 from .state import RunState, TrainState, seed_everything
 from .trackers import check_report_to
 
@@ -168,6 +170,12 @@ class Trainer:
         self.optimizer = self.scheduler = self.scaler = None
         self.loss_impl = self.loss_kernel = None
         self.fallbacks: list[dict] = []
+        self.head: FusedHead | None = None       # the fused output layer (None: logits + CE)
+        self.head_info: dict = {}                # summary.json "loss_head"
+        self.attention: attention.AttentionChoice | None = None  # packed-attention path
+        # step metrics are read one step late on CUDA (see train_step); set by _runtime
+        self.deferred_reads = False
+        self._pending: tuple | None = None
         self.tokens_added = 0
         self.parameters: dict = {}               # total / trainable, after sftctl_prepare_model
         self.checkpointer: Checkpointer | None = None
@@ -207,10 +215,10 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)  # API users: the CLI makes it first
             write_text(self.out_dir / "heldout.jsonl", "".join(
                 json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in self.data.heldout))
+        self._loss()  # which loss runs decides whether the fused head is tried
         self.model = self._build_model(src)
         self._plans()
         self._optimization()
-        self._loss()
         self._reliability()
         log.info("model %s on %s (%s), %d parameters (%d trainable); %d steps (%d warmup), "
                  "loss: %s", self.base_model, self.device, self.precision,
@@ -261,6 +269,8 @@ class Trainer:
                      OMP_WAIT_POLICY_REASON)
         self.device = self.strategy.device(cfg.train.device)
         self.precision, self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
+        am = cfg.train.async_metrics
+        self.deferred_reads = am == "on" or (am == "auto" and self.device.type == "cuda")
         seed_everything(cfg.train.seed)
 
     def _build_model(self, src: str):
@@ -270,7 +280,11 @@ class Trainer:
         # plugins wrap or replace it (adapters, freezing) before compile, DDP/FSDP and resume
         model = self.pm.call_chain("sftctl_prepare_model", "model", model=model, config=cfg)
         self.parameters = parameter_counts(model)
-        if cfg.model.compile:
+        compile_on = resolve_compile(cfg.model.compile, self.device)
+        # probes run the plain model, before torch.compile and DDP/FSDP
+        self._output_layer(model, whole_model_compiled=compile_on and not has_blocks(model))
+        self._packed_attention(model)
+        if compile_on:
             self.compiled = compile_blocks(model)
             if self.is_main:
                 log.info("torch.compile: %s", self.compiled)
@@ -312,11 +326,57 @@ class Trainer:
 
         asked = self.config.train.loss_impl
         self.loss_impl, why = resolve_impl(asked, self.device, has_kernel)
-        self.fallbacks = [] if why is None else [{"what": "loss", "asked": asked,
-                                                  "used": self.loss_impl, "reason": why}]
-        if why is not None and self.is_main:
-            log.warning("fallback: %s", why)
+        self.fallbacks = []
+        if why is not None:
+            self._fallback("loss", asked, self.loss_impl, why)
         self.loss_kernel = kernel_name(self.loss_impl, self.device)
+
+    def _fallback(self, what: str, asked: str, used: str, reason: str) -> None:
+        """Count a fallback (summary.json ``fallbacks``) and say it (repeated at the end)."""
+        self.fallbacks.append({"what": what, "asked": asked, "used": used, "reason": reason})
+        if self.is_main:
+            log.warning("fallback: %s (%s; using %s)", reason, what, used)
+
+    def _output_layer(self, model, whole_model_compiled: bool) -> None:
+        """The fused linear + cross-entropy head when the loss is sftctl's and the model's output
+        layer allows it (``head.py``); else logits + cross-entropy, a counted fallback under
+        ``--fused-head auto``, an error under ``on``."""
+        asked = self.config.train.fused_head
+        plain = "logits + cross_entropy"
+        if self.loss_impl != "fused" or asked == "off":
+            why = ("--fused-head off" if asked == "off" else
+                   f"--loss-impl {self.loss_impl} (the fused head is sftctl's op)")
+            if asked == "on":
+                raise ConfigError(f"train.fused_head: on needs --loss-impl fused ({why})")
+            self.head_info = {"fused": False, "path": plain, "reason": why}
+            return
+        self.head, why = FusedHead.plan(model, whole_model_compiled=whole_model_compiled)
+        if self.head is None:
+            if asked == "on":
+                raise ConfigError(f"train.fused_head: on, but the fused head cannot be used: "
+                                  f"{why} (use --fused-head auto or off)")
+            self.head_info = {"fused": False, "path": plain, "reason": why}
+            self._fallback("fused_head", asked, plain, why)
+        else:
+            self.head_info = {"fused": True, "path": self.head.describe(), "reason": None,
+                              "tied": self.head.tied, **self.head.transform}
+            if self.is_main:
+                log.info("loss head: %s", self.head.describe())
+        self.loss_kernel = kernel_name(self.loss_impl, self.device, fused_head=self.head is not None)
+
+    def _packed_attention(self, model) -> None:
+        """Varlen attention for packed rows where it applies (``attention.py``)."""
+        cfg = self.config
+        with self.autocast():
+            self.attention = attention.choose(model, cfg.model, cfg.data.packing, self.device,
+                                              self.amp_dtype)
+        a = self.attention
+        if a.fallback:
+            self._fallback("packed_attention", f"{cfg.model.packed_attention} (varlen on "
+                           f"{self.device.type})", a.describe(), a.reason)
+        elif cfg.data.packing and self.is_main:
+            log.info("packed attention: %s%s", a.describe(),
+                     "" if a.varlen else f" ({a.reason})")
 
     def _reliability(self) -> None:
         """The saveable bundle, the non-finite guard, the checkpointer; then ``--resume``."""
@@ -377,38 +437,93 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
-    def _micro_batches(self, rows_list) -> list:
+    def _micro_batches(self, rows_list, split=None) -> tuple[list, list]:
+        """Collated micro-batches on the device and, with the fused head, the flat rows of each
+        that have a target (found on the host from the CPU tensors: no device sync)."""
         pad = self.tokenizer.pad_token_id
-        return [collate(self.data.train, rows, pad_id=pad, packing=self.config.data.packing)
-                .to(self.device) for rows in rows_list]
+        split = self.data.train if split is None else split
+        micro, rows = [], []
+        for r in rows_list:
+            mb = collate(split, r, pad_id=pad, packing=self.config.data.packing)
+            idx = None
+            if self.head is not None:
+                lab, _ = torch_sft_labels(mb.input_ids, loss_mask=mb.loss_mask,
+                                          attention_mask=mb.attention_mask,
+                                          position_ids=mb.position_ids,
+                                          document_ids=mb.document_ids)
+                idx = target_rows(lab)  # [n] int64, CPU
+                if self.device.type == "cuda":
+                    idx = idx.pin_memory()
+                idx = idx.to(self.device, non_blocking=True)
+            micro.append(mb.to(self.device))
+            rows.append(idx)
+        return micro, rows
+
+    @property
+    def varlen(self) -> bool:
+        return self.attention is not None and self.attention.varlen
 
     def train_step(self, rows_list) -> dict:
-        """One optimizer step over the micro-batches ``rows_list``; returns step metrics."""
+        """One optimizer step over the micro-batches ``rows_list``; returns step metrics.
+
+        On a logging step the loss, gradient norm and token counts are queued for the host as
+        one device-to-host copy (``readback.DeviceRead``). With ``deferred_reads`` (CUDA) the
+        step returns at once with ``pending`` and the trainer reads it after launching the next
+        step, so the GPU never waits for the host; otherwise it is read here."""
         t0 = time.perf_counter()
-        micro = self._micro_batches(rows_list)
+        micro, rows = self._micro_batches(rows_list)
         labels, normalizer = self._labels(micro)
-        loss_sum = self._forward_backward(micro, labels, normalizer)
+        loss_sum = self._forward_backward(micro, labels, normalizer, rows)
         grad_norm = self._unscale_and_clip()
         step = self.state.step + 1
         log_now = step % self.config.train.log_every == 0 or step == self.total_steps
         lr = self.optimizer.param_groups[0]["lr"]
         tokens = sum(mb.num_tokens for mb in micro)  # this rank's
-        totals = self._global_totals(loss_sum, tokens) if log_now else None
+        deferred = self.deferred_reads and self.guard.mode == "device"
         # the guard raises (stop) or returns False (skip) before the update; on CUDA it reads
-        # its device flag only where the loss is read anyway (log_now)
-        apply = self.guard.check(loss_sum, grad_norm, step, sync=log_now)
+        # its device flag only where the loss is read anyway (log_now), or (deferred) from the
+        # snapshot that travels with the step's metrics
+        apply = self.guard.check(loss_sum, grad_norm, step, sync=log_now and not deferred)
         self._update(apply)
-        self.guard.check_params(step, sync=log_now)  # a finite step can still overflow the update
-        if self.device.type == "cuda" and log_now:
-            torch.cuda.synchronize(self.device)
-        out = {"tokens": tokens, "examples": sum(mb.num_examples for mb in micro),
-               "time": time.perf_counter() - t0, "lr": lr}
-        if totals is not None:
-            loss_v, step_tokens, tokens_all = totals
-            out.update(loss=loss_v, grad_norm=float(grad_norm), trainable=int(normalizer),
-                       step_tokens=step_tokens, tokens_all_ranks=tokens_all)
-            if self.guard.skipped_now:
+        self.guard.check_params(step, sync=log_now and not deferred)
+        out = {"tokens": tokens, "examples": sum(mb.num_examples for mb in micro), "lr": lr}
+        if log_now:
+            read = self._step_read(loss_sum, grad_norm, normalizer, tokens, deferred)
+            if deferred:
+                out["pending"] = read
+            else:
+                out.update(self._resolve(read, step))
+        out["time"] = time.perf_counter() - t0
+        return out
+
+    def _step_read(self, loss_sum, grad_norm, normalizer, tokens: int, deferred: bool):
+        """Queue the step's metrics (and, deferred, the guard's counters) for the host: one
+        vector on the device, copied without waiting. Multi-process: the loss and token counts
+        are summed over ranks first (a collective on the device, no host read)."""
+        tokens_total = self.state.tokens_total + tokens
+        counts = torch.tensor([tokens, tokens_total], dtype=torch.float64,
+                              pin_memory=self.device.type == "cuda")
+        sums = torch.cat([loss_sum.detach().double().reshape(1),
+                          counts.to(self.device, non_blocking=True)])  # [3]
+        if self.strategy.world_size > 1:  # each rank holds its share of the step's loss
+            sums = self.strategy.all_reduce_sum(sums)
+        parts = [sums, grad_norm.detach().double().reshape(1),
+                 normalizer.detach().double().reshape(1)]
+        guard_snap = self.guard.snapshot() if deferred else None
+        if guard_snap is not None:
+            parts.append(guard_snap)
+        return DeviceRead(torch.cat(parts), guard=guard_snap is not None)
+
+    def _resolve(self, read: "DeviceRead", step: int) -> dict:
+        """Host values of a step read: loss, grad norm, counts (and the guard's verdict)."""
+        v = read.values()
+        out = {"loss": v[0], "step_tokens": int(v[1]), "tokens_all_ranks": int(v[2]),
+               "grad_norm": v[3], "trainable": int(v[4])}
+        if read.guard:
+            if self.guard.fold(v[5:], step):
                 out["skipped_nonfinite"] = True
+        elif self.guard.skipped_now:
+            out["skipped_nonfinite"] = True
         return out
 
     def _labels(self, micro) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -421,29 +536,47 @@ class Trainer:
             count = count + n
         return labels, self.strategy.all_reduce_sum(count).to(torch.float32)
 
-    def _forward_backward(self, micro, labels, normalizer) -> torch.Tensor:
+    def _forward_backward(self, micro, labels, normalizer, rows=None) -> torch.Tensor:
         """Forward, loss and backward of each micro-batch (gradients synced on the last one);
-        returns this rank's summed loss (a device tensor)."""
+        returns this rank's summed loss (a device tensor). With the fused head the loss comes
+        out of the model's forward (``head.py``), else from its logits."""
         impl = self.loss_impl
         self.model.train()
         scaling = self.scaler.is_enabled()
         grad_scale = self.scaler.scale(torch.ones((), device=self.device)) if scaling else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         factor = self.strategy.loss_factor
-        for i, (mb, lab) in enumerate(zip(micro, labels)):
+        tc = self.config.train
+        rows = rows or [None] * len(micro)
+        for i, (mb, lab, idx) in enumerate(zip(micro, labels, rows)):
             with self.strategy.grad_sync(self.model, enabled=i == len(micro) - 1):
-                with self.autocast():
-                    logits = self.model(**mb.model_inputs()).logits  # [B, T, V]
-                loss = token_loss(logits, lab, normalizer, impl,
-                                  grad_scale=grad_scale if impl == "fused" else None,
-                                  consume_logits=True,
-                                  label_smoothing=self.config.train.label_smoothing,
-                                  z_loss=self.config.train.z_loss)
+                if self.head is not None:
+                    req = HeadRequest(labels=lab, rows=idx, normalizer=normalizer,
+                                      grad_scale=grad_scale, label_smoothing=tc.label_smoothing,
+                                      z_loss=tc.z_loss)
+                    with self.autocast(), posted(self.head, req):
+                        self.model(**mb.model_inputs(varlen=self.varlen))
+                    loss = self._head_loss(req)
+                else:
+                    with self.autocast():
+                        logits = self.model(**mb.model_inputs(varlen=self.varlen)).logits
+                    loss = token_loss(logits, lab, normalizer, impl,  # logits: [B, T, V]
+                                      grad_scale=grad_scale if impl == "fused" else None,
+                                      consume_logits=True, label_smoothing=tc.label_smoothing,
+                                      z_loss=tc.z_loss)
+                    del logits
                 scaled = loss * factor if factor != 1.0 else loss
                 (self.scaler.scale(scaled) if scaling else scaled).backward()
             loss_sum += loss.detach()
-            del logits, loss, scaled
+            del loss, scaled
         return loss_sum
+
+    @staticmethod
+    def _head_loss(req: HeadRequest) -> torch.Tensor:
+        if req.loss is None:
+            raise TrainingError("the model's forward did not call its output layer, so the fused "
+                                "head computed no loss; pass --fused-head off")
+        return req.loss
 
     def _unscale_and_clip(self) -> torch.Tensor:
         """The global gradient norm (before clipping), gradients unscaled and clipped."""
@@ -452,16 +585,6 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
         return self.strategy.clip_grad_norm_(params, clip)  # global over ranks
-
-    def _global_totals(self, loss_sum: torch.Tensor, tokens: int) -> tuple[float, int, int]:
-        """(step loss, step tokens, tokens so far) summed over ranks: read on logging steps."""
-        step_tokens, tokens_total = tokens, self.state.tokens_total + tokens
-        if self.strategy.world_size > 1:  # each rank holds its share of the step's loss
-            sums = self.strategy.all_reduce_sum(torch.tensor(
-                [float(loss_sum), tokens, tokens_total], dtype=torch.float64,
-                device=self.device))  # [3]
-            return float(sums[0]), int(sums[1]), int(sums[2])
-        return float(loss_sum), step_tokens, tokens_total
 
     def _update(self, apply: bool) -> None:
         """Optimizer step (unless the guard said skip), scheduler step, zeroed gradients."""
@@ -482,12 +605,15 @@ class Trainer:
         accum = cfg.train.grad_accum
         from tqdm.auto import tqdm
 
+        # before any checkpoint the deferred step metrics are read too (they belong in it)
+        self.checkpointer.before_save = self._before_save
         self.pm.hook.sftctl_train_start(run=self.context)
         if self.val_plan is not None and cfg.eval.initial and st.step == 0:
             self.evaluate()
-        bar = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step",
-                   disable=cfg.train.quiet or not self.is_main, dynamic_ncols=True,
-                   file=sys.stderr)
+        bar = self._bar = tqdm(total=self.total_steps, initial=st.step, desc="train",
+                               unit="step", disable=cfg.train.quiet or not self.is_main,
+                               dynamic_ncols=True, file=sys.stderr)
+        self._last_read = (time.perf_counter(), st.step)
         epoch_batches = None
         epoch_of_batches = -1
         while st.step < self.total_steps:
@@ -505,35 +631,73 @@ class Trainer:
             st.tokens_total += m["tokens"]
             st.examples_total += m["examples"]
             st.train_time_s += m["time"]
-            if "loss" in m:
-                st.trainable_total += m["trainable"]
-                metrics = {"kind": "train", "step": st.step,
-                           "epoch": round(st.epoch + st.micro_in_epoch / len(epoch_batches), 4),
-                           "loss": m["loss"], "lr": m["lr"], "tokens": m["step_tokens"],
-                           "trainable_tokens": m["trainable"],
-                           "tokens_total": m["tokens_all_ranks"],
-                           "tokens_per_s": m["step_tokens"] / max(m["time"], 1e-9),
-                           "grad_norm": m["grad_norm"], "time": round(time.time() - self._t0, 3)}
-                if m.get("skipped_nonfinite"):
-                    metrics["skipped_nonfinite"] = True
-                st.history.append(metrics)
-                self.pm.hook.sftctl_step_end(run=self.context, step=st.step,
-                                             metrics=dict(metrics))
-                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
-                                tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+            epoch = round(st.epoch + st.micro_in_epoch / len(epoch_batches), 4)
+            # the previous step's metrics, read now that this step is queued behind them
+            self._flush_metrics()
+            if "pending" in m:
+                self._pending = (m, st.step, epoch)
+            elif "loss" in m:
+                self._emit(m, st.step, epoch)
             bar.update(1)
-            if self.val_plan is not None and cfg.eval.every and st.step % cfg.eval.every == 0 \
-                    and st.step < self.total_steps:
+            eval_now = self.val_plan is not None and cfg.eval.every and \
+                st.step % cfg.eval.every == 0 and st.step < self.total_steps
+            if eval_now or st.step >= self.total_steps:
+                self._flush_metrics()
+            if eval_now:
                 self.evaluate()
             self.checkpointer.step_end()  # periodic save; preemption: save and raise
             if self.stop_reason is not None:
+                self._flush_metrics()
                 log.info("stopping at step %d: %s", st.step, self.stop_reason)
                 break
+        self._flush_metrics()
         bar.close()
         if self.val_plan is not None and not (st.history and st.history[-1]["kind"] == "val"
                                               and st.history[-1]["step"] == st.step):
             self.evaluate()
         return self.finish()
+
+    def _emit(self, m: dict, step: int, epoch: float) -> None:
+        """History, the ``sftctl_step_end`` hooks and the progress bar for a read step."""
+        st = self.state
+        st.trainable_total += m["trainable"]
+        metrics = {"kind": "train", "step": step, "epoch": epoch, "loss": m["loss"],
+                   "lr": m["lr"], "tokens": m["step_tokens"], "trainable_tokens": m["trainable"],
+                   "tokens_total": m["tokens_all_ranks"],
+                   "tokens_per_s": m["step_tokens"] / max(m["time"], 1e-9),
+                   "grad_norm": m["grad_norm"], "time": round(time.time() - self._t0, 3)}
+        if m.get("skipped_nonfinite"):
+            metrics["skipped_nonfinite"] = True
+        st.history.append(metrics)
+        self.pm.hook.sftctl_step_end(run=self.context, step=step, metrics=dict(metrics))
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
+                            tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+
+    def _flush_metrics(self) -> None:
+        """Read and emit the deferred metrics of the last logged step, if any (it waits for that
+        step only: later steps may still run on the device)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        m, step, epoch = pending
+        t0 = time.perf_counter()
+        m.update(self._resolve(m.pop("pending"), step))
+        now = time.perf_counter()
+        self.state.train_time_s += now - t0
+        # step time on the device's clock: from the previous read step's completion to this
+        # one's, over the steps in between (the host launched them while the device ran)
+        last_t, last_step = getattr(self, "_last_read", (t0, step - 1))
+        m["time"] = (now - last_t) / max(step - last_step, 1)
+        self._last_read = (now, step)
+        self._emit(m, step, epoch)
+
+    def _before_save(self, step: int) -> None:
+        """Before any checkpoint: the pending metrics (they belong in the saved history) and
+        the guard's counters are read."""
+        self._flush_metrics()
+        self.guard.sync(step)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -542,15 +706,19 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         count = torch.zeros((), dtype=torch.long, device=self.device)
-        pad = self.tokenizer.pad_token_id
         t0 = time.perf_counter()
         for rows in self.val_plan.batches(0):
-            mb = collate(self.data.val, rows, pad_id=pad, packing=self.config.data.packing)
-            mb = mb.to(self.device)
+            (mb,), (idx,) = self._micro_batches([rows], self.data.val)
             lab, n = sft_labels(mb, impl)
-            with self.autocast():
-                logits = self.model(**mb.model_inputs()).logits  # [B, T, V]
-            total += token_loss(logits, lab, None, impl, reduction="sum").float()
+            if self.head is not None:  # plain NLL (no smoothing, no z-loss), summed
+                req = HeadRequest(labels=lab, rows=idx, reduction="sum")
+                with self.autocast(), posted(self.head, req):
+                    self.model(**mb.model_inputs(varlen=self.varlen))
+                total += self._head_loss(req).float()
+            else:
+                with self.autocast():
+                    logits = self.model(**mb.model_inputs(varlen=self.varlen)).logits  # [B,T,V]
+                total += token_loss(logits, lab, None, impl, reduction="sum").float()
             count += n
         total = self.strategy.all_reduce_sum(total)
         count = self.strategy.all_reduce_sum(count)
@@ -618,6 +786,9 @@ class Trainer:
             "peak_memory_kind": mem_kind,
             "loss_kernel": self.loss_kernel,
             "loss_impl": self.loss_impl,
+            "loss_head": self.head_info,
+            "attention": self.attention.to_json() if self.attention is not None else None,
+            "async_metrics": self.deferred_reads,
             "fallbacks": self.fallbacks,
             "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
                                           if self.device.type == "cuda" else ""),
@@ -647,9 +818,15 @@ class Trainer:
         if self.strategy.world_size > 1:  # exact input-token count over all ranks
             self._tokens_all_ranks = int(self.strategy.all_reduce_sum(torch.tensor(
                 self.state.tokens_total, dtype=torch.long, device=self.device)))
+        self._flush_metrics()
         self.guard.sync(self.state.step)  # never save past an unread non-finite step
         summary = self.summary()
         model = self.unwrapped_model
+        # the saved model is the plain one: the head's class and the attention implementation
+        # go back to what transformers loaded (training is over)
+        if self.head is not None:
+            self.head.uninstall()
+        attention.uninstall(model)
         model.config.use_cache = True
         full = self.strategy.full_state_dict(self.model)  # every rank: FSDP gathers the shards
         if self.is_main:

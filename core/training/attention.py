@@ -1,0 +1,371 @@
+"""Packed attention without a mask: variable-length ("varlen") attention over packed rows.
+
+Design choices
+- transformers 5 routes every attention call of a model through its ``AttentionInterface``; sftctl
+  registers one more function there, ``sftctl_varlen``, and sets it on the model for packed
+  training. Because no mask function is registered under that name, transformers builds no mask at
+  all (neither the block-diagonal mask it derives from ``position_ids`` for sdpa, which costs a
+  device sync and sends sdpa to a masked kernel, nor anything else). The documents of a packed
+  micro-batch arrive instead as ``cu_seq_lens_q/k`` (int32 cumulative lengths over the flattened
+  ``B * T`` tokens: every document, and each row's padding tail as a segment of its own) and
+  ``max_length_q/k`` (a host int), computed by ``collate`` on the host (no device sync) and passed
+  as forward kwargs, which transformers hands through to the attention function.
+- The kernel is chosen once, at setup, from what is installed and what the model needs (dtype,
+  head size, sliding windows, attention logit softcapping, dropout):
+  1. ``flash_attn.flash_attn_varlen_func`` (the flash-attn package) when it is importable: causal,
+     windows, softcap, GQA and dropout;
+  2. PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (flash kernels shipped with torch):
+     causal, windows (torch >= 2.11), GQA (``enable_gqa`` where the signature has it, else the
+     key/value heads are repeated); no softcap, no dropout;
+  3. otherwise transformers' own path for the model's ``--attn-implementation``; on CUDA that is
+     a counted fallback with its reason (log, summary.json ``fallbacks``).
+  On the CPU the default stays transformers' path (sdpa with the block mask it derives from the
+  position ids); ``--packed-attention varlen`` forces the varlen function there, which then runs
+  its reference kernel: exact attention per document (fp32 softmax, causal, window, softcap),
+  used by the tests to check the plumbing against documents run one by one.
+- A setup probe runs the model once on two packed documents and counts the calls of the function:
+  a model that does not dispatch through ``AttentionInterface`` (or not in every layer) is a
+  fallback, never a silent full-row attention.
+- Without ``cu_seq_lens_q`` (a padded batch, a caller that does not pack), the function attends
+  causally within each row, which is exact for right-padded rows (sftctl pads on the right; real
+  tokens only see earlier real tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+
+import torch
+
+from ..errors import ConfigError, TrainingError
+
+log = logging.getLogger("sftctl")
+
+NAME = "sftctl_varlen"
+KERNELS = {
+    "flash_attn": "flash-attn flash_attn_varlen_func",
+    "torch": "torch.nn.attention.varlen.varlen_attn",
+    "reference": "exact attention per document (sftctl's reference, fp32 softmax)",
+}
+
+# the kernel the registered function runs (set by ``choose``; one training per process)
+_ACTIVE = {"kernel": "reference"}
+CALLS: dict[str, int] = {}  # kernel -> calls (tests and the setup probe read it)
+
+
+@dataclasses.dataclass
+class AttentionChoice:
+    """What packed rows use: ``varlen`` True means the ``sftctl_varlen`` function with
+    ``kernel``; False means transformers' own ``implementation``."""
+
+    varlen: bool
+    implementation: str
+    kernel: str | None = None
+    reason: str | None = None      # why not varlen (a fallback when the device wanted it)
+    fallback: bool = False
+
+    def describe(self) -> str:
+        if self.varlen:
+            return f"{NAME} ({KERNELS[self.kernel]})"
+        impl = self.implementation
+        what = {"sdpa": "sdpa with the block mask transformers derives from position_ids",
+                "eager": "eager with the block mask transformers derives from position_ids",
+                "flex_attention": "flex_attention with transformers' document block mask"}
+        return what.get(impl, f"{impl} (transformers' packed handling)")
+
+    def to_json(self) -> dict:
+        return {"varlen": self.varlen, "implementation": NAME if self.varlen else
+                self.implementation, "kernel": KERNELS.get(self.kernel) if self.varlen else None,
+                "description": self.describe(), "reason": self.reason}
+
+
+# --------------------------------------------------------------------------- availability
+
+def flash_attn_func():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:
+        return None
+    return flash_attn_varlen_func
+
+
+def torch_varlen_func():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    return varlen_attn
+
+
+def _params(fn) -> set:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def model_needs(config, amp_dtype) -> dict:
+    """Attention features of a model config that a kernel must support."""
+    cfg = getattr(config, "get_text_config", lambda: config)()
+    heads = getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cfg, "head_dim", None) or (
+        cfg.hidden_size // heads if heads and getattr(cfg, "hidden_size", None) else None)
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        window = None
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    return {"softcap": getattr(cfg, "attn_logit_softcapping", None) or None,
+            "window": window, "dropout": float(getattr(cfg, "attention_dropout", 0.0) or 0.0),
+            "head_dim": head_dim, "half": amp_dtype in (torch.float16, torch.bfloat16)}
+
+
+def kernel_for(needs: dict, device: torch.device) -> tuple[str | None, str | None]:
+    """(kernel, None) or (None, why no varlen kernel fits) on a CUDA device."""
+    if device.type != "cuda":
+        return "reference", None
+    why = []
+    if not needs["half"]:
+        why.append("flash varlen kernels need bf16/fp16 autocast (the run is fp32)")
+    if needs["head_dim"] and needs["head_dim"] > 256:
+        why.append(f"head size {needs['head_dim']} > 256")
+    if why:
+        return None, "; ".join(why)
+    if flash_attn_func() is not None:
+        return "flash_attn", None
+    fn = torch_varlen_func()
+    if fn is None:
+        return None, ("neither the flash-attn package nor torch.nn.attention.varlen (torch >= "
+                      "2.10) is available")
+    p = _params(fn)
+    missing = []
+    if needs["softcap"]:
+        missing.append(f"attention logit softcapping ({needs['softcap']:g})")
+    if needs["dropout"]:
+        missing.append(f"attention dropout ({needs['dropout']:g})")
+    if needs["window"] and "window_size" not in p:
+        missing.append(f"sliding windows ({needs['window']})")
+    if missing:
+        return None, ("torch's varlen_attn does not support " + ", ".join(missing) +
+                      "; install flash-attn for varlen attention with it")
+    return "torch", None
+
+
+def choose(model, model_cfg, packing: bool, device: torch.device, amp_dtype) -> AttentionChoice:
+    """The packed-attention path of this run (see the module docstring); installs the varlen
+    function on ``model`` when chosen (after a probe). Call on the unwrapped model."""
+    config = model.config
+    current = getattr(config, "_attn_implementation", None) or "sdpa"
+    mode = model_cfg.packed_attention
+    if not packing:
+        return AttentionChoice(False, current, reason="rows are padded (no --packing)")
+    if mode == "model":
+        return AttentionChoice(False, current, reason="--packed-attention model")
+    asked_impl = model_cfg.attn_implementation
+    if mode == "auto":
+        if device.type != "cuda":
+            return AttentionChoice(False, current, reason="on the CPU the default is "
+                                   "transformers' own packed attention")
+        if asked_impl not in (None, "sdpa"):
+            return AttentionChoice(False, current, reason=f"--attn-implementation {asked_impl} "
+                                   "was asked for")
+    kernel, why = kernel_for(model_needs(config, amp_dtype), device)
+    if kernel is None:
+        if mode == "varlen":
+            raise ConfigError(f"model.packed_attention: varlen asked for, but no varlen kernel "
+                              f"fits on {device}: {why}")
+        return AttentionChoice(False, current, reason=why, fallback=True)
+    why = install(model, kernel)
+    if why:
+        if mode == "varlen":
+            raise ConfigError(f"model.packed_attention: varlen: {why}")
+        return AttentionChoice(False, current, reason=why, fallback=True)
+    return AttentionChoice(True, NAME, kernel=kernel)
+
+
+def install(model, kernel: str) -> str | None:
+    """Register the function, switch ``model`` to it and probe; None on success, else why not
+    (the model's implementation is then restored)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    config = model.config
+    before = config._attn_implementation
+    _ACTIVE["kernel"] = kernel
+    config._attn_implementation = NAME
+    why = probe(model)
+    if why:
+        config._attn_implementation = before
+    else:
+        model._sftctl_attn_before = (before,)
+    return why
+
+
+def uninstall(model) -> None:
+    """Give the model back its own implementation (before saving it)."""
+    before = model.__dict__.pop("_sftctl_attn_before", None)
+    if before is not None:
+        model.config._attn_implementation = before[0]
+
+
+@torch.no_grad()
+def probe(model) -> str | None:
+    """One forward over two packed documents: every attention layer must call the function."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    layers = getattr(cfg, "num_hidden_layers", None)
+    dev = next(model.parameters()).device
+    lens = [3, 5]
+    T = sum(lens)
+    V = getattr(cfg, "vocab_size", 2)
+    ids = (torch.arange(T, device=dev) % V)[None]                              # [1, T]
+    pos = torch.cat([torch.arange(n, device=dev) for n in lens])[None]         # [1, T]
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    before = dict(CALLS)
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=ids, position_ids=pos, use_cache=False,
+              **varlen_kwargs(cu.to(dev), max(lens)))
+    except Exception as e:
+        return f"the model's forward with {NAME} failed ({type(e).__name__}: {e})"
+    finally:
+        model.train(was_training)
+    calls = sum(CALLS.values()) - sum(before.values())
+    if calls == 0:
+        return ("the model does not dispatch its attention through transformers' "
+                "AttentionInterface")
+    if layers and calls != layers:
+        return f"{calls} attention calls for {layers} layers"
+    return None
+
+
+def varlen_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
+    """The forward kwargs transformers passes through to the attention function."""
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens,
+            "max_length_q": int(max_seqlen), "max_length_k": int(max_seqlen)}
+
+
+# ------------------------------------------------------------------------------ the function
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, sliding_window: int | None = None,
+                             softcap: float | None = None, cu_seq_lens_q=None, cu_seq_lens_k=None,
+                             max_length_q=None, max_length_k=None, s_aux=None, **kwargs):
+    """transformers attention function: ``query [B, Hq, T, D]``, ``key/value [B, Hkv, T, D]``
+    -> ``([B, T, Hq, D], None)``; documents given by ``cu_seq_lens_q`` over the flat B*T."""
+    if s_aux is not None:
+        raise TrainingError(f"{NAME}: attention sinks (s_aux) are not supported; pass "
+                            "--packed-attention model")
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    if scaling is None:
+        scaling = D ** -0.5
+    if cu_seq_lens_q is None:  # not packed: one causal sequence per (right-padded) row
+        cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=query.device)
+        max_len = T
+    else:
+        cu, max_len = cu_seq_lens_q, int(max_length_q)
+    q = query.transpose(1, 2).reshape(B * T, Hq, D)    # [B*T, Hq, D]
+    k = key.transpose(1, 2).reshape(B * T, Hkv, D)     # [B*T, Hkv, D]
+    v = value.transpose(1, 2).reshape(B * T, Hkv, D)   # [B*T, Hkv, D]
+    kernel = _ACTIVE["kernel"]
+    if kernel != "reference" and not query.is_cuda:
+        kernel = "reference"
+    CALLS[kernel] = CALLS.get(kernel, 0) + 1
+    window = int(sliding_window) if sliding_window else None
+    if window is not None and window >= max_len:
+        window = None  # no document is longer than the window: plain causal
+    p = dropout if module.training else 0.0
+    if kernel == "flash_attn":
+        out = flash_attn_func()(q, k, v, cu, cu, max_len, max_len, dropout_p=p,
+                                softmax_scale=scaling, causal=True,
+                                window_size=(window - 1, 0) if window else (-1, -1),
+                                softcap=float(softcap or 0.0))
+    elif kernel == "torch":
+        out = _torch_varlen(q, k, v, cu, max_len, scaling, window)
+    else:
+        out = reference_varlen(q, k, v, cu, scaling=scaling, window=window, softcap=softcap,
+                               dropout=p)
+    return out.reshape(B, T, Hq, D), None
+
+
+def _torch_varlen(q, k, v, cu, max_len, scaling, window):
+    fn = torch_varlen_func()
+    p = _params(fn)
+    kw = {"scale": scaling}
+    if "window_size" in p:
+        kw["window_size"] = (window - 1, 0) if window else (-1, 0)
+    else:
+        kw["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in p:
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(rep, dim=1)  # [N, Hq, D]
+            v = v.repeat_interleave(rep, dim=1)  # [N, Hq, D]
+    return fn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+def reference_varlen(q, k, v, cu, *, scaling: float, window: int | None = None,
+                     softcap: float | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Exact causal attention of each document ``[cu[i], cu[i+1])`` of the flat ``q [N, Hq, D]``,
+    ``k/v [N, Hkv, D]`` (scores and softmax in fp32); ``[N, Hq, D]`` in q's dtype. ``cu`` is
+    read on the host (a CPU tensor: no sync; a device tensor is copied once)."""
+    bounds = cu.tolist()
+    Hq, Hkv = q.shape[1], k.shape[1]
+    rep = Hq // Hkv
+    out = torch.empty_like(q)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e <= s:
+            continue
+        qs = q[s:e].transpose(0, 1).float()                                     # [Hq, L, D]
+        ks = k[s:e].transpose(0, 1).float().repeat_interleave(rep, dim=0)       # [Hq, L, D]
+        vs = v[s:e].transpose(0, 1).float().repeat_interleave(rep, dim=0)       # [Hq, L, D]
+        scores = qs @ ks.transpose(1, 2) * scaling                              # [Hq, L, L]
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        L = e - s
+        i = torch.arange(L, device=q.device)
+        allowed = i[None, :] <= i[:, None]                                      # [L, L]
+        if window:
+            allowed &= i[:, None] - i[None, :] < window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = scores.softmax(-1)
+        if dropout:
+            probs = torch.nn.functional.dropout(probs, p=dropout)
+        out[s:e] = (probs @ vs).transpose(0, 1).to(q.dtype)                     # [L, Hq, D]
+    return out
+
+
+def availability() -> dict:
+    """What this machine offers for packed attention (``sftctl doctor``)."""
+    fa = flash_attn_func()
+    tv = torch_varlen_func()
+    version = None
+    if fa is not None:
+        try:
+            import flash_attn
+
+            version = getattr(flash_attn, "__version__", "installed")
+        except Exception:
+            version = "installed"
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        default = "transformers' own packed attention (the CPU default; --packed-attention " \
+                  "varlen runs the exact per-document reference)"
+    elif fa is not None:
+        default = f"{NAME} with {KERNELS['flash_attn']}"
+    elif tv is not None:
+        default = (f"{NAME} with {KERNELS['torch']} (attention softcapping or dropout: "
+                   "transformers' path, a counted fallback)")
+    else:
+        default = "transformers' own packed attention (a counted fallback: no varlen kernel)"
+    return {"flash_attn": version, "torch_varlen_attn": tv is not None,
+            "torch_varlen_window": tv is not None and "window_size" in _params(tv),
+            "torch_varlen_gqa": tv is not None and "enable_gqa" in _params(tv),
+            "packing_default": default}

@@ -1,0 +1,279 @@
+"""Packed rows through varlen attention (sftctl.training.attention): the loss of packed documents
+equals the loss of the same documents run one by one.
+
+What is checked
+- ``collate`` gives packed batches ``cu_seqlens`` (int32, on the host) whose segments are exactly
+  the documents (where ``position_ids`` restart) plus each row's padding tail, and
+  ``max_seqlen``.
+- The ``sftctl_varlen`` attention function with its reference kernel (the CPU path of
+  ``--packed-attention varlen``), on real architectures from tiny configs (Llama; Qwen2 with a
+  sliding window shorter than the documents; Gemma-2 with attention softcapping and a window):
+  per-token logits, the loss and every parameter gradient of a packed batch equal those of each
+  document run alone through the model's own attention. A negative control (the same packed
+  rows without ``cu_seq_lens``: attention crosses documents) differs, so the comparison can fail.
+- The real CLI with ``--packing --packed-attention varlen`` on the CPU names the path in
+  summary.json and trains the curve of transformers' own packed path.
+- CUDA (skipped without): the automatically chosen kernel (flash-attn or torch varlen_attn) in
+  bf16 against documents run one by one, and a short ``sftctl train --packing`` on the GPU that
+  names ``sftctl_varlen`` and its kernel, with no fallback.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sftctl_testutil import (alpaca_records, build_tiny_base, cli_env, read_metrics, run_cli,
+                             write_jsonl)
+from sftctl_testutil import no_installed_plugins  # noqa: F401 (autouse)
+
+V = 80
+DOCS = [[7, 13, 4], [16, 5], [9]]  # rows of document lengths: 24, 21, 9 tokens (padded to 24)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    import transformers as tf
+
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=True)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**common)
+    elif arch == "qwen2":  # every layer windowed, window shorter than the longest document
+        cfg = tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=6,
+                             max_window_layers=0, layer_types=["sliding_attention"] * 2)
+    else:
+        cfg = tf.Gemma2Config(**common, attn_logit_softcapping=3.0, sliding_window=5,
+                              final_logit_softcapping=None, query_pre_attn_scalar=8)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # sharper attention than the default init
+        for n, p in model.named_parameters():
+            if "q_proj" in n or "k_proj" in n:
+                p.mul_(8.0)
+    return model
+
+
+def documents(seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randint(3, V, (n,), generator=g) for n in row] for row in DOCS]
+
+
+def packed_batch(docs, packing: bool = True):
+    """The packed rows as ``collate`` builds them (from a stand-in of the tokenized split that
+    offers what collate reads: ``rows(indices) -> [(ids, loss_mask)]``)."""
+    from sftctl.data.batching import collate
+
+    class Split:  # the interface collate reads: rows(indices) -> [(ids, mask)]
+        def __init__(self, seqs):
+            self.seqs = seqs
+
+        def rows(self, idx):
+            return [(self.seqs[i].tolist(), [1] * len(self.seqs[i])) for i in idx]
+
+    flat = [d for row in docs for d in row]
+    rows, k = [], 0
+    for row in docs:
+        rows.append(list(range(k, k + len(row))))
+        k += len(row)
+    if not packing:
+        rows = [[i] for i in range(len(flat))]
+    return collate(Split(flat), rows, pad_id=0, packing=packing)
+
+
+def test_collate_gives_cu_seqlens_on_the_host():
+    mb = packed_batch(documents())
+    T = max(sum(r) for r in DOCS)
+    assert mb.input_ids.shape == (3, T)
+    assert mb.cu_seqlens.dtype == torch.int32 and mb.cu_seqlens.device.type == "cpu"
+    # segments: every document, then each row's padding tail (row 1: 3 tokens, row 2: 15)
+    lens = [7, 13, 4, 16, 5, 3, 9, 15]
+    assert mb.cu_seqlens.tolist() == np.concatenate([[0], np.cumsum(lens)]).tolist()
+    assert mb.max_seqlen == 16
+    # the same boundaries transformers finds from the position ids (a restart at 0)
+    flat_pos = mb.position_ids.reshape(-1)
+    starts = (flat_pos == 0).nonzero()[:, 0].tolist()
+    assert starts == mb.cu_seqlens[:-1].tolist()
+    kw = mb.model_inputs(varlen=True)
+    assert kw["cu_seq_lens_q"] is mb.cu_seqlens and kw["max_length_k"] == 16
+    assert "cu_seq_lens_q" not in mb.model_inputs()
+    # padded (unpacked) batches carry none
+    padded = packed_batch(documents(), packing=False)
+    assert padded.cu_seqlens is None and "cu_seq_lens_q" not in padded.model_inputs(varlen=True)
+
+
+def per_token_losses(logits, ids):
+    """Next-token loss of every position but the last of each document: ``[n]``."""
+    return torch.nn.functional.cross_entropy(logits[:-1].double(), ids[1:], reduction="none")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_packed_varlen_equals_documents_one_by_one(arch):
+    from sftctl.training import attention
+
+    docs = documents()
+    model = tiny_model(arch)
+    # one by one, through the model's own (eager) attention
+    ref_losses, ref_logits = [], []
+    for row in docs:
+        for d in row:
+            logits = model(input_ids=d[None], use_cache=False).logits[0]   # [n, V]
+            ref_logits.append(logits.detach())
+            ref_losses.append(per_token_losses(logits, d))
+    ref = torch.cat(ref_losses).sum()
+    ref.backward()
+    g_ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    assert attention.install(model, "reference") is None  # the probe passed
+    mb = packed_batch(docs)
+    before = attention.CALLS.get("reference", 0)
+    out = model(**mb.model_inputs(varlen=True)).logits                      # [B, T, V]
+    assert attention.CALLS["reference"] - before == 2                        # both layers
+    losses, k = [], 0
+    for b, row in enumerate(docs):
+        at = 0
+        for d in row:
+            logits = out[b, at:at + len(d)]
+            torch.testing.assert_close(logits.detach(), ref_logits[k], rtol=1e-5, atol=2e-5)
+            losses.append(per_token_losses(logits, d))
+            at += len(d)
+            k += 1
+    packed = torch.cat(losses).sum()
+    assert float(packed.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+    packed.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+    # negative control: without the document bounds attention crosses documents in a row
+    with torch.no_grad():
+        kw = mb.model_inputs(varlen=True)
+        for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+            kw.pop(key)
+        crossed = model(**kw).logits
+    second = crossed[0, 7:20]  # row 0's second document
+    assert (second - ref_logits[1]).abs().max() > 1e-2
+    attention.uninstall(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_kernel_choice_names_what_a_model_needs():
+    from sftctl.training import attention
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    llama = attention.model_needs(tiny_model("llama").config, torch.bfloat16)
+    gemma = attention.model_needs(tiny_model("gemma2").config, torch.bfloat16)
+    assert llama == {"softcap": None, "window": None, "dropout": 0.0, "head_dim": 8, "half": True}
+    assert gemma["softcap"] == 3.0 and gemma["window"] == 5
+    assert attention.kernel_for(llama, cpu) == ("reference", None)
+    kernel, why = attention.kernel_for(dict(llama, half=False), cuda)
+    assert kernel is None and "bf16/fp16" in why
+    kernel, why = attention.kernel_for(gemma, cuda)
+    if attention.flash_attn_func() is None:
+        assert kernel is None and "softcapping" in why  # torch's varlen_attn has no softcap
+    else:
+        assert kernel == "flash_attn"
+
+
+# ------------------------------------------------------------------------------ the real CLI
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("packed")
+    base = build_tiny_base(tmp / "base")
+    data = write_jsonl(tmp / "train.jsonl", alpaca_records(32, seed=6))
+    return tmp, base, data
+
+
+def train(tiny, out, *extra):
+    tmp, base, data = tiny
+    return run_cli(["train", "--model", str(base), "--data", str(data), "--output-dir", str(out),
+                    "--no-eval", "--no-initial-eval", "--max-steps", "4", "--batch-size", "2",
+                    "--packing", "--max-seq-len", "256", "--lr", "3e-3", "--seed", "3", *extra],
+                   env=cli_env(tmp))
+
+
+def test_cli_packed_varlen_on_the_cpu_trains_the_curve_of_the_default_path(tiny, tmp_path):
+    curves = {}
+    for name, extra in (("varlen", ["--packed-attention", "varlen"]),
+                        ("model", ["--packed-attention", "model", "--loss-impl", "torch"])):
+        r = train(tiny, tmp_path / name, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        curves[name] = [x["loss"] for x in read_metrics(tmp_path / name) if x["kind"] == "train"]
+        s = json.loads((tmp_path / name / "summary.json").read_text())
+        assert s["fallbacks"] == []
+        if name == "varlen":
+            assert s["attention"]["implementation"] == "sftctl_varlen"
+            assert "per document" in s["attention"]["kernel"]
+            assert "packed attention: sftctl_varlen" in r.stderr
+            assert s["loss_head"]["fused"] is True
+        else:
+            assert s["attention"]["implementation"] == "sdpa" and not s["attention"]["varlen"]
+    assert len(curves["varlen"]) == 4
+    np.testing.assert_allclose(curves["varlen"], curves["model"], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ CUDA
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@_CUDA
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cuda_packed_varlen_kernel_equals_documents_one_by_one(arch):
+    from sftctl.training import attention
+
+    dev = torch.device("cuda")
+    model = tiny_model(arch).to(dev)
+    needs = attention.model_needs(model.config, torch.bfloat16)
+    kernel, why = attention.kernel_for(needs, dev)
+    assert kernel in ("flash_attn", "torch"), why
+    docs = [[d.to(dev) for d in row] for row in documents()]
+    ref_logits = []
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for row in docs:
+            for d in row:
+                ref_logits.append(model(input_ids=d[None], use_cache=False).logits[0].float())
+    model.config._attn_implementation = "eager"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert attention.install(model, kernel) is None
+    mb = packed_batch([[d.cpu() for d in row] for row in docs]).to(dev)
+    before = attention.CALLS.get(kernel, 0)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(**mb.model_inputs(varlen=True)).logits.float()
+    assert attention.CALLS[kernel] - before == 2
+    k = 0
+    for b, row in enumerate(docs):
+        at = 0
+        for d in row:
+            got = out[b, at:at + len(d)]
+            torch.testing.assert_close(got, ref_logits[k], rtol=3e-2, atol=3e-2)
+            at += len(d)
+            k += 1
+    attention.uninstall(model)
+
+
+@_CUDA
+def test_cuda_cli_packing_names_the_varlen_path(tiny, tmp_path):
+    r = train(tiny, tmp_path / "gpu", "--device", "cuda", "--precision", "bf16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "gpu" / "summary.json").read_text())
+    assert s["attention"]["implementation"] == "sftctl_varlen", s["attention"]
+    assert s["attention"]["kernel"] in ("flash-attn flash_attn_varlen_func",
+                                        "torch.nn.attention.varlen.varlen_attn")
+    assert "packed attention: sftctl_varlen" in r.stderr
+    assert s["fallbacks"] == [] and s["loss_head"]["fused"] is True
+    assert s["async_metrics"] is True
+    # the curve of transformers' own packed path (sdpa, block mask) within bf16 noise
+    r = train(tiny, tmp_path / "ref", "--device", "cuda", "--precision", "bf16",
+              "--packed-attention", "model")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = [x["loss"] for x in read_metrics(tmp_path / "gpu") if x["kind"] == "train"]
+    b = [x["loss"] for x in read_metrics(tmp_path / "ref") if x["kind"] == "train"]
+    assert len(a) == len(b) == 4
+    np.testing.assert_allclose(a, b, rtol=2e-2)
