@@ -8,7 +8,10 @@
 # Wheels (carried; the GPU image lacks them), each group installed when present:
 #   .whl/*.whl          datasets, dill, multiprocess (sftctl's data pipeline), liger-kernel
 #   .whl/extra/pyarrow-*.whl   only used when the machine's pyarrow is older than datasets needs
-#   .whl/lora/*.whl     bitsandbytes (QLoRA test only; 41 MiB)
+#   .whl/bnb_site/      bitsandbytes 0.50.2 unpacked, only its CUDA 13.0 and CPU libraries kept
+#                       (4.5 MB; the wheel is 41 MiB with every CUDA/ROCm build), for the QLoRA
+#                       test. Made here by:  mkdir -p .whl/bnb_site && cd .whl/bnb_site &&
+#                       unzip -q BITSANDBYTES.whl && rm bitsandbytes/libbitsandbytes_{cuda1[12]*,cuda132,rocm*,xpu*}.so
 # The extension builds in the background while the HF runners (which do not use it) run; the
 # sftctl runner waits for it. Results go to $OUT: lora_<card>_<date>.json/.md, bench.log, the
 # runners' logs (runs.log), qlora.log, build.log, env.txt.
@@ -31,7 +34,6 @@ if ! python3 -c "import sftctl._C" 2>/dev/null; then
 fi
 wheels=()
 ls .whl/*.whl > /dev/null 2>&1 && wheels+=(.whl/*.whl)
-if [[ $steps == *qlora* ]] && ls .whl/lora/*.whl > /dev/null 2>&1; then wheels+=(.whl/lora/*.whl); fi
 if (( ${#wheels[@]} )); then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "${wheels[@]}" || exit 1
@@ -41,7 +43,7 @@ if ! python3 -c "import pyarrow, sys; sys.exit(int(pyarrow.__version__.split('.'
   if ls .whl/extra/pyarrow-*.whl > /dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/extra/pyarrow-*.whl || exit 1
-    export PYTHONPATH=/tmp/site
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   else
     echo "pyarrow < 24 on this machine and no .whl/extra/pyarrow-*.whl carried: datasets" \
          "(sftctl's data pipeline) will not import" | tee -a "$OUT/env.txt"
@@ -64,6 +66,9 @@ if [[ -n ${build_pid:-} ]]; then
   grep -q "build rc=0" "$OUT/build.log" || { tail -40 "$OUT/build.log"; exit 1; }
 fi
 if [[ $steps == *qlora* ]]; then
-  timeout ${QLORA_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -rs \
-    tests/test_lora.py -k "cuda or bitsandbytes" 2>&1 | tee "$OUT/qlora.log" | tail -25
+  # bitsandbytes only here: peft imports it whenever it is installed (not in the benchmark)
+  [[ -d .whl/bnb_site/bitsandbytes ]] || echo "no .whl/bnb_site: the QLoRA test will skip"
+  PYTHONPATH=$PWD/.whl/bnb_site${PYTHONPATH:+:$PYTHONPATH} timeout ${QLORA_TIMEOUT:-240} \
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_lora.py -k "cuda or bitsandbytes" \
+    2>&1 | tee "$OUT/qlora.log" | tail -25
 fi
