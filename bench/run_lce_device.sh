@@ -2,8 +2,9 @@
 # One call on the GPU machine for the fused linear cross-entropy (issue 14): build, standalone
 # kernel test, the CUDA pytest cases, the benchmark. Budget: <= 8 minutes in all.
 #
-#   bench/run_lce_device.sh [standalone] [pytest] [cetests] [bench]
-#                           (default: standalone pytest bench; cetests = the CE regression set)
+#   bench/run_lce_device.sh [standalone] [sanitizer] [pytest] [cetests] [bench]
+#        (default: standalone pytest bench; sanitizer = compute-sanitizer memcheck + racecheck of
+#         the quick standalone set; cetests = the CE reference suite on CUDA)
 #
 # standalone: csrc/cuda/standalone_test.cu --quick for both row-kernel variants (includes the
 #             fp32-logits -> bf16/fp16-gradient, logit-scale and per-row-factor cases the linear
@@ -54,6 +55,14 @@ if [[ $steps == *standalone* ]]; then
       | grep -E "FAIL|checks|kernel|device" | head -40
   done
   stamp "standalone done"
+  if [[ $steps == *sanitizer* ]]; then  # optional: a few minutes
+    for tool in memcheck racecheck; do
+      echo "== compute-sanitizer $tool, cluster kernel" | tee -a "$OUT/sanitizer.log"
+      timeout 200 compute-sanitizer --tool $tool $B/st --quick --kernel cluster 2>&1 | tail -3 \
+        | tee -a "$OUT/sanitizer.log"
+    done
+    stamp "sanitizer done"
+  fi
 fi
 
 if [[ -n $build_pid ]]; then

@@ -539,3 +539,29 @@ def test_cuda_no_full_logits(wdtype):
               + v * d * 2)
     assert extra <= budget, f"extra {extra / 2**30:.2f} GiB > budget {budget / 2**30:.2f} GiB"
     assert extra < n * v * 2, "as much memory as bf16 logits"
+
+
+@pytest.mark.parametrize("cap", ["DEFAULT"])
+def test_forced_cpu_capability_variants(cap):
+    """The fp32-logits -> bf16-gradient CPU row loops of the baseline variant (AVX-512 is the
+    default run here; AVX2 shares its vector width with AVX-512's code path structure and is
+    left to tests/test_ops_checks.py's CE cases, to keep this file near a minute) pass the
+    every-option cases in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_ops_checks import _supported_capabilities
+
+    if cap not in _supported_capabilities():
+        pytest.skip(f"this CPU does not run {cap}")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=cap.lower())
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        str(repo / "tests" / "test_linear_ce.py"), "-k",
+                        "test_options and cpu-all or test_shapes_dtypes and cpu-float16-333"],
+                       env=env, capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "12 passed" in r.stdout, r.stdout[-500:]
