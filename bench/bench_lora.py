@@ -424,7 +424,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4, help="packed rows per step")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=240, help="seconds per runner")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per runner")
     p.add_argument("--budget-s", type=float, default=600,
                    help="skip runners that would start after this many seconds")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
