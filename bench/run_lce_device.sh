@@ -85,7 +85,7 @@ if [[ $steps == *cetests* ]]; then
   stamp "pytest test_ops -k cuda done"
 fi
 if [[ $steps == *bench* ]]; then
-  timeout ${BENCH_TIMEOUT:-240} python3 bench/bench_cuda_lce.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
+  timeout ${BENCH_TIMEOUT:-270} python3 bench/bench_cuda_lce.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
     | tee "$OUT/bench_lce.log" | grep -v '^|'
   stamp "bench done"
 fi

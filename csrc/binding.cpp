@@ -480,14 +480,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   }
   const int64_t n = h.size(0);
 
-  // ---- outputs and accumulators
-  at::Tensor row_loss = at::zeros({n}, f32);  // [n]
-  at::Tensor lse_c = at::zeros({n}, f32);     // [n]
+  // ---- outputs and accumulators (every row of them is written by the chunks below when n > 0:
+  // the first chunk's dweight GEMM overwrites the accumulator, so no zero-fill pass is needed)
+  auto alloc = [n](at::IntArrayRef shape, const at::TensorOptions& o) {
+    return n > 0 ? at::empty(shape, o) : at::zeros(shape, o);
+  };
+  at::Tensor row_loss = alloc({n}, f32);  // [n]
+  at::Tensor lse_c = alloc({n}, f32);     // [n]
   const bool any_grad = grad_hidden || grad_weight || grad_bias;
-  at::Tensor dh_c = grad_hidden ? at::zeros({n, d}, hidden.options()) : at::Tensor();  // [n, d]
+  at::Tensor dh_c = grad_hidden ? alloc({n, d}, hidden.options()) : at::Tensor();  // [n, d]
   const bool dw_direct = grad_weight && weight.scalar_type() == at::kFloat;
   // [V, d] fp32: the fp32 gradient itself, or an fp32 accumulator for a 16-bit weight
-  at::Tensor dw_acc = grad_weight ? at::zeros({V, d}, f32) : at::Tensor();
+  at::Tensor dw_acc = grad_weight ? alloc({V, d}, f32) : at::Tensor();
   at::Tensor db_acc = grad_bias ? at::zeros({V}, f32) : at::Tensor();  // [V]
 
   const int64_t R = lce_chunk_rows(V, n, chunk_rows);

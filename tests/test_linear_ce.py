@@ -565,3 +565,12 @@ def test_forced_cpu_capability_variants(cap):
                        env=env, capture_output=True, text=True, cwd=repo)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "12 passed" in r.stdout, r.stdout[-500:]
+
+
+def test_module_form(device):
+    h, w, t, b = make_inputs(20, 8, 33, torch.float32, device, bias=True)
+    mod = ops.LinearCrossEntropyLoss(reduction="sum", z_loss=1e-3, return_lse=True)
+    assert "z_loss=0.001" in repr(mod)
+    out = mod(h, w, t, b)
+    ref = ops.linear_cross_entropy(h, w, t, b, reduction="sum", z_loss=1e-3, return_lse=True)
+    assert torch.equal(out.loss, ref.loss) and torch.equal(out.lse, ref.lse)

@@ -16,7 +16,8 @@ from __future__ import annotations
 from .functional import (REDUCTIONS, CrossEntropyOutput, LinearCrossEntropyOutput,
                          cross_entropy, linear_cross_entropy, sft_labels,
                          torch_linear_cross_entropy)
-from .modules import CrossEntropyLoss
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __all__ = ["REDUCTIONS", "CrossEntropyOutput", "cross_entropy", "sft_labels", "CrossEntropyLoss",
-           "LinearCrossEntropyOutput", "linear_cross_entropy", "torch_linear_cross_entropy"]
+           "LinearCrossEntropyOutput", "linear_cross_entropy", "torch_linear_cross_entropy",
+           "LinearCrossEntropyLoss"]

@@ -408,7 +408,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     - ``chunk_rows``: rows per chunk (default: as many as keep an fp32 chunk of logits <= 1 GiB).
     - ``compact``: drop ignored rows before the matmul (a host sync for their count). Default
       (None, or True): on, except while the current CUDA stream captures a graph; False computes
-      every row (ignored rows contribute exactly 0) and never syncs.
+      every row (ignored rows contribute exactly 0) and never syncs. An input that is already
+      compacted (no ignored target) costs that one count and no copy.
     - ``return_lse``: also return the fp32 per-row log-sum-exp (0 for ignored rows; not
       differentiable) as ``LinearCrossEntropyOutput(loss, lse)``.
     - ``grad_scale``: a loss scale the gradients are pre-multiplied by (see ``cross_entropy``).
