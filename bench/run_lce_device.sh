@@ -13,8 +13,9 @@
 #             (device fixture + large bf16 shape vs fp64, graph capture, peak memory) and
 #             tests/test_cuda_ops.py (the CE kernels this change touched);
 # cetests:    tests/test_ops.py -k cuda (the CE reference suite on CUDA, ~2 min);
-# bench:      bench/bench_cuda_lce.py (liger-kernel and cut-cross-entropy wheels from .whl/ and
-#             .whl/lce/, carried; skipped cleanly when absent).
+# bench:      bench/bench_cuda_lce.py (liger-kernel and cut-cross-entropy wheels from .whl/lce/,
+#             carried: `pip download liger-kernel==0.8.5 cut-cross-entropy==25.1.1 --no-deps
+#             -d .whl/lce`; each variant is reported as skipped when its package is absent).
 # Logs and results go to $OUT.
 set -o pipefail
 OUT=${OUT:-/tmp/sftctl_out}
@@ -34,7 +35,7 @@ if [[ $steps == *pytest* || $steps == *bench* || $steps == *cetests* ]]; then
    echo "build rc=$?" >> "$OUT/build.log") &
   build_pid=$!
 fi
-wheels=$(ls .whl/liger_kernel-*.whl .whl/lce/*.whl 2>/dev/null)
+wheels=$(ls .whl/lce/*.whl 2>/dev/null)  # liger-kernel, cut-cross-entropy (carry .whl/lce)
 if [[ -n $wheels ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site_lce $wheels && export PYTHONPATH=/tmp/site_lce
