@@ -402,6 +402,15 @@ def markdown(r: dict) -> str:
             num(x.get("peak_memory_gib"), "{:.2f}"), num(x.get("trainable")),
             num(x.get("total")), str(x.get("same_tokens_as_rows", "-")),
             f"{num(x.get('wall_s'), '{:.0f}')} |"]))
+    lines += ["", "Notes: tokens/s counts the document tokens of each step's packed rows (no "
+              "padding); 'same tokens' says the runner's per-step token counts equal the rows "
+              "the parent built with sftctl's BatchPlan. Peak memory is "
+              "torch.cuda.max_memory_allocated over the whole process: sftctl loads the base "
+              "in fp32 before its lora plugin casts the frozen weights to bf16, so its figure "
+              "includes that transient (4 bytes per parameter) when training needs less. "
+              "Runners started while sftctl's extension was still building on the CPU: "
+              + (", ".join(x["name"] for x in r["runs"]
+                           if x.get("extension_build_running_at_start")) or "none") + "."]
     for x in r["runs"]:
         if x["status"] != "ok" or x.get("read_error"):
             lines += ["", f"`{x['name']}` {x['status']} (rc {x['rc']}); end of its log:", "",
