@@ -5,6 +5,13 @@
 #
 #   bench/run_lora_device.sh [bench] [qlora]      (default: both)
 #
+# Device call (nvidia-h200, one GPU; ~5-7 min: build ~2-4 min overlapping the HF runners, then
+# sftctl ~2-3 min, then the QLoRA test ~1 min):
+#   command: bash bench/run_lora_device.sh
+#   carry:   [".whl"]  (59.6 MiB: the wheels below, .whl/extra, .whl/bnb_site), or, to stay
+#            further under 64 MiB: .whl/datasets-*.whl .whl/dill-*.whl .whl/multiprocess-*.whl
+#            .whl/liger_kernel-*.whl .whl/bnb_site (+ .whl/extra only if the image's pyarrow < 24)
+#
 # Wheels (carried; the GPU image lacks them), each group installed when present:
 #   .whl/*.whl          datasets, dill, multiprocess (sftctl's data pipeline), liger-kernel
 #   .whl/extra/pyarrow-*.whl   only used when the machine's pyarrow is older than datasets needs
