@@ -415,6 +415,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     - ``grad_scale``: a loss scale the gradients are pre-multiplied by (see ``cross_entropy``).
     Returns the fp32 loss (0-dim, or the targets' shape for ``reduction="none"``).
     float64 inputs, and devices sftctl._C has no kernels for, use ``torch_linear_cross_entropy``.
+    With fp32 hidden states the GEMMs are fp32 GEMMs and follow torch's float32 matmul precision
+    (TF32 when ``torch.set_float32_matmul_precision("high")`` is set, as ``F.linear`` would).
     """
     if isinstance(hidden, torch.Tensor) and hidden.device.type in ("cuda", "cpu"):
         dev_type = hidden.device.type
