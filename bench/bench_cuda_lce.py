@@ -1,5 +1,5 @@
-"""Forward+backward of the LM head matmul + cross-entropy on one GPU: sftctl.ops.linear_cross_entropy
-against the usual ways of computing it.
+"""Forward+backward of the LM head matmul + cross-entropy on one GPU: sftctl's fused
+linear_cross_entropy against the usual ways of computing it.
 
 Run on the GPU machine (not a test):  python bench/bench_cuda_lce.py --out DIR
 Writes DIR/bench_cuda_lce.json and DIR/bench_cuda_lce.md and prints the table.
@@ -64,8 +64,6 @@ def gemm_floor(n_train, d, v, reps=10):
     fwd, _ = timed(lambda k: torch.mm(h, w.t()), reps)
     dh, _ = timed(lambda k: torch.mm(dl, w), reps)
     dw, _ = timed(lambda k: torch.mm(dl.t(), h), reps)
-    del h, w, dl
-    torch.cuda.empty_cache()
     total = fwd + dh + dw
     flops = 6.0 * n_train * d * v
     return {"fwd_ms": fwd, "dh_ms": dh, "dw_ms": dw, "floor_ms": total,
@@ -233,7 +231,7 @@ def bench_shape(n, d, v, ignore_frac, variants, reps, seed=0):
         except Exception as e:  # noqa: BLE001 - OOM or a failing third-party kernel: reported
             print(f"  {name}: {type(e).__name__}: {e}", file=sys.stderr)
             out_rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-            del leaves, keep
+            leaves = keep = None
             torch.cuda.empty_cache()
             continue
         out_rows.append({"variant": name, "ms": ms, "ms_min": min(all_ms), "ms_max": max(all_ms),
@@ -243,7 +241,7 @@ def bench_shape(n, d, v, ignore_frac, variants, reps, seed=0):
         print(f"  {name:44s} {ms:8.2f} ms {ms / floor['floor_ms']:5.2f}x floor  extra "
               f"{extra / GiB:6.2f} GiB  loss err {err:.1e}  dh {dh_err:.1e}  dW {dw_err:.1e}",
               flush=True)
-        del leaves, keep
+        leaves = keep = None
         torch.cuda.empty_cache()
     ours = next((r for r in out_rows if r["variant"] == "sftctl linear_cross_entropy"
                  and "ms" in r), None)

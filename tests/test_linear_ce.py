@@ -124,7 +124,8 @@ def check_rel(actual, expected, rel=1e-6, abs_=1e-7, what="loss"):
     e = expected.detach().double().cpu()
     err = (a - e).abs()
     ok = err <= rel * e.abs() + abs_
-    assert bool(ok.all()), f"{what}: max error {err.max().item():.3e} (max |ref| {e.abs().max():.3e})"
+    assert bool(ok.all()), (f"{what}: max error {err.max().item():.3e} "
+                            f"(max |ref| {e.abs().max():.3e})")
 
 
 def check_grad(actual, expected, terms, out_dtype, gemm_dtype, what, roundings=1, fan=None):

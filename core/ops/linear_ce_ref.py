@@ -1,4 +1,4 @@
-"""Pure-PyTorch chunked linear + cross-entropy: the reference and fallback of ``linear_cross_entropy``.
+"""Pure-PyTorch chunked linear + cross-entropy: reference and fallback of ``linear_cross_entropy``.
 
 ``torch_linear_cross_entropy`` computes exactly what ``sftctl.ops.linear_cross_entropy`` computes
 (same options, same outputs, same gradients) with stock torch ops, chunk by chunk over rows, so
@@ -269,7 +269,8 @@ class _TorchLinearCE(torch.autograd.Function):
             chunk_rows=opts["chunk_rows"], want_dh=need[0], want_dw=need[1],
             want_db=bias is not None and need[2], gemm_dtype=hidden.dtype)
         if dh is not None and idx is not None:
-            dh = torch.zeros(n, dh.shape[1], dtype=dh.dtype, device=dh.device).index_copy_(0, idx, dh)
+            dh = torch.zeros(n, dh.shape[1], dtype=dh.dtype,
+                             device=dh.device).index_copy_(0, idx, dh)
         return (None if dh is None else dh.to(hidden.dtype),
                 None if dw is None else dw.to(weight.dtype),
                 None if db is None else db.to(bias.dtype), None, None, None, None)
