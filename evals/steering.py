@@ -23,7 +23,10 @@ Design choices
   Running lm-eval inside the training process was rejected: generation there would switch the
   model's mode, draw from the RNGs, hold lm-eval's and the generation's memory next to the
   optimizer's and import lm-eval into the trainer. Cost per benchmarked step: one more write of
-  the weights and one worker start (about 10 s on a CPU before any document).
+  the weights and one worker start (about 10 s on a CPU before any document). On a GPU the
+  worker loads the model onto the run's device next to the training state (the weights once
+  more, without gradients or optimizer state, plus lm-eval's batches); under torchrun
+  a benchmarked step must end within the process group's timeout, since the other ranks wait.
 - Training state untouched: the model is only read (``state_dict`` for the save); no forward,
   no ``train()``/``eval()`` switch, ``config.use_cache`` is restored; the RNG states (Python,
   NumPy, torch CPU and CUDA) are captured before and restored after anyway, so the losses of a
