@@ -277,3 +277,39 @@ def test_cuda_cli_packing_names_the_varlen_path(tiny, tmp_path):
     b = [x["loss"] for x in read_metrics(tmp_path / "ref") if x["kind"] == "train"]
     assert len(a) == len(b) == 4
     np.testing.assert_allclose(a, b, rtol=2e-2)
+
+
+@pytest.mark.parametrize("version", ["2.10", "2.13"])
+def test_torch_varlen_call_adapts_to_the_installed_signature(version, monkeypatch):
+    """The call into torch's varlen_attn (CUDA only) built for two signatures: torch 2.10's
+    (is_causal, no scale, no GQA) and 2.13's (window_size, scale, enable_gqa). A stand-in with
+    that signature checks the arguments and computes the attention exactly; the result must
+    equal the reference with the model's scale, window and GQA."""
+    from sftctl.training import attention
+
+    g = torch.Generator().manual_seed(0)
+    N, Hq, Hkv, D = 17, 4, 2, 8
+    q, k, v = (torch.randn(N, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+    cu = torch.tensor([0, 5, 12, 17], dtype=torch.int32)
+    scaling, window = 0.21, 4
+
+    def exact(q, k, v, cu, scale, left):
+        return attention.reference_varlen(q, k, v, cu, scaling=scale,
+                                          window=None if left < 0 else left + 1)
+
+    if version == "2.10":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+            assert is_causal and key.shape[1] == query.shape[1] and max_q == 7
+            return exact(query, key, value, cu_seq_q, query.shape[-1] ** -0.5, -1)
+        want = attention.reference_varlen(q, k, v, cu, scaling=scaling)
+        monkeypatch.setattr(attention, "torch_varlen_func", lambda: varlen_attn)
+        got = attention._torch_varlen(q, k, v, cu, 7, scaling, None)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                        scale=None, window_size=(-1, -1), enable_gqa=False):
+            assert enable_gqa and key.shape[1] == Hkv and window_size[1] == 0
+            return exact(query, key, value, cu_seq_q, scale, window_size[0])
+        want = attention.reference_varlen(q, k, v, cu, scaling=scaling, window=window)
+        monkeypatch.setattr(attention, "torch_varlen_func", lambda: varlen_attn)
+        got = attention._torch_varlen(q, k, v, cu, 7, scaling, window)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

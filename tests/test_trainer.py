@@ -375,3 +375,141 @@ def test_compiled_blocks_train_the_same_curve_and_save_the_same_checkpoint(base,
             keys[k] = sorted(f.keys())
     assert keys["compiled"] == keys["eager"]
     load_model(tmp_path / "compiled" / "model")
+
+
+# ------------------------------------------------------------------ deferred (async) metric reads
+
+def _api_trainer(base, data, out, **train):
+    from sftctl.run.config import build_config
+    from sftctl.training.trainer import Trainer
+
+    pm = get_plugin_manager(entry_points=False)
+    cfg = build_config([("t", {
+        "model": {"name_or_path": str(base)}, "data": {"paths": [str(data)]},
+        "optim": {"lr": 3e-3, "scheduler": "constant"},
+        "train": {"output_dir": str(out), "max_steps": 6, "batch_size": 4, "seed": 5,
+                  "quiet": True, "device": "cpu", **train},
+        "eval": {"initial": False, "enabled": False}})], pm.config_options())
+    t = Trainer(cfg, pm)
+    t.setup()
+    return t, pm
+
+
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_deferred_metric_reads_log_exactly_what_synchronous_reads_log(base, tmp_path,
+                                                                       monkeypatch, log_every):
+    """CUDA's read pattern, forced on the CPU (guard in device mode, metrics read one step
+    late from one device vector): the same metrics lines, skipped-step flags, counters and
+    weights as reading every logged step at once, with a NaN step skipped on the device."""
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(40))
+    monkeypatch.setenv("SFTCTL_FAULT", "nan_at_step:3")
+    runs = {}
+    for mode in ("off", "on"):
+        t, _ = _api_trainer(base, data, tmp_path / mode, on_nonfinite="skip",
+                            log_every=log_every, async_metrics=mode)
+        t.guard.mode = "device"  # torch's AdamW takes found_inf on the CPU too
+        assert t.deferred_reads is (mode == "on")
+        seen = []
+        flush = t._flush_metrics
+
+        def spy(flush=flush, seen=seen, t=t):  # which step is read while which is queued
+            if t._pending is not None:
+                seen.append((t._pending[1], t.state.step))
+            flush()
+
+        t._flush_metrics = spy
+        t.train()
+        runs[mode] = t
+        if mode == "on":  # each logged step read after the next one was launched
+            assert (1 if log_every == 1 else 4, 2 if log_every == 1 else 5) in seen
+    keys = ("step", "epoch", "loss", "lr", "tokens", "trainable_tokens", "tokens_total",
+            "grad_norm", "skipped_nonfinite")
+    def show(v):  # NaN compares unequal to itself
+        return "nan" if isinstance(v, float) and math.isnan(v) else v
+
+    lines = {m: [{k: show(h.get(k)) for k in keys} for h in t.state.history
+                 if h["kind"] == "train"] for m, t in runs.items()}
+    assert lines["on"] == lines["off"]
+    assert [h["step"] for h in lines["on"]] == ([1, 2, 3, 4, 5, 6] if log_every == 1 else [4, 6])
+    if log_every == 1:
+        assert lines["on"][2]["skipped_nonfinite"] is True and lines["on"][2]["loss"] == "nan"
+    for m in runs.values():
+        assert m.state.nonfinite_skipped == 1 and m.state.trainable_total > 0
+    a, b = (runs[m].unwrapped_model.state_dict() for m in ("off", "on"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deferred_reads_keep_the_stop_guarantee_and_move_hooks_one_step(base, tmp_path,
+                                                                        monkeypatch):
+    """Under --on-nonfinite stop the update of every step from the bad one on stays masked
+    until the deferred read raises (the weights are those after step 2); a plugin's
+    request_stop at step k's metrics ends the run after step k + 1 (documented)."""
+    from sftctl.errors import TrainingError
+
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(40))
+    two, _ = _api_trainer(base, data, tmp_path / "two", max_steps=2)
+    two.train()
+    monkeypatch.setenv("SFTCTL_FAULT", "nan_at_step:3")
+    t, _ = _api_trainer(base, data, tmp_path / "stop", async_metrics="on")
+    t.guard.mode = "device"
+    with pytest.raises(TrainingError, match=r"step 3: non-finite loss or gradient norm; the "
+                                            r"step was not applied"):
+        t.train()
+    assert t.state.step == 4  # step 4 ran (queued before step 3 was read), masked
+    a, b = two.unwrapped_model.state_dict(), t.unwrapped_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    monkeypatch.delenv("SFTCTL_FAULT")
+    t, pm = _api_trainer(base, data, tmp_path / "hook", async_metrics="on")
+    t.guard.mode = "device"
+
+    class StopAt2:
+        @hookimpl
+        def sftctl_step_end(self, run, step):
+            if step == 2:
+                run.request_stop("test")
+
+    pm.add_plugin(StopAt2(), "stop_at_2_async")
+    try:
+        t.train()
+    finally:
+        pm.unregister(name="stop_at_2_async")
+        pm.infos.pop("stop_at_2_async")
+    assert t.state.step == 3 and [h["step"] for h in t.state.history if h["kind"] == "train"] \
+        == [1, 2, 3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_steps_make_no_host_sync(base, tmp_path):
+    """On CUDA (fused head, packed rows through varlen attention, fused AdamW, the guard on the
+    device, metrics read one step late): every train_step call runs with
+    torch.cuda.set_sync_debug_mode('error'), so any synchronizing call inside it fails."""
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(64))
+    from sftctl.run.config import build_config
+    from sftctl.training.trainer import Trainer
+
+    pm = get_plugin_manager(entry_points=False)
+    cfg = build_config([("t", {
+        "model": {"name_or_path": str(base)},
+        "data": {"paths": [str(data)], "packing": True, "max_seq_len": 256},
+        "optim": {"lr": 3e-3},
+        "train": {"output_dir": str(tmp_path / "gpu"), "max_steps": 5, "batch_size": 2,
+                  "quiet": True, "device": "cuda", "precision": "bf16"},
+        "eval": {"initial": False, "enabled": False}})], pm.config_options())
+    t = Trainer(cfg, pm)
+    t.setup()
+    assert t.head is not None and t.varlen and t.deferred_reads and t.guard.mode == "device"
+    step = t.train_step
+
+    def strict(rows_list):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step(rows_list)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    t.train_step = strict
+    t.train()
+    train = [h for h in t.state.history if h["kind"] == "train"]
+    assert [h["step"] for h in train] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(h["loss"]) for h in train)

@@ -275,7 +275,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     kernel = _ACTIVE["kernel"]
     if kernel != "reference" and not query.is_cuda:
         kernel = "reference"
-    CALLS[kernel] = CALLS.get(kernel, 0) + 1
+    if not torch.compiler.is_compiling():  # a Python side effect: counted in eager only
+        CALLS[kernel] = CALLS.get(kernel, 0) + 1
     window = int(sliding_window) if sliding_window else None
     if window is not None and window >= max_len:
         window = None  # no document is longer than the window: plain causal
@@ -296,7 +297,11 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 def _torch_varlen(q, k, v, cu, max_len, scaling, window):
     fn = torch_varlen_func()
     p = _params(fn)
-    kw = {"scale": scaling}
+    kw = {}
+    if "scale" in p:
+        kw["scale"] = scaling
+    elif abs(scaling * q.shape[-1] ** 0.5 - 1.0) > 1e-7:
+        q = q * (scaling * q.shape[-1] ** 0.5)  # the kernel's own scale is 1/sqrt(D)
     if "window_size" in p:
         kw["window_size"] = (window - 1, 0) if window else (-1, 0)
     else:

@@ -22,6 +22,12 @@ Design choices
     gradients); the guard counts and stops at the next read.
   Chosen over "read the grad norm synced for logging" alone because that lets a NaN update
   through on every step between two logging boundaries.
+  With the trainer's deferred reads (CUDA, ``--async-metrics``) the counters are not read at the
+  logging step itself: ``snapshot`` folds them into the step's metrics vector on the device (a
+  device collective across ranks, no host read) and starts a new window, and ``fold`` judges the
+  host copy once the next step has been queued. ``_poisoned`` and the in-a-row run carry over
+  the window, so under ``stop`` every update from the bad step on stays masked until ``fold``
+  raises; ``sync`` (before any checkpoint and at the end) still reads whatever is left.
 - Non-finite parameters after an update (``check_params``): a finite loss and gradient norm do
   not make a finite update (``--lr`` too large for fp32, a zero Adam denominator). After every
   step the largest |p| of each parameter is reduced on the device (``torch._foreach_norm`` with
