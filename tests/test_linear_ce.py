@@ -16,6 +16,8 @@ graph-capture and peak-memory cases are CUDA-only at the end of the file.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -289,10 +291,25 @@ def test_leading_dims_and_errors(device):
         ops.linear_cross_entropy(h, w, t[:5])
     with pytest.raises(ValueError, match="bias"):
         ops.linear_cross_entropy(h, w, t, torch.zeros(7, device=device))
+    if torch.device(device).type == "cuda":
+        return  # a bad target is a device-side assert there: test_cuda_bad_target_asserts
     bad = t.clone()
     bad[3] = 50
     with pytest.raises((RuntimeError, IndexError), match="out of range|outside|index"):
         ops.linear_cross_entropy(h, w, bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bad_target_asserts():
+    """On CUDA an out-of-range target stops the kernel with a device-side assert; it poisons the
+    CUDA context, so it runs in a child process."""
+    code = ("import torch, sftctl.ops as o\n"
+            "h = torch.randn(24, 8, device='cuda'); w = torch.randn(50, 8, device='cuda')\n"
+            "t = torch.randint(0, 50, (24,), device='cuda'); t[3] = 50\n"
+            "o.linear_cross_entropy(h, w, t); torch.cuda.synchronize()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "target out of range" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def test_deterministic(device):
