@@ -101,9 +101,10 @@ def test_collate_gives_cu_seqlens_on_the_host():
     kw = mb.model_inputs(varlen=True)
     assert kw["cu_seq_lens_q"] is mb.cu_seqlens and kw["max_length_k"] == 16
     assert "cu_seq_lens_q" not in mb.model_inputs()
-    # padded (unpacked) batches carry none
+    # padded rows: one segment per example and one per padding tail (checked with the model in
+    # test_padded_rows_through_varlen_equal_the_masked_forward)
     padded = packed_batch(documents(), packing=False)
-    assert padded.cu_seqlens is None and "cu_seq_lens_q" not in padded.model_inputs(varlen=True)
+    assert "cu_seq_lens_q" not in padded.model_inputs()
 
 
 def per_token_losses(logits, ids):
@@ -313,3 +314,28 @@ def test_torch_varlen_call_adapts_to_the_installed_signature(version, monkeypatc
         monkeypatch.setattr(attention, "torch_varlen_func", lambda: varlen_attn)
         got = attention._torch_varlen(q, k, v, cu, 7, scaling, window)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_rows_through_varlen_equal_the_masked_forward():
+    """Padded (unpacked) rows take the varlen path too (CUDA default): each row is its example
+    and its padding tail, the mask is dropped, and the real tokens' logits equal the model's
+    own masked forward."""
+    from sftctl.training import attention
+
+    docs = [[d] for row in documents() for d in row]  # one example per row
+    model = tiny_model("qwen2")
+    mb = packed_batch(docs, packing=False)
+    assert mb.attention_mask is not None and mb.cu_seqlens is not None
+    lens = [len(r[0]) for r in docs]
+    T = max(lens)
+    want_cu = np.cumsum([0] + [x for n in lens for x in ((n, T - n) if n < T else (n,))])
+    assert mb.cu_seqlens.tolist() == want_cu.tolist() and mb.max_seqlen == T
+    with torch.no_grad():
+        ref = model(**mb.model_inputs()).logits                      # masked, eager
+        assert attention.install(model, "reference") is None
+        kw = mb.model_inputs(varlen=True)
+        assert "attention_mask" not in kw
+        got = model(**kw).logits
+    attention.uninstall(model)
+    for b, n in enumerate(lens):
+        torch.testing.assert_close(got[b, :n], ref[b, :n], rtol=1e-5, atol=2e-5)

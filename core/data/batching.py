@@ -10,11 +10,11 @@ Design choices
   mask from the position ids (sdpa/eager) or uses varlen kernels (flash attention), so attention
   never crosses documents; ``document_ids`` also go to the label op so that no target crosses a
   document boundary.
-- Packed batches also carry ``cu_seqlens`` (int32 cumulative segment lengths over the flattened
-  ``B * T`` tokens: each document, then each row's padding tail as a segment of its own) and
-  ``max_seqlen`` (a Python int), built here on the host, for varlen attention kernels
-  (``sftctl.training.attention``): the attention path needs no device sync to find the
-  documents. ``Batch.to`` copies from pinned memory with ``non_blocking=True`` on CUDA.
+- Batches also carry ``cu_seqlens`` (int32 cumulative segment lengths over the flattened
+  ``B * T`` tokens: each document (a padded row's one example), then each row's padding tail as a
+  segment of its own) and ``max_seqlen`` (a Python int), built here on the host, for varlen
+  attention kernels (``sftctl.training.attention``): the attention path needs neither a mask
+  nor a device sync to find the documents. ``Batch.to`` copies from pinned memory with ``non_blocking=True`` on CUDA.
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ class Batch:
     document_ids: Any    # [B, T] int64 or None
     num_tokens: int      # real (non-pad) tokens
     num_examples: int
-    cu_seqlens: Any = None  # [S + 1] int32 segment starts over the flat B*T tokens (packed only)
-    max_seqlen: int = 0     # longest segment (host int; packed only)
+    cu_seqlens: Any = None  # [S + 1] int32 segment starts over the flat B*T tokens
+    max_seqlen: int = 0     # longest segment (host int)
 
     def tensors(self) -> dict:
         return {k: getattr(self, k) for k in ("input_ids", "loss_mask", "attention_mask",
@@ -175,6 +175,9 @@ class Batch:
         if self.position_ids is not None:
             kw["position_ids"] = self.position_ids
         if varlen and self.cu_seqlens is not None:
+            # the segments replace the mask: a padded row is its example, then its padding
+            # (right padding: the default positions 0..T-1 are the example's own)
+            kw.pop("attention_mask", None)
             kw.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
                       max_length_q=int(self.max_seqlen), max_length_k=int(self.max_seqlen))
         return kw
@@ -216,11 +219,12 @@ def collate(split: TokenizedSplit, rows: list[list[int]], *, pad_id: int, packin
     real = [not isinstance(row, FillerRow) for row in rows]
     num_tokens = sum(len(s) for s, keep in zip(seqs, real) if keep)
     num_examples = sum(len(row) for row, keep in zip(rows, real) if keep)
+    cu_seqlens, max_seqlen = segment_bounds(rows, seqs, fetched, T)
     if packing:
-        cu_seqlens, max_seqlen = segment_bounds(rows, seqs, fetched, T)
         return Batch(input_ids, loss_mask, None, position_ids, document_ids, num_tokens,
                      num_examples, cu_seqlens, max_seqlen)
-    return Batch(input_ids, loss_mask, attn, None, None, num_tokens, num_examples)
+    return Batch(input_ids, loss_mask, attn, None, None, num_tokens, num_examples, cu_seqlens,
+                 max_seqlen)
 
 
 def segment_bounds(rows, seqs, fetched, T: int):

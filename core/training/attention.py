@@ -26,9 +26,13 @@ Design choices
 - A setup probe runs the model once on two packed documents and counts the calls of the function:
   a model that does not dispatch through ``AttentionInterface`` (or not in every layer) is a
   fallback, never a silent full-row attention.
-- Without ``cu_seq_lens_q`` (a padded batch, a caller that does not pack), the function attends
-  causally within each row, which is exact for right-padded rows (sftctl pads on the right; real
-  tokens only see earlier real tokens).
+- Padded (unpacked) rows take the same path on CUDA: each row is its example then its padding
+  tail, two segments, and the attention mask is dropped (``Batch.model_inputs``), which spares
+  the mask and the device sync transformers' sdpa path spends checking it. There a missing
+  kernel is not a fallback (sdpa serves padded rows well); for packed rows it is.
+- Without ``cu_seq_lens_q`` (a caller that passes none), the function attends causally within
+  each row, which is exact for right-padded rows (sftctl pads on the right; real tokens only see
+  earlier real tokens).
 """
 
 from __future__ import annotations
@@ -160,29 +164,29 @@ def choose(model, model_cfg, packing: bool, device: torch.device, amp_dtype) -> 
     config = model.config
     current = getattr(config, "_attn_implementation", None) or "sdpa"
     mode = model_cfg.packed_attention
-    if not packing:
-        return AttentionChoice(False, current, reason="rows are padded (no --packing)")
     if mode == "model":
         return AttentionChoice(False, current, reason="--packed-attention model")
     asked_impl = model_cfg.attn_implementation
     if mode == "auto":
         if device.type != "cuda":
             return AttentionChoice(False, current, reason="on the CPU the default is "
-                                   "transformers' own packed attention")
+                                   "transformers' own attention")
         if asked_impl not in (None, "sdpa"):
             return AttentionChoice(False, current, reason=f"--attn-implementation {asked_impl} "
                                    "was asked for")
+    # padded rows use it too where it fits (no mask, no sync), but only packed rows count a
+    # fallback: for padded rows transformers' sdpa path is a fine kernel already
     kernel, why = kernel_for(model_needs(config, amp_dtype), device)
     if kernel is None:
         if mode == "varlen":
             raise ConfigError(f"model.packed_attention: varlen asked for, but no varlen kernel "
                               f"fits on {device}: {why}")
-        return AttentionChoice(False, current, reason=why, fallback=True)
+        return AttentionChoice(False, current, reason=why, fallback=packing)
     why = install(model, kernel)
     if why:
         if mode == "varlen":
             raise ConfigError(f"model.packed_attention: varlen: {why}")
-        return AttentionChoice(False, current, reason=why, fallback=True)
+        return AttentionChoice(False, current, reason=why, fallback=packing)
     return AttentionChoice(True, NAME, kernel=kernel)
 
 

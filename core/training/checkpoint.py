@@ -526,7 +526,12 @@ class Checkpointer:
         """After each optimizer step (and its validation): periodic save, preemption."""
         step = self.state.counters.step
         slow_step(self.faults)
-        sig = self._agree_flag(self.preemption.requested is not None)
+        flag = self.preemption.requested is not None
+        if self.strategy.world_size > 1 and self.device.type == "cuda" and \
+                step < self.total_steps:
+            sig = self._agree_flag_late(flag)
+        else:
+            sig = self._agree_flag(flag)
         if sig:
             path = self.last_complete() if self.saved_step == step else self.save(
                 reason=self.preemption.requested or "preemption")
@@ -543,6 +548,19 @@ class Checkpointer:
             return flag
         t = torch.tensor(int(flag), device=self.device)
         return int(self.strategy.all_reduce_sum(t)) > 0
+
+    def _agree_flag_late(self, flag: bool) -> bool:
+        """Multi-GPU: the ranks' agreement on the preemption flag without a host sync per step.
+        This step's all-reduce is queued and read at the next step's end (waiting for that
+        step's event only, ``readback.DeviceRead``); every rank reads the same sums in the same
+        order, so all save at the same step, one step after the signal. The last step agrees
+        at once (``_agree_flag``)."""
+        from .readback import DeviceRead
+
+        t = torch.tensor([int(flag)], dtype=torch.int32, pin_memory=True)
+        summed = self.strategy.all_reduce_sum(t.to(self.device, non_blocking=True))  # [1]
+        prev, self._late_flag = getattr(self, "_late_flag", None), DeviceRead(summed)
+        return prev is not None and prev.values()[0] > 0
 
     def _disk_error(self, e: OSError, what: str) -> TrainingError:
         prev = self.last_complete()

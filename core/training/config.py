@@ -44,13 +44,13 @@ class ModelConfig:
              "CPU (see docs/performance.md).")
     packed_attention: str = _f(
         "auto", flag="--packed-attention", choices=("auto", "varlen", "model"),
-        help="Attention over packed rows (--packing). auto: on CUDA, variable-length attention "
-             "over the documents (flash-attn's varlen kernel when installed, else PyTorch's "
-             "varlen_attn), no mask built; a model or kernel that cannot is a counted fallback "
-             "to transformers' own path; on the CPU, transformers' own path. varlen: always "
-             "sftctl's varlen attention (on the CPU its exact per-document reference). model: "
-             "transformers' handling for --attn-implementation (sdpa: a block mask from the "
-             "position ids).")
+        help="Attention over packed rows (--packing; padded rows too). auto: on CUDA, "
+             "variable-length attention over the documents (flash-attn's varlen kernel when "
+             "installed, else PyTorch's varlen_attn), no mask built; with --packing a model or "
+             "kernel that cannot is a counted fallback to transformers' own path; on the CPU, "
+             "transformers' own path. varlen: always sftctl's varlen attention (on the CPU its "
+             "exact per-document reference). model: transformers' handling for "
+             "--attn-implementation (sdpa: a block mask from the position ids).")
 
 
 @dataclass

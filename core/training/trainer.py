@@ -374,9 +374,9 @@ class Trainer:
         if a.fallback:
             self._fallback("packed_attention", f"{cfg.model.packed_attention} (varlen on "
                            f"{self.device.type})", a.describe(), a.reason)
-        elif cfg.data.packing and self.is_main:
-            log.info("packed attention: %s%s", a.describe(),
-                     "" if a.varlen else f" ({a.reason})")
+        elif (cfg.data.packing or a.varlen) and self.is_main:
+            log.info("%s: %s%s", "packed attention" if cfg.data.packing else "attention",
+                     a.describe(), "" if a.varlen else f" ({a.reason})")
 
     def _reliability(self) -> None:
         """The saveable bundle, the non-finite guard, the checkpointer; then ``--resume``."""
