@@ -281,6 +281,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         kernel = "reference"
     if not torch.compiler.is_compiling():  # a Python side effect: counted in eager only
         CALLS[kernel] = CALLS.get(kernel, 0) + 1
+    if kernel != "reference" and q.dtype not in (torch.float16, torch.bfloat16):
+        # under autocast q/k arrive in fp32 after the model's RoPE (fp32 cos/sin); the flash
+        # kernels take 16-bit inputs only, so cast to the autocast dtype as transformers' own
+        # flash path does (kernel_for refuses these kernels for runs without 16-bit autocast)
+        half = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(half), k.to(half), v.to(half)
     window = int(sliding_window) if sliding_window else None
     if window is not None and window >= max_len:
         window = None  # no document is longer than the window: plain causal
