@@ -55,7 +55,7 @@ KERNELS = {
 }
 
 # the kernel the registered function runs (set by ``choose``; one training per process)
-_ACTIVE = {"kernel": "reference"}
+_ACTIVE = {"kernel": "reference", "fn": None, "params": frozenset()}
 CALLS: dict[str, int] = {}  # kernel -> calls (tests and the setup probe read it)
 
 
@@ -198,7 +198,10 @@ def install(model, kernel: str) -> str | None:
     AttentionInterface.register(NAME, varlen_attention_forward)
     config = model.config
     before = config._attn_implementation
-    _ACTIVE["kernel"] = kernel
+    # resolved once here: the function runs inside compiled blocks too (--compile), where
+    # imports and inspect calls would break the graph
+    fn = {"flash_attn": flash_attn_func, "torch": torch_varlen_func}.get(kernel, lambda: None)()
+    _ACTIVE.update(kernel=kernel, fn=fn, params=frozenset(_params(fn)) if fn else frozenset())
     config._attn_implementation = NAME
     why = probe(model)
     if why:
@@ -272,7 +275,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=query.device)
         max_len = T
     else:
-        cu, max_len = cu_seq_lens_q, int(max_length_q)
+        cu, max_len = cu_seq_lens_q, max_length_q  # a host int (a SymInt when compiled)
     q = query.transpose(1, 2).reshape(B * T, Hq, D)    # [B*T, Hq, D]
     k = key.transpose(1, 2).reshape(B * T, Hkv, D)     # [B*T, Hkv, D]
     v = value.transpose(1, 2).reshape(B * T, Hkv, D)   # [B*T, Hkv, D]
@@ -288,11 +291,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         half = torch.get_autocast_dtype("cuda")
         q, k, v = q.to(half), k.to(half), v.to(half)
     window = int(sliding_window) if sliding_window else None
-    if window is not None and window >= max_len:
-        window = None  # no document is longer than the window: plain causal
     p = dropout if module.training else 0.0
     if kernel == "flash_attn":
-        out = flash_attn_func()(q, k, v, cu, cu, max_len, max_len, dropout_p=p,
+        out = _ACTIVE["fn"](q, k, v, cu, cu, max_len, max_len, dropout_p=p,
                                 softmax_scale=scaling, causal=True,
                                 window_size=(window - 1, 0) if window else (-1, -1),
                                 softcap=float(softcap or 0.0))
@@ -305,8 +306,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 
 
 def _torch_varlen(q, k, v, cu, max_len, scaling, window):
-    fn = torch_varlen_func()
-    p = _params(fn)
+    fn, p = _ACTIVE["fn"], _ACTIVE["params"]
+    if fn is None or _ACTIVE["kernel"] != "torch":  # called directly (tests)
+        fn = torch_varlen_func()
+        p = _params(fn)
     kw = {}
     if "scale" in p:
         kw["scale"] = scaling
