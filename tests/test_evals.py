@@ -355,3 +355,16 @@ def test_loglikelihood_scores_exactly_the_response_tokens(run):
         # lm-eval's own rule moves the prompt's final newline into the continuation and splits
         # inside the template token: the scored tokens are not the response's
         assert HFLM._encode_pair(lm, prompt, out)[1] != cont
+
+
+def test_report_matches_the_published_schema(run):
+    """The real report of this run (a failed benchmark included) validates against
+    evals/report.schema.json, the schema the package ships (tests/test_steering.py checks that
+    broken reports fail)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    import sftctl.evals
+
+    schema = json.loads((Path(sftctl.evals.__file__).parent / "report.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()) \
+        .validate(run["report"])
+    assert run["report"]["benchmarks"]["errors"] and run["report"]["steering"] is None

@@ -26,7 +26,9 @@ from sftctl.evals.runner import EXIT_GATE_FAILED  # noqa: E402
 # With these 57 training records, 3 held-out ones and lr 0.1 (the records and slice a run on
 # alpaca_records(60) with the default seed holds out), the step-2 model has a lower held-out NLL
 # than the final one (lm-eval: 5.005 vs 5.352 on the CPU), so --select-best must swap model/
-TRAIN = ["--max-steps", "4", "--batch-size", "4", "--lr", "0.1", "--keep-last", "0"]
+# (on the CPU also on a GPU machine: bit-identical losses and the measured ranking hold there)
+TRAIN = ["--max-steps", "4", "--batch-size", "4", "--lr", "0.1", "--keep-last", "0",
+         "--device", "cpu"]
 SELECT = "heldout_nll:nll_per_token"
 
 
@@ -166,7 +168,7 @@ def test_a_failed_gate_exits_5_after_writing_everything(runs, tmp_path):
     out = tmp_path / "gated"
     r = run_cli(["train", "--model", str(runs["base"]), "--data", str(runs["data"]),
                  "--heldout", str(runs["held"]), "--max-steps", "2", "--batch-size", "4",
-                 "--lr", "5e-3", "--output-dir", str(out),
+                 "--lr", "5e-3", "--device", "cpu", "--output-dir", str(out),
                  "--require", "heldout_nll:nll_per_token:delta>0",    # NLL goes down: fails
                  "--require", "heldout_nll:perplexity<1e9"], env=cli_env(tmp_path))
     assert r.returncode == EXIT_GATE_FAILED == 5, r.stderr[-3000:]
@@ -179,7 +181,9 @@ def test_a_failed_gate_exits_5_after_writing_everything(runs, tmp_path):
     _validate(report)
     assert report["steering"]["gates"][0]["value"] < 0
     assert "**FAILED**" in (out / "report.md").read_text()
-    assert (out / "report.html").is_file() and (out / "model" / "README.md").is_file()
+    html = (out / "report.html").read_text()
+    assert 'id="gates-block"' in html and "<strong>FAILED</strong>" in html
+    assert (out / "model" / "README.md").is_file()
 
 
 def test_unknown_gate_metric_after_the_benchmark_names_the_gate(runs, tmp_path):
