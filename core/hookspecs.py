@@ -181,7 +181,9 @@ def sftctl_step_end(run, step, metrics):
     this step (keys ``kind``, ``step``, ``epoch``, ``loss``, ``lr``, ``tokens``,
     ``tokens_total``, ``tokens_per_s``, ``grad_norm``, ``time``); called every ``--log-every``
     steps. ``run.request_stop(reason)`` ends training after this step (validation and the final
-    save still happen)."""
+    save still happen). On CUDA (``--async-metrics auto``) a step's metrics are read once the
+    next step is queued, so this hook for step k runs after step k+1 was launched and a stop
+    requested here ends training after step k+1 (docs/performance.md)."""
 
 
 @hookspec
