@@ -37,7 +37,8 @@ Design choices
   deleted after their benchmark, except the best so far under ``--select-best``.
 - ``--select-best`` is atomic: the final model is first copied to ``model_final/`` (an atomic
   directory), then ``model/`` is replaced by the selected weights through an atomic directory
-  (the old one renamed aside and deleted only after the new one is in place), with the run's
+  (written complete under a temporary name; the old one renamed aside, the new one renamed in,
+  the old one deleted: never half-written, never a mix of two models), with the run's
   ``sftctl_config.yaml``/``sftctl_summary.json``/model card so ``model/`` stays a complete run
   model. The full benchmark and the gates then describe ``model/`` (what is shipped).
 - Gate syntax: ``TASK:METRIC OP VALUE`` compares the SFT score, ``TASK:METRIC:delta OP VALUE``
