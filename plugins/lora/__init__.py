@@ -362,7 +362,8 @@ def _load_4bit(model, config):
         src, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute),
-        dtype=torch.float32, device_map={"": device},
+        dtype=torch.float32,
+        device_map={"": device.index if device.index is not None else torch.cuda.current_device()},
         trust_remote_code=config.model.trust_remote_code, revision=config.model.revision)
     if q.get_input_embeddings().weight.shape[0] != rows:  # tokens added by plugins
         q.resize_token_embeddings(rows)
