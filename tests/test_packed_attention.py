@@ -339,3 +339,28 @@ def test_padded_rows_through_varlen_equal_the_masked_forward():
     attention.uninstall(model)
     for b, n in enumerate(lens):
         torch.testing.assert_close(got[b, :n], ref[b, :n], rtol=1e-5, atol=2e-5)
+
+
+def test_a_kernel_without_backward_is_refused_at_setup(monkeypatch):
+    """The setup probe runs a backward too: a kernel that cannot is refused (a counted fallback
+    in the trainer) instead of failing at the first training step; the model keeps its own
+    attention and no gradient is left behind."""
+    from sftctl.training import attention
+
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("this kernel has no backward")
+
+    exact = attention.reference_varlen
+    monkeypatch.setattr(attention, "reference_varlen",
+                        lambda *a, **kw: NoBackward.apply(exact(*a, **kw)))
+    model = tiny_model("llama")
+    why = attention.install(model, "reference")
+    assert why is not None and "no backward" in why and "forward/backward" in why
+    assert model.config._attn_implementation == "eager"
+    assert all(p.grad is None for p in model.parameters())

@@ -218,9 +218,10 @@ def uninstall(model) -> None:
         model.config._attn_implementation = before[0]
 
 
-@torch.no_grad()
 def probe(model) -> str | None:
-    """One forward over two packed documents: every attention layer must call the function."""
+    """One forward and backward over two packed documents: every attention layer must call the
+    function, and the kernel's backward must run (a kernel without one is a fallback at setup,
+    not a crash at the first step). The probe's gradients are dropped."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config
     layers = getattr(cfg, "num_hidden_layers", None)
@@ -234,13 +235,20 @@ def probe(model) -> str | None:
     before = dict(CALLS)
     was_training = model.training
     model.eval()
+    saved = [(p, p.grad) for p in model.parameters()]
     try:
-        model(input_ids=ids, position_ids=pos, use_cache=False,
-              **varlen_kwargs(cu.to(dev), max(lens)))
+        with torch.enable_grad():
+            out = model(input_ids=ids, position_ids=pos, use_cache=False,
+                        **varlen_kwargs(cu.to(dev), max(lens)))
+            logits = getattr(out, "logits", None)
+            if logits is not None and logits.requires_grad:
+                logits.float().square().mean().backward()
     except Exception as e:
-        return f"the model's forward with {NAME} failed ({type(e).__name__}: {e})"
+        return f"the model's forward/backward with {NAME} failed ({type(e).__name__}: {e})"
     finally:
         model.train(was_training)
+        for p, g in saved:  # the probe's gradients are dropped
+            p.grad = g
     calls = sum(CALLS.values()) - sum(before.values())
     if calls == 0:
         return ("the model does not dispatch its attention through transformers' "
