@@ -17,6 +17,14 @@ Design choices
   targets summed (over ranks too) into a device tensor; each micro-batch's loss is
   ``sum / that count``, so the accumulated gradient is exactly that of the token-mean loss of
   the whole step, with no host sync.
+- The loss comes from the hidden states and the output layer's weight in one op wherever the
+  model allows it (``head.py``: computed inside the model's forward, so DDP/FSDP2 work as
+  usual), else from the logits; packed (and, on CUDA, padded) rows run attention per document
+  through ``attention.py``'s varlen function. Each choice, and each fallback with its reason,
+  is logged and written to summary.json (``loss_head``, ``attention``, ``fallbacks``).
+- On CUDA a step never waits for the device: batches are pinned and copied asynchronously, and
+  a logged step's loss, gradient norm, counts and guard flags travel as one small vector read
+  after the next step is queued (``readback.py``; ``--async-metrics``).
 - Mixed precision: weights and optimizer state stay fp32; the forward runs under autocast
   (bf16/fp16); fp16 uses a GradScaler whose scale is handed to the fused loss as ``grad_scale``
   so the scaled backward costs no extra pass over the logits gradient.
