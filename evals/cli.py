@@ -2,7 +2,7 @@
 
 ``sftctl eval CHECKPOINT [--base MODEL] [--tasks T ...] [--output-dir DIR] [--config RUN.YAML]
 [--heldout FILE] [--include-path DIR] [--num-fewshot N] [--apply-chat-template] [--online]
-[--threads N] [plugin options]`` (docs/evaluation.md has the table)
+[--threads N] [--set KEY=VALUE] [plugin options]`` (docs/evaluation.md has the table)
     CHECKPOINT is a run directory (``summary.json`` + ``model/``), a checkpoint inside one, or any
     Hugging Face model directory or cached hub id. Benchmarks default to the run's (its
     ``summary.json``); ``--tasks`` picks registered benchmarks by name, and any other name is run as
@@ -118,6 +118,10 @@ def add_eval_parser(subparsers, options: dict | None = None) -> Any:
     p.add_argument("--online", action="store_true",
                    help="allow downloads (models, data sets) for this evaluation; by default "
                         "the worker runs with HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a config key that sftctl eval reads, e.g. --set eval.limit=20 or "
+                        "--set options.alpaca.heldout=FILE (value parsed as YAML; repeatable; "
+                        "keys: " + ", ".join(SET_KEYS) + ", options.NAME)")
     # the options `sftctl train` also has come from the same config fields (one flag, one help),
     # plugin options included (--alpaca-heldout, --chat-template, ...)
     from sftctl.run.cli import add_config_arguments
@@ -167,6 +171,11 @@ def _eval_config(args, pm, options, run_dir: Path | None, out_dir: Path):
     for key, value in vars(args).items():
         if "." in key or key == "plugins":
             C.set_dotted(cli, key, value)
+    for item in getattr(args, "set", None) or []:  # --set KEY=VALUE, after the flags
+        key, value = _set_item(item, ConfigError)
+        if key in ("plugins", "eval.tasks"):
+            value = value if isinstance(value, list) else [value]
+        C.set_dotted(cli, key, value)
     file_name = str(args.config) if args.config else "config"
     file_layer = C.load_yaml(args.config) if args.config else {}
     import logging
@@ -201,6 +210,29 @@ def _eval_config(args, pm, options, run_dir: Path | None, out_dir: Path):
     # plugins write their task files into the evaluation's directory
     layers.append(("sftctl eval", {"train": {"output_dir": str(out_dir)}}))
     return C.build_config(layers, options), asked
+
+
+# the config keys `sftctl eval` reads (--set and --config alike): anything else would be ignored
+SET_KEYS = ("plugins", "data.format", "eval.tasks", "eval.limit", "eval.heldout",
+            "train.threads", "train.device", "train.quiet")
+
+
+def _set_item(item: str, ConfigError) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--set`` (the value parsed as YAML, as in train); only keys that sftctl
+    eval reads (``SET_KEYS`` and ``options.NAME``): any other is an error, not ignored."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+    if key not in SET_KEYS and not (key.startswith("options.") and len(key) > 8):
+        raise ConfigError(f"--set {key}: sftctl eval does not read this key; it reads "
+                          f"{', '.join(SET_KEYS)} and options.NAME (plugin options)")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: invalid value: {e}") from None
 
 
 def _include_tasks(dirs: list[str]) -> dict[str, str]:

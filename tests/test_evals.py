@@ -368,3 +368,32 @@ def test_report_matches_the_published_schema(run):
     jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()) \
         .validate(run["report"])
     assert run["report"]["benchmarks"]["errors"] and run["report"]["steering"] is None
+
+
+def test_eval_set_reaches_the_keys_eval_reads_and_refuses_the_others(tmp_path):
+    """``sftctl eval --set KEY=VALUE``: the keys sftctl eval reads land in its config (after the
+    flags); any other key is an error naming it, never silently ignored."""
+    from sftctl.errors import ConfigError
+    from sftctl.evals.cli import _eval_config
+    from sftctl.run.cli import build_parser
+    from sftctl.run.plugin_manager import get_plugin_manager
+
+    pm = get_plugin_manager(entry_points=False)
+    options = pm.config_options()
+    parser = build_parser(pm, options)
+
+    def cfg_of(*extra):
+        args = parser.parse_args(["eval", str(tmp_path), "--limit", "7", *extra])
+        return _eval_config(args, pm, options, None, tmp_path)[0]
+
+    cfg = cfg_of("--set", "eval.limit=3", "--set", "eval.tasks=[a, b]", "--set",
+                 "train.threads=1", "--set", "options.alpaca.heldout=/x/h.jsonl")
+    assert (cfg.eval.limit, cfg.eval.tasks, cfg.train.threads) == (3, ["a", "b"], 1)
+    assert cfg.option("alpaca.heldout") == "/x/h.jsonl"
+    assert cfg_of().eval.limit == 7
+    for item, message in (("optim.lr=1", "--set optim.lr: sftctl eval does not read this key"),
+                          ("eval.limit", "--set 'eval.limit': expected KEY=VALUE"),
+                          ("eval.limit=0", "eval.limit: 0 is below the minimum 1"),
+                          ("options.alpaca.nope=1", "nope")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            cfg_of("--set", item)
