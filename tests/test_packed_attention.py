@@ -364,3 +364,35 @@ def test_a_kernel_without_backward_is_refused_at_setup(monkeypatch):
     assert why is not None and "no backward" in why and "forward/backward" in why
     assert model.config._attn_implementation == "eager"
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_packed_bf16_default_paths_match_one_gpu(tiny, tmp_path, strategy):
+    """torchrun on 2 GPUs with the defaults (fused head, varlen attention, deferred metric
+    reads, the one-step-late preemption agreement): the curve of one GPU with the same global
+    batch, within bf16 noise, and the same paths named in summary.json."""
+    import subprocess
+    import sys
+
+    tmp, base, data = tiny
+    common = ["train", "--model", str(base), "--data", str(data), "--no-eval",
+              "--no-initial-eval", "--max-steps", "4", "--packing", "--max-seq-len", "256",
+              "--lr", "3e-3", "--seed", "3", "--device", "cuda", "--precision", "bf16",
+              "--quiet"]
+    r = run_cli([*common, "--output-dir", str(tmp_path / "one"), "--batch-size", "2"],
+                env=cli_env(tmp))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", "-m", "sftctl", *common, "--output-dir",
+                        str(tmp_path / "two"), "--batch-size", "1", "--strategy", strategy],
+                       env=cli_env(tmp), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-5000:]
+    curves = [[x["loss"] for x in read_metrics(tmp_path / d) if x["kind"] == "train"]
+              for d in ("one", "two")]
+    assert len(curves[0]) == len(curves[1]) == 4
+    np.testing.assert_allclose(curves[1], curves[0], rtol=2e-2)
+    s = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["fallbacks"] == []
+    assert s["loss_head"]["fused"] is True and s["attention"]["implementation"] == "sftctl_varlen"
+    assert s["async_metrics"] is True
