@@ -152,7 +152,7 @@ def test_fused_head_with_label_smoothing_and_z_loss_and_all_rows(arch):
     g_ref = grads(model)
     model.zero_grad(set_to_none=True)
     fused, _ = FusedHead.plan(model)
-    loss = fused_loss(fused, model, ids, labels, eps=0.1, z=1e-3, rows=False)  # op compacts
+    loss = fused_loss(fused, model, ids, labels, eps=0.1, z=1e-3, rows=False)  # every row
     loss.backward()
     assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=2e-6)
     for name, gr in grads(model).items():
@@ -324,3 +324,24 @@ def test_cuda_bf16_fused_head_against_fp64_and_the_models_own_forward(arch):
     flat = lambda g: torch.cat([v.float().reshape(-1) for _, v in sorted(g.items())])  # noqa
     cos = torch.nn.functional.cosine_similarity(flat(g_fused), flat(g_own), dim=0)
     assert float(cos) > 0.999
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_a_micro_batch_without_targets_gives_zero_loss_and_zero_gradients(device):
+    """A micro-batch with no target at all (a distributed filler row): loss 0 and a zero (not
+    missing) gradient for every parameter, so DDP's reducer sees every weight (bf16 autocast on
+    CUDA)."""
+    from sftctl.training.head import FusedHead
+
+    model = tiny_model("llama", tied=False).to(device)
+    ids, labels = batch()
+    ids, labels = ids.to(device), labels.to(device)
+    labels[:] = -100
+    fused, _ = FusedHead.plan(model)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss = fused_loss(fused, model, ids, labels, rows=False)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    for n, p in model.named_parameters():
+        assert p.grad is not None and not p.grad.any(), n

@@ -53,7 +53,7 @@ class HeadRequest:
     """What the trainer asks of the head for one forward (a loss, or the setup probe)."""
 
     labels: torch.Tensor | None = None        # [B, T] int64, IGNORE_INDEX = no target
-    rows: torch.Tensor | None = None          # [n] int64 flat rows with a target, or None: all
+    rows: torch.Tensor | None = None          # [n > 0] int64 flat rows with a target; None: all
     normalizer: torch.Tensor | None = None    # 0-dim fp32 (reduction mean)
     reduction: str = "mean"
     grad_scale: torch.Tensor | None = None
@@ -88,12 +88,14 @@ class FusedLinearHead(torch.nn.Linear):
         H = hidden.shape[-1]
         flat = hidden.reshape(-1, H)            # [B*T, H]
         targets = req.labels.reshape(-1)        # [B*T]
-        kw = {}
+        # the trainer chose the rows on the host; the op's own compaction would read a count
+        # from the device (a sync). No rows given (none has a target, e.g. a distributed filler
+        # row): every row goes through, contributing exactly 0, so every weight still gets its
+        # (zero) gradient, as DDP expects.
+        kw = {"compact": False} if _OP_TAKES_COMPACT() else {}
         if req.rows is not None:
             flat = flat.index_select(0, req.rows)        # [n, H]
             targets = targets.index_select(0, req.rows)  # [n]
-            if _OP_TAKES_COMPACT():
-                kw["compact"] = False
         if req.grad_scale is not None:
             kw["grad_scale"] = req.grad_scale
         t = self._sftctl_transform

@@ -460,9 +460,12 @@ class Trainer:
                                           position_ids=mb.position_ids,
                                           document_ids=mb.document_ids)
                 idx = target_rows(lab)  # [n] int64, CPU
-                if self.device.type == "cuda":
-                    idx = idx.pin_memory()
-                idx = idx.to(self.device, non_blocking=True)
+                if idx.numel() == 0:  # nothing to train on (a filler row): all rows, exactly 0
+                    idx = None
+                else:
+                    if self.device.type == "cuda":
+                        idx = idx.pin_memory()
+                    idx = idx.to(self.device, non_blocking=True)
             micro.append(mb.to(self.device))
             rows.append(idx)
         return micro, rows
