@@ -221,7 +221,9 @@ def uninstall(model) -> None:
 def probe(model) -> str | None:
     """One forward and backward over two packed documents: every attention layer must call the
     function, and the kernel's backward must run (a kernel without one is a fallback at setup,
-    not a crash at the first step). The probe's gradients are dropped."""
+    not a crash at the first step). The backward goes to the input embeddings only: the
+    parameters are frozen for the probe, so no full set of gradients is allocated (on a large
+    model before FSDP shards it, that would be a second copy of the weights)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config
     layers = getattr(cfg, "num_hidden_layers", None)
@@ -235,10 +237,13 @@ def probe(model) -> str | None:
     before = dict(CALLS)
     was_training = model.training
     model.eval()
-    saved = [(p, p.grad) for p in model.parameters()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         with torch.enable_grad():
-            out = model(input_ids=ids, position_ids=pos, use_cache=False,
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_()   # [1, T, H]
+            out = model(inputs_embeds=emb, position_ids=pos, use_cache=False,
                         **varlen_kwargs(cu.to(dev), max(lens)))
             logits = getattr(out, "logits", None)
             if logits is not None and logits.requires_grad:
@@ -247,8 +252,8 @@ def probe(model) -> str | None:
         return f"the model's forward/backward with {NAME} failed ({type(e).__name__}: {e})"
     finally:
         model.train(was_training)
-        for p, g in saved:  # the probe's gradients are dropped
-            p.grad = g
+        for p in trainable:
+            p.requires_grad_(True)
     calls = sum(CALLS.values()) - sum(before.values())
     if calls == 0:
         return ("the model does not dispatch its attention through transformers' "
