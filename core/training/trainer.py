@@ -799,7 +799,8 @@ class Trainer:
             "loss_impl": self.loss_impl,
             "loss_head": self.head_info,
             "attention": self.attention.to_json() if self.attention is not None else None,
-            "async_metrics": self.deferred_reads,
+            "async_metrics": bool(self.deferred_reads and self.guard is not None
+                                  and self.guard.mode == "device"),
             "fallbacks": self.fallbacks,
             "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
                                           if self.device.type == "cuda" else ""),
