@@ -33,7 +33,6 @@ Design choices
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 
@@ -92,7 +91,7 @@ class FusedLinearHead(torch.nn.Linear):
         # from the device (a sync). No rows given (none has a target, e.g. a distributed filler
         # row): every row goes through, contributing exactly 0, so every weight still gets its
         # (zero) gradient, as DDP expects.
-        kw = {"compact": False} if _OP_TAKES_COMPACT() else {}
+        kw = {"compact": False}
         if req.rows is not None:
             flat = flat.index_select(0, req.rows)        # [n, H]
             targets = targets.index_select(0, req.rows)  # [n]
@@ -106,21 +105,6 @@ class FusedLinearHead(torch.nn.Linear):
             label_smoothing=req.label_smoothing, z_loss=req.z_loss,
             softcap=t["softcap"], logit_scale=t["logit_scale"], **kw)
         return hidden.new_empty(tuple(hidden.shape[:-1]) + (0,))  # [B, T, 0]: no logits
-
-
-_compact_cache: list = []
-
-
-def _OP_TAKES_COMPACT() -> bool:
-    if not _compact_cache:
-        from .. import ops
-
-        try:
-            params = inspect.signature(ops.linear_cross_entropy).parameters
-            _compact_cache.append("compact" in params)
-        except (TypeError, ValueError):
-            _compact_cache.append(False)
-    return _compact_cache[0]
 
 
 def op_available() -> str | None:
