@@ -342,6 +342,7 @@ def _torch_varlen(q, k, v, cu, max_len, scaling, window):
     return fn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
+@torch.compiler.disable  # a Python loop over documents: run eagerly inside compiled blocks
 def reference_varlen(q, k, v, cu, *, scaling: float, window: int | None = None,
                      softcap: float | None = None, dropout: float = 0.0) -> torch.Tensor:
     """Exact causal attention of each document ``[cu[i], cu[i+1])`` of the flat ``q [N, Hq, D]``,
