@@ -23,7 +23,8 @@ class DeviceRead:
         if t.is_cuda:
             self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # [n]
             self._host.copy_(t, non_blocking=True)
-            self._event = torch.cuda.Event()
+            # timed: consecutive reads' events give the device's own step time
+            self._event = torch.cuda.Event(enable_timing=True)
             self._event.record()
         else:
             self._host = t
@@ -32,3 +33,16 @@ class DeviceRead:
         if self._event is not None:
             self._event.synchronize()
         return self._host.tolist()
+
+    @property
+    def event(self):
+        """The CUDA event after this step's work (None on the CPU); complete once ``values``
+        returned."""
+        return self._event
+
+
+def start_event():
+    """A timed CUDA event recorded now: the origin of the first step's device time."""
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev

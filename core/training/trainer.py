@@ -62,7 +62,7 @@ from .loss import kernel_name, resolve_impl, sft_labels, token_loss, torch_sft_l
 from .model import (autocast_dtype, check_lengths, compile_blocks, has_blocks, load_model,
                     load_tokenizer, model_source, resolve_compile)
 from .optim import param_groups
-from .readback import DeviceRead
+from .readback import DeviceRead, start_event
 from .state import RunState, TrainState, seed_everything
 from .trackers import check_report_to
 
@@ -625,6 +625,9 @@ class Trainer:
                                unit="step", disable=cfg.train.quiet or not self.is_main,
                                dynamic_ncols=True, file=sys.stderr)
         self._last_read = (time.perf_counter(), st.step)
+        # deferred reads time steps on the device: from one read step's event to the next
+        self._last_event = start_event() if self.deferred_reads and \
+            self.device.type == "cuda" else None
         epoch_batches = None
         epoch_of_batches = -1
         while st.step < self.total_steps:
@@ -656,7 +659,10 @@ class Trainer:
                 self._flush_metrics()
             if eval_now:
                 self.evaluate()
+                self._restart_step_clock()
             self.checkpointer.step_end()  # periodic save; preemption: save and raise
+            if getattr(self, "_saved_now", False):
+                self._restart_step_clock()
             if self.stop_reason is not None:
                 self._flush_metrics()
                 log.info("stopping at step %d: %s", st.step, self.stop_reason)
@@ -694,13 +700,21 @@ class Trainer:
             return
         m, step, epoch = pending
         t0 = time.perf_counter()
-        m.update(self._resolve(m.pop("pending"), step))
+        read = m.pop("pending")
+        m.update(self._resolve(read, step))
         now = time.perf_counter()
         self.state.train_time_s += now - t0
-        # step time on the device's clock: from the previous read step's completion to this
-        # one's, over the steps in between (the host launched them while the device ran)
+        # step time: on the device's clock where there is one (from the previous read step's
+        # event to this one's), else on the host's between the two reads; over the steps in
+        # between (the host launched them while the device ran)
         last_t, last_step = getattr(self, "_last_read", (t0, step - 1))
-        m["time"] = (now - last_t) / max(step - last_step, 1)
+        steps = max(step - last_step, 1)
+        last_ev = getattr(self, "_last_event", None)
+        if last_ev is not None and read.event is not None:
+            m["time"] = last_ev.elapsed_time(read.event) / 1000.0 / steps
+            self._last_event = read.event
+        else:
+            m["time"] = (now - last_t) / steps
         self._last_read = (now, step)
         self._emit(m, step, epoch)
 
@@ -709,6 +723,15 @@ class Trainer:
         the guard's counters are read."""
         self._flush_metrics()
         self.guard.sync(step)
+        self._saved_now = True
+
+    def _restart_step_clock(self) -> None:
+        """After a validation or a save (nothing pending): the next step's time starts now, so
+        it does not include them."""
+        self._saved_now = False
+        self._last_read = (time.perf_counter(), self.state.step)
+        if getattr(self, "_last_event", None) is not None:
+            self._last_event = start_event()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
