@@ -513,3 +513,23 @@ def test_cuda_training_steps_make_no_host_sync(base, tmp_path):
     train = [h for h in t.state.history if h["kind"] == "train"]
     assert [h["step"] for h in train] == [1, 2, 3, 4, 5]
     assert all(math.isfinite(h["loss"]) for h in train)
+
+
+def test_compile_auto_is_on_for_cuda_transformers_models_only(tmp_path):
+    """``model.compile: auto`` (the default): on with CUDA for a transformers model, off on the
+    CPU and for a model a plugin wrapped (a peft model), explicit values win."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftctl.training.config import ModelConfig
+    from sftctl.training.model import resolve_compile
+
+    assert ModelConfig().compile == "auto"
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_compile("auto", cuda, model) is True
+    assert resolve_compile("auto", cpu, model) is False
+    wrapper = torch.nn.Sequential(model)  # what a plugin's wrapper looks like to the trainer
+    assert resolve_compile("auto", cuda, wrapper) is False
+    assert resolve_compile(True, cpu, wrapper) is True
+    assert resolve_compile(False, cuda, model) is False

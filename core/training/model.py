@@ -262,10 +262,16 @@ def _check_load_report(src: str, report: dict, allowed: bool) -> None:
                      "if that is intended (e.g. a new head), else check the model files")
 
 
-def resolve_compile(value, device: torch.device) -> bool:
-    """``model.compile`` as a bool: ``auto`` is on with CUDA, off on the CPU."""
+def resolve_compile(value, device: torch.device, model: torch.nn.Module | None = None) -> bool:
+    """``model.compile`` as a bool. ``auto`` is on with CUDA for a transformers model, off on
+    the CPU (compiling costs more than it saves on the small CPU models) and for a model that a
+    plugin wrapped (a peft model: not measured compiled, so not compiled unless asked)."""
     if value == "auto":
-        return device.type == "cuda"
+        if device.type != "cuda":
+            return False
+        from transformers import PreTrainedModel
+
+        return model is None or isinstance(model, PreTrainedModel)
     return bool(value)
 
 

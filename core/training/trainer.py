@@ -288,7 +288,10 @@ class Trainer:
         # plugins wrap or replace it (adapters, freezing) before compile, DDP/FSDP and resume
         model = self.pm.call_chain("sftctl_prepare_model", "model", model=model, config=cfg)
         self.parameters = parameter_counts(model)
-        compile_on = resolve_compile(cfg.model.compile, self.device)
+        compile_on = resolve_compile(cfg.model.compile, self.device, model)
+        if cfg.model.compile == "auto" and self.device.type == "cuda" and self.is_main:
+            log.info("torch.compile (--compile auto): %s", "on" if compile_on else
+                     "off (a model wrapped by a plugin; --compile turns it on)")
         # probes run the plain model, before torch.compile and DDP/FSDP
         self._output_layer(model, whole_model_compiled=compile_on and not has_blocks(model))
         self._packed_attention(model)
