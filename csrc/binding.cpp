@@ -74,6 +74,19 @@ void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op, co
               ref_name, " (", ref.device(), "), got ", t.device());
 }
 
+// The loss options both losses share (their meaning: csrc/kernels/params.h).
+void check_loss_options(const char* op, int64_t reduction, double label_smoothing, double z_loss,
+                        double softcap) {
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, op,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+              ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(z_loss >= 0.0 && std::isfinite(z_loss), op,
+              ": z_loss must be a finite number >= 0, got ", z_loss);
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op,
+              ": softcap must be a finite number >= 0 (0 is off), got ", softcap);
+}
+
 void check_supported_device(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), op, ": ", name,
               " must be a CPU or CUDA tensor, got ", t.device());
@@ -124,14 +137,7 @@ CEInputs prepare_ce(const at::Tensor& logits_in, const at::Tensor& targets_in,
   TORCH_CHECK(targets_in.size(0) == N, op, ": targets has ", targets_in.size(0),
               " entries but logits has ", N, " rows");
   check_device(targets_in, logits_in, op, "targets", "logits");
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, op,
-              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
-              ": label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(z_loss >= 0.0 && std::isfinite(z_loss), op,
-              ": z_loss must be a finite number >= 0, got ", z_loss);
-  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op,
-              ": softcap must be a finite number >= 0 (0 is off), got ", softcap);
+  check_loss_options(op, reduction, label_smoothing, z_loss, softcap);
 
   if (logits_in.size(1) > 1 && logits_in.stride(1) != 1) {
     TORCH_CHECK(!inplace, op, ": logits must have contiguous columns (stride(1) == 1) in memory "
@@ -400,14 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     (void)kernel_dtype(*bias, op, "bias");
     check_device(*bias, hidden_in, op, "bias", "hidden");
   }
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, op,
-              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
-              ": label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(z_loss >= 0.0 && std::isfinite(z_loss), op,
-              ": z_loss must be a finite number >= 0, got ", z_loss);
-  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op,
-              ": softcap must be a finite number >= 0 (0 is off), got ", softcap);
+  check_loss_options(op, reduction, label_smoothing, z_loss, softcap);
   TORCH_CHECK(std::isfinite(logit_scale) && logit_scale != 0.0, op,
               ": logit_scale must be a finite nonzero number, got ", logit_scale);
   TORCH_CHECK(chunk_rows >= 0, op, ": chunk_rows must be >= 0 (0: automatic), got ", chunk_rows);
