@@ -100,7 +100,11 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 TEMPLATE_WORDS = sorted(set(ALPACA_NO_INPUT.replace("{instruction}", "").split()))
 
-RUNNERS = ("sftctl", "sftctl_compile", "hf", "hf_compile", "hf_liger", "hf_liger_compile", "trl")
+RUNNERS = ("sftctl", "sftctl_compile", "sftctl_eager", "sftctl_chunk2048", "hf", "hf_compile",
+           "hf_liger", "hf_liger_compile", "trl")
+# sftctl with its defaults (--compile auto: on with CUDA), and named variants of it
+SFTCTL_FLAGS = {"sftctl": [], "sftctl_compile": ["--compile"], "sftctl_eager": ["--no-compile"],
+                "sftctl_chunk2048": ["--fused-head-chunk-rows", "2048"]}
 # priority order of the full run (most important first; the budget cuts from the end); runs
 # that need the sftctl build wait for it, others go first while it builds
 ORDER = ["a/hf", "a/hf_liger", "b/hf", "b/hf_liger", "a/sftctl", "b/sftctl", "a/sftctl_compile",
@@ -521,7 +525,7 @@ def run_one(key: str, wl: dict, args, work: Path, timeout: float) -> dict:
     if runner.startswith("sftctl"):
         extra = (["--packing"] if wl["packing"] else []) + \
             (["--gradient-checkpointing"] if wl["ckpt"] else []) + \
-            (["--compile"] if runner.endswith("compile") else []) + \
+            SFTCTL_FLAGS[runner] + \
             (["--precision", "fp32"] if args.smoke else [])
         res = sftctl_run(dict(base, extra=extra), timeout, log_path)
     else:
@@ -587,7 +591,7 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--work", type=Path, default=Path("/tmp/sftctl_e2e"))
     p.add_argument("--workloads", nargs="*", default=["a", "b", "c"])
-    p.add_argument("--runners", nargs="*", default=list(RUNNERS))
+    p.add_argument("--runners", nargs="*", default=list(RUNNERS), choices=RUNNERS)
     p.add_argument("--device", default="cuda")
     p.add_argument("--steps", type=int, default=8, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=3)
@@ -650,6 +654,8 @@ def main() -> int:
         w["len2_per_token"] = sum(len(x) ** 2 for x in ids) / sum(len(x) for x in ids)
     todo = [k for k in ORDER if k.split("/")[0] in args.workloads and
             k.split("/")[1] in args.runners]
+    todo += [f"{w}/{r}" for r in args.runners for w in args.workloads  # the rest, as asked
+             if f"{w}/{r}" not in ORDER]
     results, pending = [], list(todo)
 
     def dump(final: bool) -> None:

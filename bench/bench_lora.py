@@ -72,7 +72,10 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
 TINY = dict(LLAMA_8B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=2048)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RUNNERS = ("hf_peft", "hf_liger_peft", "sftctl")
+RUNNERS = ("hf_peft", "hf_liger_peft", "sftctl", "sftctl_compile", "sftctl_eager")
+# sftctl with its defaults, and with --compile on / off named (what --compile auto picks for a
+# LoRA model is stated in summary.json's "compiled")
+SFTCTL_FLAGS = {"sftctl": [], "sftctl_compile": ["--compile"], "sftctl_eager": ["--no-compile"]}
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 LR = 1e-4
 
@@ -274,14 +277,15 @@ def hf_worker(spec: dict) -> dict:
 # ------------------------------------------------------------------------------ sftctl runner
 
 
-def sftctl_cmd(spec: dict, out: Path) -> list[str]:
+def sftctl_cmd(spec: dict, out: Path, name: str = "sftctl") -> list[str]:
     return [sys.executable, "-m", "sftctl", "train", "--plugin", "lora",
             "--model", spec["model_dir"], "--allow-missing-weights", "--data", spec["data"],
             "--output-dir", str(out), "--overwrite", "--no-eval", "--no-initial-eval", "--quiet",
             "--packing", "--max-seq-len", str(spec["seq_len"]), "--batch-size",
             str(spec["batch_size"]), "--max-steps", str(spec["steps"]), "--lr", str(LR),
             "--seed", str(spec["seed"]), "--precision", "bf16", "--device", spec["device"],
-            "--lora-r", "16", "--lora-alpha", "32"]  # default targets: the blocks' linears
+            "--lora-r", "16", "--lora-alpha", "32",  # default targets: the blocks' linears
+            *SFTCTL_FLAGS[name]]
 
 
 def read_sftctl(out: Path) -> dict:
@@ -319,12 +323,12 @@ def run_one(name: str, spec: dict, work: Path, timeout: float, marker: str | Non
     t0 = time.monotonic()
     out = work / f"run_{name}"
     building = bool(marker and Path(marker).exists())
-    if name == "sftctl":
+    if name.startswith("sftctl"):
         while marker and Path(marker).exists() and time.monotonic() - t0 < timeout:
             time.sleep(1)  # the extension is still being built (run_lora_device.sh)
         waited = time.monotonic() - t0
         building = False
-        cmd = sftctl_cmd(spec, out)
+        cmd = sftctl_cmd(spec, out, name)
     else:
         (work / f"{name}.spec.json").write_text(json.dumps(dict(spec, liger=name ==
                                                                 "hf_liger_peft")))
@@ -344,10 +348,10 @@ def run_one(name: str, spec: dict, work: Path, timeout: float, marker: str | Non
     res = {"name": name, "status": status, "rc": rc, "wall_s": round(time.monotonic() - t0, 1),
            # the HF runners may run while the extension builds on the CPU (recorded)
            "extension_build_running_at_start": building}
-    if name == "sftctl":
+    if name.startswith("sftctl"):
         res["waited_for_build_s"] = round(waited, 1)
     try:
-        if name == "sftctl":
+        if name.startswith("sftctl"):
             res.update(read_sftctl(out))
         elif status == "ok":
             res.update(json.loads((work / f"{name}.result.json").read_text()))
@@ -415,7 +419,7 @@ def markdown(r: dict) -> str:
         if x["status"] != "ok" or x.get("read_error"):
             lines += ["", f"`{x['name']}` {x['status']} (rc {x['rc']}); end of its log:", "",
                       "```", (x.get("log_tail") or "")[-1500:], "```"]
-    s = next((x.get("sftctl") for x in r["runs"] if x["name"] == "sftctl" and x.get("sftctl")),
+    s = next((x.get("sftctl") for x in r["runs"] if x["name"].startswith("sftctl") and x.get("sftctl")),
              None)
     if s:
         lines += ["", "sftctl's own report: `" + json.dumps(

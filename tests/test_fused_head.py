@@ -246,6 +246,29 @@ def test_cli_lora_on_the_output_layer_is_a_counted_fallback(tiny, tmp_path):
     assert not (tmp_path / "on" / "summary.json").exists()
 
 
+def test_cli_fused_head_chunk_rows_changes_memory_not_the_losses(tiny, tmp_path):
+    """--fused-head-chunk-rows 5 splits every step's trained rows into many chunks: the same
+    losses as the default (one chunk at this vocabulary) up to fp32 summation order, and the
+    chunk size in summary.json (default: 512 MiB of fp32 logits)."""
+    runs = {}
+    for name, extra in (("default", []), ("rows5", ["--fused-head-chunk-rows", "5"])):
+        r = train(tiny, tmp_path / name, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = tmp_path / name
+    s = {k: json.loads((d / "summary.json").read_text()) for k, d in runs.items()}
+    vocab = json.loads((tiny[1] / "config.json").read_text())["vocab_size"]
+    assert s["default"]["loss_head"]["chunk_rows"] == (512 << 20) // (4 * vocab)
+    assert s["rows5"]["loss_head"]["chunk_rows"] == 5
+    trained = [x["tokens"] for x in read_metrics(runs["rows5"]) if x["kind"] == "train"]
+    assert min(trained) > 5 * 3  # several chunks per step
+    a, b = losses(runs["default"]), losses(runs["rows5"])
+    assert len(a) == 4 and a != [] and np.isfinite(a).all()
+    np.testing.assert_allclose(b, a, rtol=2e-6)
+    r = train(tiny, tmp_path / "bad", "--fused-head-chunk-rows", "-1")
+    assert r.returncode == 2 and "train.fused_head_chunk_rows: -1 is below" in r.stderr, \
+        r.stderr[-2000:]
+
+
 def test_cli_golden_default_path_equals_the_torch_loss_within_1e_5(tmp_path):
     """The golden config (tests/golden): the default loss path (fused head) against
     --loss-impl torch (logits + F.cross_entropy in fp32), per step, within 1e-5 relative."""

@@ -114,6 +114,12 @@ class TrainConfig:
              "auto: wherever the output layer is a plain linear head the setup probe accepts, "
              "else logits + cross-entropy, counted in summary.json's fallbacks; on: a model "
              "that cannot is an error; off: always logits + cross-entropy.")
+    fused_head_chunk_rows: int = _f(
+        0, flag="--fused-head-chunk-rows", minimum=0, metavar="ROWS",
+        help="Rows per chunk of the fused head (its fp32 logits chunk is ROWS x vocab x 4 "
+             "bytes). 0 (default): as many rows as keep that chunk within 512 MiB (1024 rows at "
+             "a 128256 vocabulary). Larger chunks: fewer passes over the fp32 weight gradient, "
+             "more memory at the end of the forward, where the peak usually is.")
     label_smoothing: float = _f(
         0.0, flag="--label-smoothing", minimum=0.0, below=1.0, metavar="EPS",
         help="Label smoothing of the training loss: each target's loss becomes (1 - EPS) * NLL + "

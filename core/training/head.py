@@ -60,6 +60,7 @@ class HeadRequest:
     z_loss: float = 0.0
     probe: torch.Tensor | None = None         # [B, T, V]: return this as the logits (setup)
     loss: torch.Tensor | None = None          # set by the head
+    chunk_rows: int | None = None             # rows per chunk of the op (None: its default)
     calls: int = 0
     hidden_shape: tuple | None = None
 
@@ -103,7 +104,8 @@ class FusedLinearHead(torch.nn.Linear):
             reduction=req.reduction,
             normalizer=req.normalizer if req.reduction == "mean" else None,
             label_smoothing=req.label_smoothing, z_loss=req.z_loss,
-            softcap=t["softcap"], logit_scale=t["logit_scale"], **kw)
+            softcap=t["softcap"], logit_scale=t["logit_scale"], chunk_rows=req.chunk_rows,
+            **kw)
         return hidden.new_empty(tuple(hidden.shape[:-1]) + (0,))  # [B, T, 0]: no logits
 
 

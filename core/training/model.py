@@ -5,6 +5,11 @@ Design choices
   tokenizer), so the trainer only wires them and a test can call each one alone.
 - Weights load in fp32 whatever the checkpoint's dtype: the optimizer keeps fp32 master weights
   and the forward runs under autocast (``autocast_dtype``).
+- On a GPU the weights load straight onto it (``device_map={"": device}``): no fp32 copy of the
+  model in host memory, and weights a checkpoint lacks (``--allow-missing-weights``: a new head,
+  a model built from its config) are initialised there (an 8B model: seconds on the GPU, minutes
+  on the CPU). Every rank loads its own full copy, as before, so FSDP2 shards the same values
+  (same seed, same device kind, same initialisation).
 - The embedded default model is the dataset format's (``DatasetFormat.demo_base``): the core
   knows no particular model, and the format that tuned its defaults brings the base they were
   tuned for.
@@ -206,6 +211,8 @@ def load_model(src: str, model_cfg, tokenizer, device: torch.device, *,
 
     kw = dict(trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
               dtype=torch.float32)
+    if device.type == "cuda":
+        kw["device_map"] = {"": device}  # load (and initialise missing weights) on the GPU
     if model_cfg.attn_implementation:
         kw["attn_implementation"] = model_cfg.attn_implementation
     try:

@@ -69,6 +69,9 @@ from .trackers import check_report_to
 log = logging.getLogger("sftctl")
 
 EMBEDDED_MODEL = "embedded:tiny_llama"
+# the fused head's fp32 logits chunk (--fused-head-chunk-rows 0): half the op's own 1 GiB
+# default, since the trainer's chunk is live at the end of the forward, at the peak of memory
+HEAD_CHUNK_BYTES = 512 << 20
 
 
 def versions() -> dict:
@@ -179,6 +182,7 @@ class Trainer:
         self.loss_impl = self.loss_kernel = None
         self.fallbacks: list[dict] = []
         self.head: FusedHead | None = None       # the fused output layer (None: logits + CE)
+        self.head_chunk_rows: int | None = None  # rows per fused-head chunk (--fused-head-chunk-rows)
         self.head_info: dict = {}                # summary.json "loss_head"
         self.attention: attention.AttentionChoice | None = None  # packed-attention path
         # step metrics are read one step late on CUDA (see train_step); set by _runtime
@@ -369,8 +373,12 @@ class Trainer:
             self.head_info = {"fused": False, "path": plain, "reason": why}
             self._fallback("fused_head", asked, plain, why)
         else:
+            vocab = self.head.head.weight.shape[0]
+            self.head_chunk_rows = (self.config.train.fused_head_chunk_rows or
+                                    max(1, HEAD_CHUNK_BYTES // (4 * vocab)))
             self.head_info = {"fused": True, "path": self.head.describe(), "reason": None,
-                              "tied": self.head.tied, **self.head.transform}
+                              "tied": self.head.tied, "chunk_rows": self.head_chunk_rows,
+                              **self.head.transform}
             if self.is_main:
                 log.info("loss head: %s", self.head.describe())
         self.loss_kernel = kernel_name(self.loss_impl, self.device, fused_head=self.head is not None)
@@ -567,7 +575,7 @@ class Trainer:
                 if self.head is not None:
                     req = HeadRequest(labels=lab, rows=idx, normalizer=normalizer,
                                       grad_scale=grad_scale, label_smoothing=tc.label_smoothing,
-                                      z_loss=tc.z_loss)
+                                      z_loss=tc.z_loss, chunk_rows=self.head_chunk_rows)
                     with self.autocast(), posted(self.head, req):
                         self.model(**mb.model_inputs(varlen=self.varlen))
                     loss = self._head_loss(req)
@@ -748,7 +756,8 @@ class Trainer:
             (mb,), (idx,) = self._micro_batches([rows], self.data.val)
             lab, n = sft_labels(mb, impl)
             if self.head is not None:  # plain NLL (no smoothing, no z-loss), summed
-                req = HeadRequest(labels=lab, rows=idx, reduction="sum")
+                req = HeadRequest(labels=lab, rows=idx, reduction="sum",
+                                  chunk_rows=self.head_chunk_rows)
                 with self.autocast(), posted(self.head, req):
                     self.model(**mb.model_inputs(varlen=self.varlen))
                 total += self._head_loss(req).float()
