@@ -533,7 +533,8 @@ def _select(run_dir: Path, points: list[dict], target: Target, final: dict,
         inner = json.loads((keep / "sftctl_summary.json").read_text(encoding="utf-8")) \
             if (keep / "sftctl_summary.json").is_file() else dict(summary)
         inner["selected"] = {k: sel[k] for k in ("task", "metric", "step", "score")}
-        (tmp / "sftctl_summary.json").write_text(json.dumps(inner, indent=2, default=str) + "\n",
+        (tmp / "sftctl_summary.json").write_text(json.dumps(inner, indent=2, default=str,
+                                                            allow_nan=False) + "\n",
                                                  encoding="utf-8")
     _prune(run_dir / "eval" / STEPS_DIR, keep=None)
     sel["final_dir"] = "model_final"

@@ -149,6 +149,51 @@ def heldout_record(config, data: PreparedData) -> dict | None:
             "records": len(data.heldout)}
 
 
+def _nonfinite_kind(x) -> str | None:
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return None
+
+
+def _strict_json(obj):
+    """``obj`` with each non-finite float replaced by None; in a dict the key gets a sibling
+    ``<key>_nonfinite`` flag ("nan", "inf", "-inf"), the convention of metrics.jsonl."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out[k] = _strict_json(v)
+            kind = _nonfinite_kind(v)
+            if kind is not None:
+                out[f"{k}_nonfinite"] = kind
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return None if _nonfinite_kind(obj) else obj
+
+
+def _final_loss(train_hist: list[dict]) -> dict:
+    """summary.json's ``final_loss`` (the last finite logged training loss), ``final_loss_step``
+    (its step) and ``final_loss_reason`` (null, or why the loss is not the last logged step's:
+    a pipeline comparing runs gets a number it can use and is told when it is an older one)."""
+    finite = [h for h in train_hist if isinstance(h.get("loss"), (int, float))
+              and math.isfinite(h["loss"])]
+    last = finite[-1] if finite else None
+    later = [h["step"] for h in train_hist if last is None or h["step"] > last["step"]]
+    reason = None
+    if not train_hist:
+        reason = "no training step was logged"
+    elif last is None:
+        reason = (f"no finite training loss: all {len(later)} logged step(s) had a non-finite "
+                  "loss (skipped by the non-finite guard)")
+    elif later:
+        shown = ", ".join(map(str, later[:10])) + (" ..." if len(later) > 10 else "")
+        reason = (f"the last {len(later)} logged step(s) ({shown}) had a non-finite loss "
+                  f"(skipped by the non-finite guard); final_loss is step {last['step']}'s")
+    return {"final_loss": last["loss"] if last else None,
+            "final_loss_step": last["step"] if last else None,
+            "final_loss_reason": reason}
+
+
 class Trainer:
     """Build with a validated run config and a loaded plugin manager; ``setup()``, ``train()``.
 
@@ -802,6 +847,11 @@ class Trainer:
     # -------------------------------------------------------------------------------- finish
 
     def summary(self) -> dict:
+        """summary.json (also ``model/sftctl_summary.json``): strict JSON, no NaN/Infinity.
+        ``final_loss`` is the last *finite* logged training loss and ``final_loss_step`` its
+        step; ``final_loss_reason`` says why that is not the last logged step (steps skipped by
+        the non-finite guard) or why there is none (null otherwise). Any other non-finite
+        number is written as null with a ``<key>_nonfinite`` flag, as in metrics.jsonl."""
         st = self.state
         d = self.data
         mem, mem_kind = peak_memory(self.device)
@@ -809,7 +859,7 @@ class Trainer:
         val_hist = [h for h in st.history if h["kind"] == "val"]
         cfg = self.config
         tokens = getattr(self, "_tokens_all_ranks", st.tokens_total)
-        return {
+        return _strict_json({
             "status": "complete",
             "model": cfg.model.name_or_path or EMBEDDED_MODEL,
             "base_model": self.base_model,
@@ -844,7 +894,7 @@ class Trainer:
             "cpu_threads": cpu_threads_info(),
             "world_size": self.strategy.world_size,
             "strategy": self.strategy.name,
-            "final_loss": train_hist[-1]["loss"] if train_hist else None,
+            **_final_loss(train_hist),
             "initial_val_loss": val_hist[0]["val_loss"] if val_hist and val_hist[0]["step"] == 0
             else None,
             "val_loss": val_hist[-1]["val_loss"] if val_hist else None,
@@ -858,7 +908,7 @@ class Trainer:
             "versions": versions(),
             "benchmarks": self.benchmarks,
             "heldout": self.heldout,
-        }
+        })
 
     def finish(self) -> dict:
         """Save the final model atomically, then summary.json; return the summary."""
