@@ -50,7 +50,7 @@ def runs(tmp_path_factory):
     common = ["--model", str(base), "--data", str(data), *TRAIN]
     steered = tmp / "steered"
     r = run_cli(["train", *common, "--heldout", str(held), "--output-dir", str(steered),
-                 "--benchmark-every", "2", "--select-best", SELECT,
+                 "--report-to", "tensorboard", "--benchmark-every", "2", "--select-best", SELECT,
                  "--require", "heldout_nll:nll_per_token:delta<0",
                  "--require", "heldout_generate:chrf>=0"], env=cli_env(tmp))
     assert r.returncode == 0, r.stderr[-4000:]
@@ -120,6 +120,45 @@ def test_benchmark_every_records_scores_per_step_and_leaves_training_unchanged(r
     md = (out / "report.md").read_text()
     assert "### Benchmarks during training" in md and "| 2 | checkpoint |" in md
     assert 'id="plot-benchmark-steps"' in (out / "report.html").read_text()
+
+
+def test_benchmark_scores_reach_the_tracker_at_their_steps(runs):
+    """Each point of eval/steps.json (the steps and the final model) is in TensorBoard's event
+    file as ``benchmark/<task>/<metric>`` at its step, read back with TensorBoard's own reader."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = runs["steered"]
+    points = json.loads((out / "eval" / "steps.json").read_text())["points"]
+    assert [(p["step"], p["model"]) for p in points] == [(2, "checkpoint"), (4, "final")]
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    want: dict[str, dict[int, float]] = {}
+    for p in points:
+        for task, scores in p["scores"].items():
+            for key, v in scores.items():
+                if v is not None:
+                    want.setdefault(f"benchmark/{task}/{key.replace(',', '_')}", {})[p["step"]] = v
+    assert "benchmark/heldout_nll/nll_per_token" in want and len(want) >= 3
+    tags = set(ea.Tags()["scalars"])
+    for tag, by_step in want.items():
+        assert tag in tags, (tag, sorted(tags))
+        got = {e.step: e.value for e in ea.Scalars(tag)}
+        # TensorBoard stores float32: the exact float32 of each score, once per step
+        assert got == {s: float(np.float32(v)) for s, v in by_step.items()}, tag
+    # the step metrics are still there, and the full table keeps its own names
+    assert "train/loss" in tags and "benchmark/heldout_nll/nll_per_token/sft" in tags
+
+
+def test_trackers_log_the_scores_after_evals_benchmarked_the_checkpoint():
+    """pluggy calls trylast implementations after the plain ones: each tracker's
+    sftctl_checkpoint_saved runs after evals' (which benchmarks and writes steps.json)."""
+    from sftctl.run.plugin_manager import get_plugin_manager
+
+    pm = get_plugin_manager(entry_points=False)
+    order = [i.plugin_name for i in reversed(pm.hook.sftctl_checkpoint_saved.get_hookimpls())]
+    for name in ("tensorboard", "wandb", "mlflow"):
+        assert order.index(name) > order.index("evals"), order
 
 
 def test_select_best_puts_the_best_step_in_model(runs):

@@ -25,6 +25,15 @@ Design choices
   (``--no-eval``, ranks other than 0) ``sftctl_after_train`` closes the tracker; where training
   ended otherwise (an error, a preemption) an ``atexit`` handler closes what is still open, so
   event files and offline runs are always finished.
+- Benchmarks during training (``--benchmark-every N``): each benchmarked step's scores go to
+  the tracker at that step as ``benchmark/<task>/<metric>`` (``<metric>_<filter>`` for a
+  filtered lm-eval metric), through the same ``log_scalars`` as the step metrics; the final
+  model's point of the series (same capped documents) at the last step. Like the table, they
+  come from the ``evals`` plugin's file, here ``eval/steps.json``, read in a ``trylast``
+  ``sftctl_checkpoint_saved`` (after evals benchmarked that checkpoint in its own
+  implementation of the hook) and, for the final point, in ``sftctl_post_train``. These are
+  the scores on the ``--benchmark-limit`` subset; the full benchmark table keeps its own names
+  ``benchmark/<task>/<metric>/<base|sft|delta>``.
 - Resume: each tracker keeps its run id in ``OUTPUT_DIR/trackers/<name>.json`` and a resumed run
   continues the same tracker run (TensorBoard purges events past the resumed step).
 - Errors: a tracker that fails to start raises (exit 2 before training, named by the plugin
@@ -250,13 +259,68 @@ def benchmark_scalars(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def steps_points(run_dir: Path) -> list[dict]:
+    """The points of ``eval/steps.json`` (the ``--benchmark-every`` series the ``evals`` plugin
+    writes; see ``sftctl.evals.steering``); [] when there is none."""
+    path = Path(run_dir) / "eval" / "steps.json"
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning("cannot read %s (%s): the benchmark scores of the steps are not logged to "
+                    "the trackers", path, e)
+        return []
+    points = data.get("points") if isinstance(data, dict) else None
+    return [p for p in points or [] if isinstance(p, dict)]
+
+
+def point_scalars(point: dict) -> dict[str, float]:
+    """``benchmark/<task>/<metric>`` (``<metric>_<filter>``) for each finite score of one point
+    of the series."""
+    out = {}
+    for task, scores in (point.get("scores") or {}).items():
+        for key, v in (scores or {}).items():
+            x = _number(v)
+            if x is not None and math.isfinite(x):
+                out[f"benchmark/{task}/{str(key).replace(',', '_')}"] = x
+    return out
+
+
+def _log_points(t: Tracker, run_dir, model: str, step: int | None = None) -> int:
+    """Log the series points of ``model`` ("checkpoint" or "final"; only at ``step`` when
+    given) to ``t`` at their steps; returns how many were logged."""
+    n = 0
+    for p in steps_points(Path(run_dir)):
+        if p.get("model") != model or (step is not None and p.get("step") != step):
+            continue
+        scalars = point_scalars(p)
+        if scalars:
+            t.log_scalars(int(p["step"]), scalars)
+            n += 1
+    return n
+
+
+def log_benchmark_step(run, name: str, step: int) -> None:
+    """``sftctl_checkpoint_saved`` (trylast: after evals benchmarked this checkpoint): the
+    scores of a ``--benchmark-every`` step at that step. steps.json is rewritten at the start
+    of a run with ``--benchmark-every``, so it never holds another run's points here."""
+    every = run.config.eval.benchmark_every
+    t = _open(run.output_dir, name) if _OPEN else None
+    if t is None or not every or step % every:
+        return
+    _log_points(t, run.output_dir, "checkpoint", step)
+
+
 def post_train(run_dir, config, name: str) -> None:
-    """``sftctl_post_train`` (trylast: after evals wrote the report): the benchmark table, then
-    close."""
+    """``sftctl_post_train`` (trylast: after evals wrote the report): the final model's point of
+    the ``--benchmark-every`` series, the benchmark table, then close."""
     t = _open(run_dir, name)
     if t is None:
         return
     try:
+        if config.eval.benchmark_every:
+            _log_points(t, run_dir, "final")
         found = read_benchmarks(Path(run_dir))
         if found is not None:
             rows, md = found

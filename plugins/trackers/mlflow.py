@@ -12,7 +12,8 @@ Design choices
   runs in one process (tests) and user code that has its own active run do not mix.
 - The run config as parameters (flat dotted keys), scalars as metrics with ``step``, the final
   summary as ``summary/*`` metrics, the benchmark table as the artifact ``benchmarks.json``
-  (``log_table``) and ``benchmarks.md`` plus ``benchmark/<task>/<metric>/<model>`` metrics.
+  (``log_table``) and ``benchmarks.md`` plus ``benchmark/<task>/<metric>/<model>`` metrics;
+  the ``--benchmark-every`` scores as ``benchmark/<task>/<metric>`` metrics at their steps.
 - A resumed run reopens the same MLflow run (its id is kept in
   ``OUTPUT_DIR/trackers/mlflow.json``).
 """
@@ -108,6 +109,11 @@ def sftctl_step_end(run, metrics):
 @hookimpl(trylast=True)  # after plugins that add keys to the validation metrics
 def sftctl_evaluate(run, metrics):
     base.log_val(run, "mlflow", metrics)
+
+
+@hookimpl(trylast=True)  # after evals benchmarked this checkpoint (--benchmark-every)
+def sftctl_checkpoint_saved(run, step):
+    base.log_benchmark_step(run, "mlflow", step)
 
 
 @hookimpl

@@ -10,7 +10,8 @@ Design choices
   ``sftctl.plugins.trackers``), the run config as a text summary ``config`` at the start, the
   final summary as ``summary/*`` scalars, the benchmark table as a Markdown text summary
   ``benchmarks`` (TensorBoard's text tab renders it) plus ``benchmark/<task>/<metric>/<model>``
-  scalars at the last step.
+  scalars at the last step; with ``--benchmark-every`` each benchmarked step's scores as
+  ``benchmark/<task>/<metric>`` scalars at that step (the final model's at the last step).
 - A resumed run opens the writer with ``purge_step`` = the resumed step, so TensorBoard drops the
   events an interrupted run wrote after that checkpoint instead of drawing them twice.
 """
@@ -81,6 +82,11 @@ def sftctl_step_end(run, metrics):
 @hookimpl(trylast=True)  # after plugins that add keys to the validation metrics
 def sftctl_evaluate(run, metrics):
     base.log_val(run, "tensorboard", metrics)
+
+
+@hookimpl(trylast=True)  # after evals benchmarked this checkpoint (--benchmark-every)
+def sftctl_checkpoint_saved(run, step):
+    base.log_benchmark_step(run, "tensorboard", step)
 
 
 @hookimpl

@@ -10,7 +10,8 @@ Design choices
   login error stops the run before training, named by the plugin manager.
 - Scalars are logged with ``step=`` the optimizer step; the final summary goes to the run
   summary; the benchmark table is a ``wandb.Table`` (``benchmarks``) plus
-  ``benchmark/<task>/<metric>/<model>`` summary values.
+  ``benchmark/<task>/<metric>/<model>`` summary values; the ``--benchmark-every`` scores are
+  logged at their steps as ``benchmark/<task>/<metric>`` (a curve per metric).
 - A resumed run continues the same W&B run (its id is kept in ``OUTPUT_DIR/trackers/wandb.json``,
   ``resume="allow"``).
 - The run is finished explicitly (``finish``), never left to wandb's exit hook, except when
@@ -94,6 +95,11 @@ def sftctl_step_end(run, metrics):
 @hookimpl(trylast=True)  # after plugins that add keys to the validation metrics
 def sftctl_evaluate(run, metrics):
     base.log_val(run, "wandb", metrics)
+
+
+@hookimpl(trylast=True)  # after evals benchmarked this checkpoint (--benchmark-every)
+def sftctl_checkpoint_saved(run, step):
+    base.log_benchmark_step(run, "wandb", step)
 
 
 @hookimpl
