@@ -58,7 +58,7 @@ fi
 python3 -m pip list 2>/dev/null | grep -iE "^(torch|transformers|datasets|pyarrow|fsspec|accelerate) " \
   | tee -a "$OUT/env.txt"
 echo "setup done after $((SECONDS - T0)) s" | tee -a "$OUT/env.txt"
-budget=$((510 - (SECONDS - T0)))
+budget=$((${F8_BUDGET:-510} - (SECONDS - T0)))
 timeout $((budget + 30)) python3 bench/bench_8b_fsdp.py --out "$OUT" --budget-s $budget \
   --build-done /tmp/sftctl_build_done ${F8_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 if [[ -n ${build_pid:-} ]]; then

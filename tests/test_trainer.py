@@ -480,17 +480,20 @@ def test_deferred_reads_keep_the_stop_guarantee_and_move_hooks_one_step(base, tm
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_training_steps_make_no_host_sync(base, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_training_steps_make_no_host_sync(base, tmp_path, compiled):
     """On CUDA (fused head, packed rows through varlen attention, fused AdamW, the guard on the
-    device, metrics read one step late): every train_step call runs with
-    torch.cuda.set_sync_debug_mode('error'), so any synchronizing call inside it fails."""
+    device, metrics read one step late): train_step calls run with
+    torch.cuda.set_sync_debug_mode('error'), so any synchronizing call inside them fails. Eager:
+    every step; compiled (the CUDA default): from step 3 on, after the steps that compile (and
+    recompile once for the shapes that change between packed batches)."""
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_records(64))
     from sftctl.run.config import build_config
     from sftctl.training.trainer import Trainer
 
     pm = get_plugin_manager(entry_points=False)
     cfg = build_config([("t", {
-        "model": {"name_or_path": str(base)},
+        "model": {"name_or_path": str(base), "compile": compiled},
         "data": {"paths": [str(data)], "packing": True, "max_seq_len": 256},
         "optim": {"lr": 3e-3},
         "train": {"output_dir": str(tmp_path / "gpu"), "max_steps": 5, "batch_size": 2,
@@ -499,9 +502,14 @@ def test_cuda_training_steps_make_no_host_sync(base, tmp_path):
     t = Trainer(cfg, pm)
     t.setup()
     assert t.head is not None and t.varlen and t.deferred_reads and t.guard.mode == "device"
+    assert bool(t.compiled) == compiled
     step = t.train_step
+    calls = []
 
     def strict(rows_list):
+        calls.append(1)
+        if compiled and len(calls) <= 2:
+            return step(rows_list)
         torch.cuda.set_sync_debug_mode("error")
         try:
             return step(rows_list)
@@ -511,13 +519,14 @@ def test_cuda_training_steps_make_no_host_sync(base, tmp_path):
     t.train_step = strict
     t.train()
     train = [h for h in t.state.history if h["kind"] == "train"]
-    assert [h["step"] for h in train] == [1, 2, 3, 4, 5]
+    assert [h["step"] for h in train] == [1, 2, 3, 4, 5] and len(calls) == 5
     assert all(math.isfinite(h["loss"]) for h in train)
 
 
 def test_compile_auto_is_on_for_cuda_transformers_models_only(tmp_path):
-    """``model.compile: auto`` (the default): on with CUDA for a transformers model, off on the
-    CPU and for a model a plugin wrapped (a peft model), explicit values win."""
+    """``model.compile: auto`` (the default): on with CUDA for a transformers model and for a
+    peft model around one (unless its base is quantized), off on the CPU and for any other
+    wrapper; explicit values win."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sftctl.training.config import ModelConfig
@@ -533,3 +542,10 @@ def test_compile_auto_is_on_for_cuda_transformers_models_only(tmp_path):
     assert resolve_compile("auto", cuda, wrapper) is False
     assert resolve_compile(True, cpu, wrapper) is True
     assert resolve_compile(False, cuda, model) is False
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert resolve_compile("auto", cuda, peft_model) is True
+    assert resolve_compile("auto", cpu, peft_model) is False
+    peft_model.base_model.model.config.quantization_config = {"load_in_4bit": True}
+    assert resolve_compile("auto", cuda, peft_model) is False
