@@ -16,7 +16,9 @@ Design choices
   ``--benchmark-every N`` therefore needs a checkpoint at those steps: ``--save-every`` is set
   to N when it is 0, and must divide N otherwise (a config error before training).
 - What is benchmarked: the in-memory model, written as a standard Hugging Face directory
-  (``save_pretrained`` + tokenizer) into ``eval/steps/step-N/model`` and evaluated by the same
+  (``save_pretrained`` + tokenizer) into ``eval/steps/step-N/model`` (with ``--plugin lora``:
+  the base with the adapters merged, as ``model/`` will be, computed by the lora plugin's
+  ``merged_copy`` without touching the training weights) and evaluated by the same
   lm-eval worker subprocess as the final benchmark, so a step's numbers and the final ones come
   from one code path. The resumable checkpoint is not reused: its ``model.safetensors`` has
   sftctl's own layout (tied tensors once, aliases in the metadata) and no config or tokenizer.
@@ -49,9 +51,14 @@ Design choices
   step, or in the final benchmark, is an error naming the gate (exit 2, after writing
   everything when found after training). A gate that cannot be evaluated (its benchmark
   failed, no base model for a delta) fails.
-- Not supported (an error before training): ``--plugin lora`` (``save_pretrained`` of a peft
-  model writes the adapter only) and ``--strategy fsdp`` (the weights are sharded) with
-  ``--benchmark-every``.
+- LoRA (``--plugin lora``, one process or DDP): ``save_pretrained`` of the peft model would
+  write the adapter alone, and merging in place (what the final save does, training being
+  over) would change the weights being trained; the lora plugin's ``merged_copy`` merges a
+  skeleton fed the live state dict on the CPU with peft's safe merge (rsLoRA and DoRA handled
+  by peft), so the step model is the standard checkpoint ``model/`` would be at that step.
+- Not supported (an error before training): ``--strategy fsdp`` with ``--benchmark-every``
+  (the weights are sharded over the ranks; gathering them on rank 0 at every benchmarked step
+  is not done).
 - The plugin manager reaches the checkpoint hook through ``sftctl_configure`` (the only
   lifecycle hook that receives it), kept per config object.
 """
@@ -180,10 +187,6 @@ def configure(config, pm) -> None:
                             "during training; give --benchmark-every N")
     if ec.benchmark_every:
         every = ec.benchmark_every
-        if "lora" in (config.plugins or []):
-            raise _config_error("--benchmark-every with --plugin lora is not supported (the "
-                                "step model would be the adapter alone); benchmark the final "
-                                "model, or checkpoints with sftctl eval")
         if config.train.strategy == "fsdp":
             raise _config_error("--benchmark-every with --strategy fsdp is not supported (the "
                                 "weights are sharded over the ranks); use --strategy ddp")
@@ -279,13 +282,22 @@ class Steering:
         t0 = time.perf_counter()
         d = self.dir / f"step-{step:08d}"
         model = self.run.model
-        use_cache = getattr(model.config, "use_cache", None)
         with atomic_directory(d / "model") as tmp:
-            model.config.use_cache = True  # as the final model is saved
-            try:
-                model.save_pretrained(tmp, safe_serialization=True)
-            finally:
-                model.config.use_cache = use_cache
+            if "lora" in (self.cfg.plugins or []):
+                # the adapters merged into a copy of the base (the training weights untouched)
+                from sftctl.plugins.lora import merged_copy
+
+                merged = merged_copy(model, self.cfg)
+                merged.config.use_cache = True  # as the final model is saved
+                merged.save_pretrained(tmp, safe_serialization=True)
+                del merged
+            else:
+                use_cache = getattr(model.config, "use_cache", None)
+                model.config.use_cache = True  # as the final model is saved
+                try:
+                    model.save_pretrained(tmp, safe_serialization=True)
+                finally:
+                    model.config.use_cache = use_cache
             self.run.tokenizer.save_pretrained(tmp)
         point = evaluate_point(self.specs, d, d / "model", self.cfg, step, "checkpoint",
                                self.out)

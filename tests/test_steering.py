@@ -264,7 +264,8 @@ def test_bad_gates_are_named_before_training(runs, tmp_path, args, message):
                                                  "turns off"),
     ({"benchmark_every": 3, "save_every": 2}, "--benchmark-every 3 benchmarks the periodic "
                                               "checkpoints: it must be a multiple of --save-every"),
-    ({"benchmark_every": 2, "plugins": ["lora"]}, "--benchmark-every with --plugin lora"),
+    ({"benchmark_every": 2, "strategy": "fsdp"}, "--benchmark-every with --strategy fsdp is not "
+                                                 "supported (the weights are sharded"),
 ])
 def test_bad_steering_combinations(change, message):
     from sftctl.errors import ConfigError
@@ -274,8 +275,8 @@ def test_bad_steering_combinations(change, message):
     for k, v in change.items():
         if k == "save_every":
             cfg.train.save_every = v
-        elif k == "plugins":
-            cfg.plugins = v
+        elif k == "strategy":
+            cfg.train.strategy = v
         else:
             setattr(cfg.eval, k, v)
     with pytest.raises(ConfigError) as e:

@@ -34,6 +34,14 @@ Design choices
   DDP merges the live model in place (training is over; no second copy of the weights); FSDP
   gathers the full weights on rank 0's CPU, and they are loaded by assignment into a skeleton
   built on the meta device, wrapped with the same adapter config and merged there.
+- A merged copy during training (``merged_copy``, for ``--benchmark-every``'s step models;
+  one process or DDP, rank 0): the same skeleton route as the FSDP merge, fed the live state
+  dict on the CPU (a tensor already on the CPU is shared, not copied; tied tensors stay one)
+  and merged with peft's ``safe_merge``, which writes each merged weight into a new tensor: the
+  training weights are never written, no ``deepcopy`` of the model (its gradients, hooks or
+  wrappers) is made, and peft's own merge handles rsLoRA's scaling and DoRA's magnitudes. On a
+  GPU the extra memory is one CPU copy of the weights, none on the device. QLoRA reuses the
+  final save's full-precision merge (the base reloaded on the CPU, the adapter copied in).
 - Resumable checkpoints hold the ``PeftModel``'s state dict (adapter and base weights, as
   trained), so ``--resume`` is exact like a full fine-tune. Resuming a LoRA checkpoint without
   ``--plugin lora`` or the reverse is refused in ``sftctl_configure`` (it is a different model).
@@ -405,20 +413,61 @@ def sftctl_save_model(run, model, state_dict):
 
 
 def _merged(model, state_dict):
-    """The base model with the adapter merged in (a plain transformers model)."""
-    if state_dict is None:  # the live weights are complete: merge in place, no second copy
+    """The base model with the adapter merged in (a plain transformers model). ``state_dict``
+    None: the live weights are complete, merged in place (training is over: no second copy);
+    else the weights of ``state_dict`` are merged in a skeleton of the model, ``model`` itself
+    is neither read for weights nor written."""
+    if state_dict is None:
         return model.merge_and_unload(safe_merge=True)
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    with torch.device("meta"):  # (from_config writes dtype into the config: a copy)
+        base = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=torch.float32)
     skeleton = get_peft_model(base, copy.deepcopy(model.peft_config["default"]))
     # assign: the gathered CPU tensors become the parameters (no copy); tied names share one
     skeleton.load_state_dict(state_dict, strict=True, assign=True)
     merged = skeleton.merge_and_unload(safe_merge=True)
     merged.tie_weights()
+    return merged
+
+
+def merged_copy(model, config):
+    """The adapter merged into its base as a plain transformers model on the CPU, while
+    training goes on: ``model`` (the live peft model, unwrapped from DDP) is left exactly as it
+    was (see the module docstring). Used by the ``evals`` plugin for ``--benchmark-every``."""
+    import torch
+
+    if not hasattr(model, "peft_config"):
+        raise RuntimeError("lora: the model being trained is not a peft model (another plugin "
+                           "replaced it); cannot merge a copy of it")
+    if config.options["lora.load_in_4bit"]:
+        return _merged_full_precision(model, config)
+    cpu: dict[tuple, torch.Tensor] = {}  # one CPU tensor per live storage: tied ones stay one
+
+    def on_cpu(t):
+        t = t.detach()
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype,
+               tuple(t.shape), tuple(t.stride()))
+        if key not in cpu:
+            cpu[key] = t.to("cpu")
+        return cpu[key]
+
+    state = {k: on_cpu(v) for k, v in model.state_dict(keep_vars=True).items()}
+    with torch.no_grad():
+        merged = _merged(model, state)
+        # buffers outside the state dict (rotary inv_freq, ...) are still on the meta device
+        # in the skeleton: copies of the live ones, so the copy runs like the model it is
+        live = dict(model.get_base_model().named_buffers())
+        for name, buf in list(merged.named_buffers()):
+            if buf.is_meta and name in live:
+                mod, _, leaf = name.rpartition(".")
+                merged.get_submodule(mod)._buffers[leaf] = live[name].detach().to("cpu",
+                                                                                   copy=True)
+    left = [n for n, t in [*merged.named_parameters(), *merged.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"lora: the merged copy has tensors without data: {left[:5]}")
     return merged
 
 
