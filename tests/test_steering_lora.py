@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
     return tmp, base, train, held
 
 
-def _prepared(tmp, base, *flags):
+def _prepared(tmp, base, *flags, on: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     from sftctl.run import cli
@@ -49,7 +49,7 @@ def _prepared(tmp, base, *flags):
     cfg = cli.resolve_config(parser.parse_args(
         ["train", "--plugin", "lora", "--model", str(base), "--output-dir", str(tmp / "x"),
          *flags]), pm, pm.config_options())
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(on)
     return pm.call_chain("sftctl_prepare_model", "model", model=model, config=cfg), cfg
 
 
@@ -107,6 +107,42 @@ def test_merged_copy_equals_peft_merge_and_leaves_the_live_model_alone(setup, fl
 KEEP_STEPS = ("import sys\nimport sftctl.evals.steering as s\ns._prune = lambda *a, **k: None\n"
               "from sftctl.run import cli\nsys.exit(cli.main(sys.argv[1:]))\n")
 STEERED = ["--benchmark-every", "2", "--benchmark-limit", "2"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_merged_copy_on_cuda_with_a_bf16_base_uses_no_device_memory(setup):
+    """On a GPU (--lora-base-dtype auto: the frozen base in bf16, adapters fp32): the merged
+    copy is built on the CPU (no tensor of it on the device, no device memory kept), equals
+    peft's merge of a deep copy, and the live model is unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from sftctl.plugins.lora import merged_copy
+
+    tmp, base = setup[0], setup[1]
+    live, cfg = _prepared(tmp, base, "--lora-r", "4", "--lora-modules-to-save", "embed_tokens",
+                          "--device", "cuda", "--precision", "bf16", on="cuda")
+    dtypes = {p.dtype for n, p in live.named_parameters() if not p.requires_grad}
+    assert dtypes == {torch.bfloat16}, dtypes  # the frozen base was cast by the plugin
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for n, p in live.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, device="cuda") * 0.05)
+    before = {k: v.detach().clone() for k, v in live.state_dict().items()}
+    torch.cuda.synchronize()
+    mem = torch.cuda.memory_allocated()
+    merged = merged_copy(live, cfg)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == mem  # nothing of the copy lives on the device
+    assert {t.device.type for t in [*merged.parameters(), *merged.buffers()]} == {"cpu"}
+    after = live.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    want = {k: v.cpu() for k, v in copy.deepcopy(live).merge_and_unload().state_dict().items()}
+    got = merged.state_dict()
+    assert sorted(got) == sorted(want)
+    for k in want:  # the same bf16 rounding on either device up to one bf16 ulp
+        torch.testing.assert_close(got[k].float(), want[k].float(), rtol=1e-2, atol=1e-3,
+                                   msg=k)
 
 
 def _train(setup, out: Path, *extra, keep_steps: bool = False, ranks: int = 1,
