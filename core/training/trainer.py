@@ -340,7 +340,8 @@ class Trainer:
         compile_on = resolve_compile(cfg.model.compile, self.device, model)
         if cfg.model.compile == "auto" and self.device.type == "cuda" and self.is_main:
             log.info("torch.compile (--compile auto): %s", "on" if compile_on else
-                     "off (a model wrapped by a plugin; --compile turns it on)")
+                     "off (a quantized base, or a model a plugin wrapped in something "
+                     "other than peft; --compile turns it on)")
         # probes run the plain model, before torch.compile and DDP/FSDP
         self._output_layer(model, whole_model_compiled=compile_on and not has_blocks(model))
         self._packed_attention(model)
