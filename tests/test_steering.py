@@ -49,10 +49,13 @@ def runs(tmp_path_factory):
     held = write_jsonl(tmp / "held.jsonl", held_records)
     common = ["--model", str(base), "--data", str(data), *TRAIN]
     steered = tmp / "steered"
+    env = cli_env(tmp, WANDB_MODE="offline", WANDB_SILENT="true")
+    env.pop("WANDB_DIR", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
     r = run_cli(["train", *common, "--heldout", str(held), "--output-dir", str(steered),
-                 "--report-to", "tensorboard", "--benchmark-every", "2", "--select-best", SELECT,
-                 "--require", "heldout_nll:nll_per_token:delta<0",
-                 "--require", "heldout_generate:chrf>=0"], env=cli_env(tmp))
+                 "--report-to", "tensorboard,mlflow,wandb", "--benchmark-every", "2",
+                 "--select-best", SELECT, "--require", "heldout_nll:nll_per_token:delta<0",
+                 "--require", "heldout_generate:chrf>=0"], env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     # the same run without any benchmark (checkpoints at the same steps)
     plain = tmp / "plain"
@@ -122,24 +125,33 @@ def test_benchmark_every_records_scores_per_step_and_leaves_training_unchanged(r
     assert 'id="plot-benchmark-steps"' in (out / "report.html").read_text()
 
 
-def test_benchmark_scores_reach_the_tracker_at_their_steps(runs):
-    """Each point of eval/steps.json (the steps and the final model) is in TensorBoard's event
-    file as ``benchmark/<task>/<metric>`` at its step, read back with TensorBoard's own reader."""
-    import numpy as np
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = runs["steered"]
+def _series(out: Path) -> dict[str, dict[int, float]]:
+    """``benchmark_steps/<task>/<metric>`` -> {step: score} from eval/steps.json (the steps
+    and the final model)."""
     points = json.loads((out / "eval" / "steps.json").read_text())["points"]
     assert [(p["step"], p["model"]) for p in points] == [(2, "checkpoint"), (4, "final")]
-    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
-    ea.Reload()
     want: dict[str, dict[int, float]] = {}
     for p in points:
         for task, scores in p["scores"].items():
             for key, v in scores.items():
                 if v is not None:
-                    want.setdefault(f"benchmark/{task}/{key.replace(',', '_')}", {})[p["step"]] = v
-    assert "benchmark/heldout_nll/nll_per_token" in want and len(want) >= 3
+                    tag = f"benchmark_steps/{task}/{key.replace(',', '_')}"
+                    want.setdefault(tag, {})[p["step"]] = v
+    assert "benchmark_steps/heldout_nll/nll_per_token" in want and len(want) >= 3
+    return want
+
+
+def test_benchmark_scores_reach_the_tracker_at_their_steps(runs):
+    """Each point of eval/steps.json (the steps and the final model) is in TensorBoard's event
+    file as ``benchmark_steps/<task>/<metric>`` at its step, read back with TensorBoard's own
+    reader."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = runs["steered"]
+    want = _series(out)
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
     tags = set(ea.Tags()["scalars"])
     for tag, by_step in want.items():
         assert tag in tags, (tag, sorted(tags))
@@ -148,6 +160,35 @@ def test_benchmark_scores_reach_the_tracker_at_their_steps(runs):
         assert got == {s: float(np.float32(v)) for s, v in by_step.items()}, tag
     # the step metrics are still there, and the full table keeps its own names
     assert "train/loss" in tags and "benchmark/heldout_nll/nll_per_token/sft" in tags
+
+
+def test_benchmark_scores_reach_mlflow_and_wandb(runs, monkeypatch):
+    """The same series in MLflow's file store (its client) and W&B's offline run (its protobuf
+    records, parsed as in test_trackers.py)."""
+    import glob
+
+    from mlflow.tracking import MlflowClient
+
+    from test_trackers import _wandb_records
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    out = runs["steered"]
+    want = _series(out)
+    state = json.loads((out / "trackers" / "mlflow.json").read_text())
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    for tag, by_step in want.items():
+        hist = client.get_metric_history(state["run_id"], tag)
+        assert {m.step: m.value for m in hist} == by_step, tag
+    (path,) = glob.glob(str(out / "**" / "offline-run-*" / "run-*.wandb"), recursive=True)
+    got: dict[str, dict[int, float]] = {}
+    for rec in _wandb_records(path):
+        if rec.WhichOneof("record_type") == "history":
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                   for i in rec.history.item}
+            for tag in want:
+                if tag in row:
+                    got.setdefault(tag, {})[row["_step"]] = row[tag]
+    assert got == want
 
 
 def test_trackers_log_the_scores_after_evals_benchmarked_the_checkpoint():

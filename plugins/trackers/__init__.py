@@ -26,14 +26,16 @@ Design choices
   ended otherwise (an error, a preemption) an ``atexit`` handler closes what is still open, so
   event files and offline runs are always finished.
 - Benchmarks during training (``--benchmark-every N``): each benchmarked step's scores go to
-  the tracker at that step as ``benchmark/<task>/<metric>`` (``<metric>_<filter>`` for a
+  the tracker at that step as ``benchmark_steps/<task>/<metric>`` (``<metric>_<filter>`` for a
   filtered lm-eval metric), through the same ``log_scalars`` as the step metrics; the final
   model's point of the series (same capped documents) at the last step. Like the table, they
   come from the ``evals`` plugin's file, here ``eval/steps.json``, read in a ``trylast``
   ``sftctl_checkpoint_saved`` (after evals benchmarked that checkpoint in its own
   implementation of the hook) and, for the final point, in ``sftctl_post_train``. These are
   the scores on the ``--benchmark-limit`` subset; the full benchmark table keeps its own names
-  ``benchmark/<task>/<metric>/<base|sft|delta>``.
+  ``benchmark/<task>/<metric>/<base|sft|delta>``. The series is not named
+  ``benchmark/<task>/<metric>``: MLflow's file store keeps a metric as a file at its name's
+  path, so a name that is the path prefix of another (the table's) fails there.
 - Resume: each tracker keeps its run id in ``OUTPUT_DIR/trackers/<name>.json`` and a resumed run
   continues the same tracker run (TensorBoard purges events past the resumed step).
 - Errors: a tracker that fails to start raises (exit 2 before training, named by the plugin
@@ -276,14 +278,14 @@ def steps_points(run_dir: Path) -> list[dict]:
 
 
 def point_scalars(point: dict) -> dict[str, float]:
-    """``benchmark/<task>/<metric>`` (``<metric>_<filter>``) for each finite score of one point
-    of the series."""
+    """``benchmark_steps/<task>/<metric>`` (``<metric>_<filter>``) for each finite score of one
+    point of the series."""
     out = {}
     for task, scores in (point.get("scores") or {}).items():
         for key, v in (scores or {}).items():
             x = _number(v)
             if x is not None and math.isfinite(x):
-                out[f"benchmark/{task}/{str(key).replace(',', '_')}"] = x
+                out[f"benchmark_steps/{task}/{str(key).replace(',', '_')}"] = x
     return out
 
 

@@ -13,7 +13,7 @@ Design choices
 - The run config as parameters (flat dotted keys), scalars as metrics with ``step``, the final
   summary as ``summary/*`` metrics, the benchmark table as the artifact ``benchmarks.json``
   (``log_table``) and ``benchmarks.md`` plus ``benchmark/<task>/<metric>/<model>`` metrics;
-  the ``--benchmark-every`` scores as ``benchmark/<task>/<metric>`` metrics at their steps.
+  the ``--benchmark-every`` scores as ``benchmark_steps/<task>/<metric>`` metrics at their steps.
 - A resumed run reopens the same MLflow run (its id is kept in
   ``OUTPUT_DIR/trackers/mlflow.json``).
 """

@@ -11,7 +11,7 @@ Design choices
   final summary as ``summary/*`` scalars, the benchmark table as a Markdown text summary
   ``benchmarks`` (TensorBoard's text tab renders it) plus ``benchmark/<task>/<metric>/<model>``
   scalars at the last step; with ``--benchmark-every`` each benchmarked step's scores as
-  ``benchmark/<task>/<metric>`` scalars at that step (the final model's at the last step).
+  ``benchmark_steps/<task>/<metric>`` scalars at that step (the final model's at the last step).
 - A resumed run opens the writer with ``purge_step`` = the resumed step, so TensorBoard drops the
   events an interrupted run wrote after that checkpoint instead of drawing them twice.
 """

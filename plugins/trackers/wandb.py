@@ -11,7 +11,7 @@ Design choices
 - Scalars are logged with ``step=`` the optimizer step; the final summary goes to the run
   summary; the benchmark table is a ``wandb.Table`` (``benchmarks``) plus
   ``benchmark/<task>/<metric>/<model>`` summary values; the ``--benchmark-every`` scores are
-  logged at their steps as ``benchmark/<task>/<metric>`` (a curve per metric).
+  logged at their steps as ``benchmark_steps/<task>/<metric>`` (a curve per metric).
 - A resumed run continues the same W&B run (its id is kept in ``OUTPUT_DIR/trackers/wandb.json``,
   ``resume="allow"``).
 - The run is finished explicitly (``finish``), never left to wandb's exit hook, except when
