@@ -123,6 +123,22 @@ def sftctl_config_defaults(plugins, data_format, embedded):
 
 
 @hookspec
+def sftctl_model_load_options(config, device):
+    """Keyword arguments for the ``from_pretrained`` call that loads the model: return a dict
+    or ``None``. For what has to happen *while* the weights load: a quantization config (4-bit
+    QLoRA), a dtype for weights that will stay frozen (so no fp32 copy is ever made).
+
+    Called on every rank, once per run, after ``sftctl_prepare_tokenizer`` and before the model
+    is loaded (then ``sftctl_prepare_model``). ``device`` is the run's ``torch.device`` (on a GPU
+    the weights load straight onto it). Allowed keys: ``dtype`` (default ``torch.float32``: the
+    optimizer's master weights) and ``quantization_config``; sftctl owns the others (the source, ``trust_remote_code``, ``revision``, ``device_map``,
+    ``attn_implementation``) and refuses them. Two plugins setting the same key is an error
+    naming both. A plugin that loads in another dtype is responsible for keeping the weights it
+    trains in fp32 (``sftctl_prepare_model``).
+    """
+
+
+@hookspec
 def sftctl_prepare_model(model, config):
     """The model is loaded: wrap, replace or change it before it trains (adapters such as LoRA,
     freezing layers, dtype choices). Return the model to train instead, or ``None`` to keep it
@@ -130,8 +146,9 @@ def sftctl_prepare_model(model, config):
     the optimizer, and a frozen output layer gets no weight gradient.
 
     Called on every rank, once per run, between ``sftctl_prepare_tokenizer`` and the first
-    step, in this order: model loaded (fp32, on the run's device, embeddings resized for added
-    tokens, activation checkpointing applied) -> **this hook** -> ``--compile`` (the blocks of
+    step, in this order: model loaded (fp32 unless ``sftctl_model_load_options`` said otherwise,
+    on the run's device, embeddings resized for added tokens, activation checkpointing applied)
+    -> **this hook** -> ``--compile`` (the blocks of
     the returned model) -> the strategy's wrapper (DDP / FSDP2 sharding) -> optimizer built from
     the trainable parameters -> ``--resume`` restores the checkpoint into the returned model
     (so a resumable checkpoint holds that model's state dict and a resumed run must prepare the

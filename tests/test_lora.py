@@ -225,6 +225,46 @@ def test_base_dtype_holds_the_frozen_base_in_bf16_and_fsdp_is_refused(setup, tmp
         pm.hook.sftctl_configure.call_historic(kwargs=dict(config=cfg, pm=pm))
 
 
+def test_a_16_bit_frozen_base_loads_in_16_bit_and_modules_to_save_load_in_fp32(setup, tmp_path):
+    """--lora-base-dtype bf16: the plugin's sftctl_model_load_options loads the base in bf16
+    (no fp32 copy ever made) and the frozen weights equal, bit for bit, those of the fp32 load
+    cast afterwards; the adapters train in fp32. With modules_to_save the base loads in fp32
+    (those modules train from the checkpoint's full-precision values)."""
+    from sftctl.training.model import load_model, load_tokenizer
+
+    tmp, base = setup[0], setup[1]
+    cfg, pm = lora_config(tmp, "--model", str(base), "--lora-r", "4", "--lora-base-dtype",
+                          "bf16")
+    cpu = torch.device("cpu")
+    opts, owners = pm.model_load_options(cfg, cpu)
+    assert opts == {"dtype": torch.bfloat16} and owners == {"dtype": "lora"}
+    tok = load_tokenizer(str(base), cfg.model)
+    direct = load_model(str(base), cfg.model, tok, cpu, load_options=opts)
+    assert {p.dtype for p in direct.parameters()} == {torch.bfloat16}
+    direct = pm.call_chain("sftctl_prepare_model", "model", model=direct, config=cfg)
+    assert {(p.requires_grad, p.dtype) for p in direct.parameters()} == \
+        {(False, torch.bfloat16), (True, torch.float32)}
+    cast, _ = prepared(setup, "--lora-r", "4", "--lora-base-dtype", "bf16")  # fp32, then cast
+    frozen = {n: p for n, p in cast.named_parameters() if not p.requires_grad}
+    for n, p in direct.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+    assert len(frozen) == sum(1 for p in direct.parameters() if not p.requires_grad)
+    cfg2, pm2 = lora_config(tmp, "--model", str(base), "--lora-base-dtype", "bf16",
+                            "--lora-modules-to-save", "embed_tokens")
+    assert pm2.model_load_options(cfg2, cpu) == ({}, {})
+    cfg3, pm3 = lora_config(tmp, "--model", str(base))  # auto on the CPU: fp32, nothing asked
+    assert pm3.model_load_options(cfg3, cpu) == ({}, {})
+    # the CLI says where the dtype came from, and trains
+    out = tmp_path / "bf16"
+    r = run(tmp, args_for(setup, out, "--max-steps", "3", "--batch-size", "4", "--lora-r", "4",
+                          "--lora-base-dtype", "bf16"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "model load options from plugins: dtype=torch.bfloat16 (plugin 'lora')" in r.stderr
+    losses = [x["loss"] for x in read_metrics(out) if x["kind"] == "train"]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+
+
 # ------------------------------------------------------------------------------- CLI runs
 
 

@@ -100,6 +100,41 @@ def test_duplicate_registration_names_both_plugins():
         pm.optimizers()
 
 
+def test_model_load_options_merge_and_refuse_what_sftctl_owns():
+    """sftctl_model_load_options: each key from one plugin; a key set twice names both plugins,
+    a key sftctl owns (device_map, trust_remote_code, ...) or a non-dict is refused, naming the
+    plugin; with no plugin asking, nothing is passed."""
+    import torch
+
+    def plugin(out):
+        class P:
+            @hookimpl
+            def sftctl_model_load_options(self, config, device):
+                return out
+        return P()
+
+    from sftctl.run.config import build_config
+
+    cpu = torch.device("cpu")
+    pm = get_plugin_manager(entry_points=False)
+    cfg = build_config([("t", {"train": {"output_dir": "unused"}})], pm.config_options())
+    assert pm.model_load_options(cfg, cpu) == ({}, {})
+    pm = get_plugin_manager(entry_points=False, extra=[("half", plugin({"dtype": torch.bfloat16})),
+                                                       ("quiet", plugin(None))])
+    assert pm.model_load_options(cfg, cpu) == ({"dtype": torch.bfloat16}, {"dtype": "half"})
+    pm = get_plugin_manager(entry_points=False, extra=[("one", plugin({"dtype": torch.float16})),
+                                                       ("two", plugin({"dtype": torch.bfloat16}))])
+    with pytest.raises(PluginError, match="'dtype' is set by plugin 'one' and by plugin 'two'"):
+        pm.model_load_options(cfg, cpu)
+    pm = get_plugin_manager(entry_points=False, extra=[("greedy", plugin({"device_map": "auto"}))])
+    with pytest.raises(PluginError, match="plugin 'greedy'.*set 'device_map'; plugins may set "
+                                          "only dtype, quantization_config"):
+        pm.model_load_options(cfg, cpu)
+    pm = get_plugin_manager(entry_points=False, extra=[("odd", plugin(["dtype"]))])
+    with pytest.raises(PluginError, match="plugin 'odd'.*returned list"):
+        pm.model_load_options(cfg, cpu)
+
+
 def test_wrong_registration_type_is_an_error():
     class Bad:
         @hookimpl

@@ -558,6 +558,31 @@ class PluginManager(pluggy.PluginManager):
             layers.append((f"defaults of plugin {impl.plugin_name!r}", layer))
         return layers
 
+    # from_pretrained keywords a plugin may set (sftctl_model_load_options); sftctl owns the rest
+    LOAD_OPTION_KEYS = ("dtype", "quantization_config")
+
+    def model_load_options(self, config, device) -> tuple[dict, dict]:
+        """``sftctl_model_load_options`` merged: (keyword arguments, {key: plugin}); a key
+        outside ``LOAD_OPTION_KEYS`` or set by two plugins is an error naming the plugin(s)."""
+        merged, owner = {}, {}
+        for impl in self.hook.sftctl_model_load_options.get_hookimpls():  # registration order
+            out = self.call_impl(impl, config=config, device=device)
+            if out is None:
+                continue
+            if not isinstance(out, dict):
+                raise PluginError(f"plugin {impl.plugin_name!r}: sftctl_model_load_options "
+                                  f"returned {type(out).__name__}, expected a dict or None")
+            for k, v in out.items():
+                if k not in self.LOAD_OPTION_KEYS:
+                    raise PluginError(f"plugin {impl.plugin_name!r}: sftctl_model_load_options "
+                                      f"set {k!r}; plugins may set only "
+                                      f"{', '.join(self.LOAD_OPTION_KEYS)}")
+                if k in owner:
+                    raise PluginError(f"the model load option {k!r} is set by plugin "
+                                      f"{owner[k]!r} and by plugin {impl.plugin_name!r}")
+                merged[k], owner[k] = v, impl.plugin_name
+        return merged, owner
+
     def describe(self, config=None) -> list[dict]:
         """Plugins with what they registered (``sftctl plugins``)."""
         formats, opts, scheds = self.dataset_formats(), self.optimizers(), self.schedulers()

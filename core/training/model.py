@@ -203,16 +203,20 @@ def load_tokenizer(src: str, model_cfg):
 
 
 def load_model(src: str, model_cfg, tokenizer, device: torch.device, *,
-               resize_embeddings: bool = False) -> torch.nn.Module:
+               resize_embeddings: bool = False, load_options: dict | None = None
+               ) -> torch.nn.Module:
     """The causal LM in fp32 on ``device``, checked against the tokenizer, training-ready
     (no KV cache, activation checkpointing when asked). ``resize_embeddings``: plugins added
-    tokens to the tokenizer; grow the embeddings (and an untied head) to match."""
+    tokens to the tokenizer; grow the embeddings (and an untied head) to match.
+    ``load_options``: ``from_pretrained`` keywords plugins asked for (``dtype``,
+    ``quantization_config``, ...; ``PluginManager.model_load_options``)."""
     from transformers import AutoModelForCausalLM
 
     kw = dict(trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
               dtype=torch.float32)
     if device.type == "cuda":
         kw["device_map"] = {"": device}  # load (and initialise missing weights) on the GPU
+    kw.update(load_options or {})
     if model_cfg.attn_implementation:
         kw["attn_implementation"] = model_cfg.attn_implementation
     try:
@@ -244,7 +248,8 @@ def load_model(src: str, model_cfg, tokenizer, device: torch.device, *,
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return model.to(device)
+    # loaded onto the GPU already (and a quantized model refuses .to)
+    return model if "device_map" in kw else model.to(device)
 
 
 def _check_load_report(src: str, report: dict, allowed: bool) -> None:

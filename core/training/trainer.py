@@ -74,6 +74,12 @@ EMBEDDED_MODEL = "embedded:tiny_llama"
 HEAD_CHUNK_BYTES = 512 << 20
 
 
+def _short(value) -> str:
+    """A value for a log line: its repr when short, else its type (a quantization config)."""
+    r = repr(value)
+    return r if len(r) <= 40 and "\n" not in r else type(value).__name__
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("transformers", "datasets", "pluggy", "tokenizers"):
@@ -332,8 +338,13 @@ class Trainer:
 
     def _build_model(self, src: str):
         cfg = self.config
+        load_options, owners = self.pm.model_load_options(cfg, self.device)
+        if load_options and self.is_main:
+            log.info("model load options from plugins: %s", ", ".join(
+                f"{k}={_short(load_options[k])} (plugin {owners[k]!r})"
+                for k in sorted(load_options)))
         model = load_model(src, cfg.model, self.tokenizer, self.device,
-                           resize_embeddings=self.tokens_added > 0)
+                           resize_embeddings=self.tokens_added > 0, load_options=load_options)
         # plugins wrap or replace it (adapters, freezing) before compile, DDP/FSDP and resume
         model = self.pm.call_chain("sftctl_prepare_model", "model", model=model, config=cfg)
         self.parameters = parameter_counts(model)

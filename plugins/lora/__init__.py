@@ -273,6 +273,50 @@ def _linear_names(model) -> list[str]:
 
 
 @hookimpl
+def sftctl_model_load_options(config, device):
+    """Load the base the way it will train, so no fp32 copy of it is ever made (an 8B base in
+    fp32 is 32 GB: more than many GPUs that fit it in 4 bit or bf16): 4-bit NF4 for QLoRA, the
+    frozen dtype (``--lora-base-dtype``) otherwise. Not when ``modules_to_save`` is set: those
+    modules train from the checkpoint's full-precision values, so the base loads in fp32 and
+    only its frozen weights are cast (``_cast_frozen``)."""
+    if not enabled(config):
+        return None
+    if config.options["lora.load_in_4bit"]:
+        if device.type != "cuda":
+            raise ConfigError("options.lora.load_in_4bit (--lora-load-in-4bit): the model is "
+                              f"on {device}; 4-bit QLoRA needs a CUDA GPU")
+        return {"quantization_config": _bnb_config()}
+    if _list(config.options["lora.modules_to_save"]):
+        return None
+    dtype = _frozen_dtype(config, device)
+    return None if dtype is None else {"dtype": dtype}
+
+
+def _bnb_config():
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+
+
+def _frozen_dtype(config, device):
+    """The dtype the frozen base weights are held in (``--lora-base-dtype``), None for fp32."""
+    from sftctl.training.model import PRECISIONS, autocast_dtype
+
+    want = config.options["lora.base_dtype"]
+    if want == "auto":
+        if device.type != "cuda" or config.train.strategy == "fsdp" or \
+                config.options["lora.load_in_4bit"]:
+            # the CPU computes in fp32; FSDP2 shards one dtype per group; QLoRA's base is
+            # already 4-bit, its other weights as peft's kbit preparation left them
+            return None
+        return autocast_dtype(config.train.precision, device)[1]
+    return PRECISIONS[want]
+
+
+@hookimpl
 def sftctl_prepare_model(model, config):
     if not enabled(config):
         return None
@@ -326,61 +370,55 @@ def sftctl_prepare_model(model, config):
 def _cast_frozen(model, config):
     """Hold the frozen base weights in the training precision (see ``--lora-base-dtype``):
     they are only read, so fp32 copies would cost twice the memory and a cast on every
-    forward under autocast. Returns the dtype cast to, or None (kept fp32)."""
+    forward under autocast; the weights that train (adapters, ``modules_to_save``) are fp32
+    master weights whatever dtype the base loaded in. Returns the frozen dtype, or None (fp32)."""
     import torch
 
-    from sftctl.training.model import PRECISIONS, autocast_dtype
-
-    want = config.options["lora.base_dtype"]
-    if want == "auto":
-        device = next(model.parameters()).device
-        if device.type != "cuda" or config.train.strategy == "fsdp" or \
-                config.options["lora.load_in_4bit"]:
-            # the CPU computes in fp32; FSDP2 shards one dtype per group; QLoRA's base is
-            # already 4-bit, its other weights as peft's kbit preparation left them
-            return None
-        _, dtype = autocast_dtype(config.train.precision, device)
-    else:
-        dtype = PRECISIONS[want]
-    if dtype is None:
-        return None
+    dtype = _frozen_dtype(config, next(model.parameters()).device)
     for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+        if not p.is_floating_point():
+            continue
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+        elif dtype is not None and not p.requires_grad and p.dtype != dtype:
             p.data = p.data.to(dtype)
     return dtype
 
 
 def _load_4bit(model, config):
-    """QLoRA: the same base again, 4-bit NF4 on the model's GPU (bitsandbytes, CUDA only)."""
+    """QLoRA: the base 4-bit NF4 on the model's GPU (bitsandbytes, CUDA only), prepared for
+    k-bit training. Loaded so by ``sftctl_model_load_options``; a model another plugin
+    replaced is reloaded 4-bit from its source."""
     import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     device = next(model.parameters()).device
     if device.type != "cuda":  # sftctl_configure checked the config; the device decides
         raise ConfigError("options.lora.load_in_4bit (--lora-load-in-4bit): the model is on "
                           f"{device}; 4-bit QLoRA needs a CUDA GPU")
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    src = model.config._name_or_path
-    rows = model.get_input_embeddings().weight.shape[0]
-    pad = model.config.pad_token_id
-    del model
-    torch.cuda.empty_cache()
-    q = AutoModelForCausalLM.from_pretrained(
-        src, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute),
-        dtype=torch.float32,
-        device_map={"": device.index if device.index is not None else torch.cuda.current_device()},
-        trust_remote_code=config.model.trust_remote_code, revision=config.model.revision)
-    if q.get_input_embeddings().weight.shape[0] != rows:  # tokens added by plugins
-        q.resize_token_embeddings(rows)
-    q.config.pad_token_id = pad
+    compute = _bnb_config().bnb_4bit_compute_dtype
+    if getattr(model.config, "quantization_config", None) is not None:
+        q = model  # loaded 4-bit straight away (sftctl_model_load_options)
+    else:  # another plugin's model: the same base again, 4-bit
+        src = model.config._name_or_path
+        rows = model.get_input_embeddings().weight.shape[0]
+        pad = model.config.pad_token_id
+        del model
+        torch.cuda.empty_cache()
+        q = AutoModelForCausalLM.from_pretrained(
+            src, quantization_config=_bnb_config(), dtype=torch.float32,
+            device_map={"": device.index if device.index is not None
+                        else torch.cuda.current_device()},
+            trust_remote_code=config.model.trust_remote_code, revision=config.model.revision)
+        if q.get_input_embeddings().weight.shape[0] != rows:  # tokens added by plugins
+            q.resize_token_embeddings(rows)
+        q.config.pad_token_id = pad
     q = prepare_model_for_kbit_training(
         q, use_gradient_checkpointing=config.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
     q.config.use_cache = False
-    log.info("lora: base reloaded 4-bit NF4 (compute %s) on %s", compute, device)
+    log.info("lora: base 4-bit NF4 (compute %s) on %s", compute, device)
     return q
 
 
