@@ -513,6 +513,23 @@ def test_the_cpu_path_never_imports_bitsandbytes(setup, tmp_path):
 _HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lora_on_cuda_loads_the_frozen_base_in_bf16_and_trains(setup, tmp_path):
+    """On the GPU with bf16 (--lora-base-dtype auto): the base loads straight in bf16 onto the
+    GPU (no fp32 copy), the adapters train in fp32, the run compiles (auto) and learns."""
+    tmp, base_dir, train, val = setup
+    out = tmp_path / "bf16"
+    r = run(tmp, ["train", "--plugin", "lora", "--model", str(base_dir), "--data", str(train),
+                  "--val-data", str(val), "--output-dir", str(out), "--no-eval", "--lr", "1e-2",
+                  "--seed", "5", "--device", "cuda", "--precision", "bf16", "--max-steps", "10",
+                  "--batch-size", "4", "--lora-r", "8", "--lora-alpha", "16"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "model load options from plugins: dtype=torch.bfloat16 (plugin 'lora')" in r.stderr
+    assert "frozen base weights held in bfloat16" in r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["compiled"] and s["val_loss"] < s["initial_val_loss"]
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and _HAS_BNB),
                     reason="QLoRA needs a CUDA GPU and bitsandbytes")
 def test_qlora_4bit_on_cuda_trains_saves_and_loads(setup, tmp_path):
@@ -533,6 +550,9 @@ def test_qlora_4bit_on_cuda_trains_saves_and_loads(setup, tmp_path):
                   "--lora-load-in-4bit"])
     assert r.returncode == 0, r.stderr[-4000:]
     assert "4-bit NF4" in r.stderr
+    # loaded 4-bit straight away (no fp32 load first)
+    assert "model load options from plugins: quantization_config=BitsAndBytesConfig " \
+        "(plugin 'lora')" in r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["val_loss"] < s["initial_val_loss"]
     losses = [x["loss"] for x in read_metrics(out) if x["kind"] == "train"]
