@@ -202,6 +202,21 @@ def test_trackers_log_the_scores_after_evals_benchmarked_the_checkpoint():
         assert order.index(name) > order.index("evals"), order
 
 
+def test_steering_files_are_strict_json(runs):
+    """Every JSON file the steered run rewrote (summary.json with the series and gates,
+    eval/steps.json, model/ and model_final/'s sftctl_summary.json, report.json, metrics.jsonl)
+    holds no NaN/Infinity token."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    out = runs["steered"]
+    for name in ("summary.json", "eval/steps.json", "model/sftctl_summary.json",
+                 "model_final/sftctl_summary.json", "report.json"):
+        json.loads((out / name).read_text(encoding="utf-8"), parse_constant=refuse)
+    for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        json.loads(line, parse_constant=refuse)
+
+
 def test_select_best_puts_the_best_step_in_model(runs):
     from sftctl.training.atomic import checkpoint_complete
 
