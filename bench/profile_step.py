@@ -1,0 +1,199 @@
+"""Where the time of one ``sftctl train`` step goes: a torch.profiler trace of a few steps of
+bench_e2e's workloads, summed by kernel category (issue 14: finding the road from 1.05x to 1.3x
+the best plain-HF loop on full rows).
+
+    python bench/profile_step.py --out OUT --workload a            # GPU (the device machine)
+    python bench/profile_step.py --out /tmp/p --workload b --smoke # tiny model on the CPU
+
+Writes OUT/profile_<workload>_<card>_<date>.json and .md: per category (GEMM, attention,
+sftctl loss kernels, optimizer, Triton (compiled blocks), copies/casts, other) the device time
+per step and its share of the step's wall time, the GPU-idle share (wall minus the sum of
+kernel times, when kernels do not overlap), and the 25 kernels with the most time.
+
+Design choices
+- The run is the real trainer, in process (``Trainer.setup`` then ``Trainer.train``), with the
+  config the CLI builds from the same flags as bench_e2e's sftctl runner; its ``train_step`` is
+  wrapped so the profiler covers whole steps (``--skip`` steps first: compilation and warm-up).
+- Categories come from kernel names (cuBLAS/CUTLASS GEMMs, flash/varlen attention, sftctl's
+  ``ce_*`` and ``sft_labels`` kernels, fused AdamW, ``triton_*`` from torch.compile); the raw
+  names are kept in the JSON so a category can be re-cut later.
+- On the CPU (``--smoke``) there are no kernels: the same table is made from the self CPU time
+  of the aten ops, which checks the script, not the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_e2e as e2e  # noqa: E402  (same folder: model shapes, data, FLOPs)
+
+CATEGORIES = [  # first match wins
+    ("sftctl loss (ce/labels)", r"ce_forward|ce_prep|ce_finalize|scale_grad|sft_labels|sftctl"),
+    ("attention", r"flash|fmha|varlen|attention|attn|sdpa|_efficient_"),
+    ("GEMM", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|wgmma|\bmm\b|addmm|matmul|linear|bmm"),
+    ("optimizer", r"adam|multi_tensor|foreach|_fused_"),
+    ("triton (compiled)", r"^triton_|triton"),
+    ("copies/casts", r"copy|cast|to_copy|fill|memset|memcpy|index|gather|scatter|cat\b"),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, low):
+            return cat
+    return "other"
+
+
+def sftctl_argv(wl: dict, args, out: Path) -> list[str]:
+    argv = ["train", "--model", wl["model"], "--data", wl["data"]["jsonl"], "--output-dir",
+            str(out), "--overwrite", "--no-eval", "--no-initial-eval", "--quiet",
+            "--allow-missing-weights", "--max-seq-len", str(args.seq_len), "--batch-size",
+            str(args.batch_size), "--max-steps", str(args.skip + args.steps + 1), "--lr", "1e-5",
+            "--seed", "1", "--device", "cpu" if args.smoke else "cuda", "--save-every", "0"]
+    argv += ["--packing"] if wl["packing"] else []
+    argv += ["--gradient-checkpointing"] if wl["ckpt"] else []
+    argv += ["--precision", "fp32"] if args.smoke else []
+    return argv + args.extra
+
+
+def profile(args) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    from sftctl.run import cli
+    from sftctl.run.plugin_manager import get_plugin_manager
+    from sftctl.training.trainer import Trainer
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    wls = e2e.prepare(work, args)
+    wl = wls[args.workload]
+    pm = get_plugin_manager(entry_points=False)
+    parser = cli.build_parser(pm, pm.config_options())
+    argv = sftctl_argv(wl, args, work / f"run_{args.workload}")
+    cfg = cli.resolve_config(parser.parse_args(argv), pm, pm.config_options())
+    trainer = Trainer(cfg, pm)
+    trainer.setup()
+    on_gpu = trainer.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    prof = torch.profiler.profile(activities=acts, record_shapes=False)
+    step, calls, walls = trainer.train_step, [], []
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def wrapped(rows_list):
+        calls.append(1)
+        n = len(calls)
+        if n == args.skip + 1:
+            sync()
+            prof.start()
+        t0 = time.perf_counter()
+        out = step(rows_list)
+        if args.skip < n <= args.skip + args.steps:
+            sync()  # whole steps: the profiled window ends with the device idle
+            walls.append(time.perf_counter() - t0)
+            if n == args.skip + args.steps:
+                prof.stop()
+        return out
+
+    trainer.train_step = wrapped
+    trainer.train()
+    if len(walls) < args.steps:
+        raise SystemExit(f"only {len(walls)} profiled steps ran (of {args.steps})")
+    rows = []
+    for ev in prof.key_averages():
+        if on_gpu:
+            t = getattr(ev, "self_device_time_total", None)
+            if t is None:
+                t = getattr(ev, "self_cuda_time_total", 0)
+            if not t or str(getattr(ev, "device_type", "")).endswith("CPU"):
+                continue
+        else:
+            t = ev.self_cpu_time_total
+            if not t or not ev.key.startswith("aten::"):
+                continue
+        rows.append({"name": ev.key, "count": ev.count, "us": float(t),
+                     "category": category(ev.key)})
+    n = args.steps
+    wall_ms = 1e3 * sum(walls) / n
+    busy_ms = sum(r["us"] for r in rows) / 1e3 / n
+    cats: dict[str, float] = {}
+    for r in rows:
+        cats[r["category"]] = cats.get(r["category"], 0.0) + r["us"] / 1e3 / n
+    tokens = [h["tokens"] for h in trainer.state.history if h["kind"] == "train"]
+    return {"date": datetime.date.today().isoformat(),
+            "card": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+            "torch": torch.__version__, "workload": args.workload, "argv": argv,
+            "profiled_steps": n, "skipped_steps": args.skip,
+            "step_wall_ms": round(wall_ms, 3), "kernel_ms_per_step": round(busy_ms, 3),
+            "idle_share": round(max(0.0, 1 - busy_ms / wall_ms), 4) if on_gpu else None,
+            "tokens_per_step": tokens[args.skip:args.skip + n],
+            "categories_ms_per_step": {k: round(v, 3) for k, v in
+                                       sorted(cats.items(), key=lambda kv: -kv[1])},
+            "compiled": trainer.compiled, "loss_head": trainer.head_info,
+            "kernels": sorted(rows, key=lambda r: -r["us"])[:200]}
+
+
+def markdown(r: dict) -> str:
+    what = "kernel" if r["idle_share"] is not None else "aten op (CPU self time)"
+    lines = [f"# Profile of `sftctl train`, workload ({r['workload']}), {r['card']}, {r['date']}",
+             "", f"torch {r['torch']}; {r['profiled_steps']} steps profiled after "
+             f"{r['skipped_steps']}; step wall {r['step_wall_ms']:.1f} ms, {what} time "
+             f"{r['kernel_ms_per_step']:.1f} ms per step"
+             + (f", idle {100 * r['idle_share']:.1f}%" if r["idle_share"] is not None else "")
+             + f"; compiled: {r['compiled']}.", "",
+             "| category | ms per step | share of the step |", "|---|---:|---:|"]
+    for k, v in r["categories_ms_per_step"].items():
+        lines.append(f"| {k} | {v:.2f} | {100 * v / r['step_wall_ms']:.1f}% |")
+    lines += ["", f"Top {what}s:", "", "| name | category | calls per step | ms per step |",
+              "|---|---|---:|---:|"]
+    n = r["profiled_steps"]
+    for k in r["kernels"][:25]:
+        name = k["name"] if len(k["name"]) <= 90 else k["name"][:87] + "..."
+        lines.append(f"| `{name}` | {k['category']} | {k['count'] / n:.0f} | "
+                     f"{k['us'] / 1e3 / n:.2f} |")
+    lines += ["", "Command: `python bench/profile_step.py " + " ".join(sys.argv[1:]) + "`", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--work", type=Path, default=Path("/tmp/sftctl_profile"))
+    p.add_argument("--workload", choices=("a", "b", "c"), default="a")
+    p.add_argument("--skip", type=int, default=4, help="steps before the profiled ones")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--full-examples", type=int, default=64)
+    p.add_argument("--skewed-examples", type=int, default=1600)
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    p.add_argument("extra", nargs="*", help="more sftctl train flags (after --)")
+    args = p.parse_args()
+    if args.smoke:
+        args.seq_len, args.full_examples, args.skewed_examples = 128, 16, 200
+        args.skip, args.steps = 1, 2
+        args.work = args.work.with_name(args.work.name + "_smoke")
+    r = profile(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"profile_{r['workload']}_{r['card'].replace(' ', '_')}_{r['date']}"
+    (args.out / f"{stem}.json").write_text(json.dumps(r, indent=1) + "\n")
+    md = markdown(r)
+    (args.out / f"{stem}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
