@@ -15,6 +15,7 @@ adapters merged, a standard checkpoint, computed without touching the training w
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -245,6 +246,37 @@ def test_lora_benchmark_every_under_ddp(setup, steered, tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
     assert json.loads((out / "summary.json").read_text())["strategy"] == "ddp"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes")
+                    is None, reason="QLoRA needs a CUDA GPU and bitsandbytes")
+def test_qlora_benchmark_every_on_cuda(setup, tmp_path):
+    """--lora-load-in-4bit with --benchmark-every: the step model is the adapter merged into the
+    full-precision base (the final save's route), a plain fp32 checkpoint: the base's tensor
+    names and shapes, no quantization_config, only the adapted layers moved."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "qlora"
+    r = _train(setup, out, "--heldout", str(setup[3]), *STEERED, "--lora-load-in-4bit",
+               "--lora-modules-to-save", "", "--device", "cuda", "--precision", "bf16",
+               keep_steps=True)
+    assert r.returncode == 0, r.stderr[-5000:]
+    assert "step 2: benchmarked" in r.stderr
+    step_dir = out / "eval" / "steps" / "step-00000002" / "model"
+    cfg = json.loads((step_dir / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    m, b = load_file(step_dir / "model.safetensors"), load_file(setup[1] / "model.safetensors")
+    assert sorted(m) == sorted(b)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for k in b:
+        assert m[k].dtype == torch.float32 and m[k].shape == b[k].shape, k
+        assert (not torch.equal(m[k], b[k])) == any(f".{t}." in k for t in targets), k
+    model = AutoModelForCausalLM.from_pretrained(step_dir, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.randint(0, 500, (1, 8))).logits).all()
+    points = json.loads((out / "summary.json").read_text())["steering"]["points"]
+    assert [p["step"] for p in points] == [2, 4] and all(p["errors"] == {} for p in points)
 
 
 def test_fsdp_is_still_refused():
