@@ -3,7 +3,8 @@
 - ``--benchmark-every N`` benchmarks the model at every N-th step during training on a capped
   subset of each benchmark (``--benchmark-limit K`` documents), records the scores per step in
   ``OUTPUT_DIR/eval/steps.json`` (and, after training, in summary.json and the report, which
-  plots them against the step next to the loss).
+  plots them against the step next to the loss); the trackers of ``--report-to`` read that file
+  and log each point at its step (``benchmark_steps/<task>/<metric>``, sftctl.plugins.trackers).
 - ``--select-best TASK:METRIC`` makes ``model/`` the best of those models (the benchmarked steps
   and the final model) by that score; the final model then moves to ``model_final/``.
 - ``--require GATE`` (repeatable) checks the final benchmark (base vs SFT, all documents); a
