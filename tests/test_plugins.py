@@ -605,6 +605,7 @@ def sftctl_save(run, path):
 def sftctl_after_train(run, summary):
     EVENTS.append(("after_train", summary["steps"]))
     summary["recorder_order"] = len(EVENTS)
+    summary["recorder_score"] = float("nan")  # summary.json must still be strict JSON
 
 @hookimpl(wrapper=True)
 def sftctl_after_train(run, summary):
@@ -638,7 +639,11 @@ def test_lifecycle_hooks_options_and_firstresult_in_a_real_run(tmp_path, tiny, m
     assert rec.EVENTS[0] == ("configure", "hello")
     assert ("save", True, True) in rec.EVENTS  # inside the temporary dir, weights already there
     assert json.loads((out / "model" / "recorder.json").read_text()) == {"tag": "hello"}
-    summary = json.loads((out / "summary.json").read_text())
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["recorder_score"] is None and summary["recorder_score_nonfinite"] == "nan"
     assert summary["data"]["format"] == "qa"  # --plugin made its format the default
     assert summary["examples"]["used"] == 5  # served by the firstresult hook
     assert summary["recorder_wrapper_saw"] == summary["recorder_order"] == len(rec.EVENTS)

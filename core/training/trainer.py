@@ -956,5 +956,7 @@ class Trainer:
         self.pm.hook.sftctl_after_train(run=self.context, summary=summary)
         if self.is_main:
             guards.disk_full_point("summary", self.out_dir)
+            # plugins may have added keys: still strict JSON (non-finite -> null + flag)
+            summary = _strict_json(summary)
             atomic.write_json(self.out_dir / "summary.json", summary)
         return summary
