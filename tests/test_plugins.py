@@ -135,6 +135,28 @@ def test_model_load_options_merge_and_refuse_what_sftctl_owns():
         pm.model_load_options(cfg, cpu)
 
 
+def test_config_defaults_from_two_plugins_on_one_key_name_both():
+    def plugin(layer):
+        class P:
+            @hookimpl
+            def sftctl_config_defaults(self, plugins, data_format, embedded):
+                return layer
+        return P()
+
+    pm = get_plugin_manager(entry_points=False, extra=[("fast", plugin({"optim": {"lr": 1.0}})),
+                                                       ("slow", plugin({"optim": {"lr": 0.1}}))])
+    with pytest.raises(PluginError, match="optim.lr is set by the defaults of plugin 'fast' "
+                                          "and of plugin 'slow'"):
+        pm.config_defaults(["fast", "slow"], "alpaca", True)
+    pm = get_plugin_manager(entry_points=False, extra=[("fast", plugin({"optim": {"lr": 1.0}})),
+                                                       ("odd", plugin("lr=1"))])
+    with pytest.raises(PluginError, match="plugin 'odd': sftctl_config_defaults returned str"):
+        pm.config_defaults(["fast", "odd"], "alpaca", True)
+    pm = get_plugin_manager(entry_points=False, extra=[("fast", plugin({"optim": {"lr": 1.0}}))])
+    assert ("defaults of plugin 'fast'", {"optim": {"lr": 1.0}}) in \
+        pm.config_defaults(["fast"], "alpaca", True)
+
+
 def test_wrong_registration_type_is_an_error():
     class Bad:
         @hookimpl

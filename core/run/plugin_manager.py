@@ -538,25 +538,30 @@ class PluginManager(pluggy.PluginManager):
         """``sftctl_config_defaults``: one (layer name, nested dict) per plugin that answers;
         two plugins setting the same key is an error naming both."""
         layers, owner = [], {}
-        for impl in self.hook.sftctl_config_defaults.get_hookimpls():  # registration order
-            layer = self.call_impl(impl, plugins=list(plugins), data_format=data_format,
-                                   embedded=embedded)
-            if layer is None:
-                continue
-            if not isinstance(layer, dict):
-                raise PluginError(f"plugin {impl.plugin_name!r}: sftctl_config_defaults "
-                                  f"returned {type(layer).__name__}, expected a dict or None")
+        for plugin, layer in self._dict_answers("sftctl_config_defaults", plugins=list(plugins),
+                                                data_format=data_format, embedded=embedded):
             for section, values in layer.items():
                 keys = values.items() if isinstance(values, dict) else [(None, values)]
                 for k, _ in keys:
                     dotted = section if k is None else f"{section}.{k}"
                     if dotted in owner:
                         raise PluginError(f"{dotted} is set by the defaults of plugin "
-                                          f"{owner[dotted]!r} and of plugin "
-                                          f"{impl.plugin_name!r}")
-                    owner[dotted] = impl.plugin_name
-            layers.append((f"defaults of plugin {impl.plugin_name!r}", layer))
+                                          f"{owner[dotted]!r} and of plugin {plugin!r}")
+                    owner[dotted] = plugin
+            layers.append((f"defaults of plugin {plugin!r}", layer))
         return layers
+
+    def _dict_answers(self, hook_name: str, **kwargs):
+        """(plugin name, dict) for each implementation of ``hook_name`` that answers, in
+        registration order; an answer that is neither a dict nor None names the plugin."""
+        for impl in getattr(self.hook, hook_name).get_hookimpls():
+            out = self.call_impl(impl, **kwargs)
+            if out is None:
+                continue
+            if not isinstance(out, dict):
+                raise PluginError(f"plugin {impl.plugin_name!r}: {hook_name} returned "
+                                  f"{type(out).__name__}, expected a dict or None")
+            yield impl.plugin_name, out
 
     # from_pretrained keywords a plugin may set (sftctl_model_load_options); sftctl owns the rest
     LOAD_OPTION_KEYS = ("dtype", "quantization_config")
@@ -565,22 +570,16 @@ class PluginManager(pluggy.PluginManager):
         """``sftctl_model_load_options`` merged: (keyword arguments, {key: plugin}); a key
         outside ``LOAD_OPTION_KEYS`` or set by two plugins is an error naming the plugin(s)."""
         merged, owner = {}, {}
-        for impl in self.hook.sftctl_model_load_options.get_hookimpls():  # registration order
-            out = self.call_impl(impl, config=config, device=device)
-            if out is None:
-                continue
-            if not isinstance(out, dict):
-                raise PluginError(f"plugin {impl.plugin_name!r}: sftctl_model_load_options "
-                                  f"returned {type(out).__name__}, expected a dict or None")
+        for plugin, out in self._dict_answers("sftctl_model_load_options", config=config,
+                                              device=device):
             for k, v in out.items():
                 if k not in self.LOAD_OPTION_KEYS:
-                    raise PluginError(f"plugin {impl.plugin_name!r}: sftctl_model_load_options "
-                                      f"set {k!r}; plugins may set only "
-                                      f"{', '.join(self.LOAD_OPTION_KEYS)}")
+                    raise PluginError(f"plugin {plugin!r}: sftctl_model_load_options set {k!r}; "
+                                      f"plugins may set only {', '.join(self.LOAD_OPTION_KEYS)}")
                 if k in owner:
                     raise PluginError(f"the model load option {k!r} is set by plugin "
-                                      f"{owner[k]!r} and by plugin {impl.plugin_name!r}")
-                merged[k], owner[k] = v, impl.plugin_name
+                                      f"{owner[k]!r} and by plugin {plugin!r}")
+                merged[k], owner[k] = v, plugin
         return merged, owner
 
     def describe(self, config=None) -> list[dict]:
