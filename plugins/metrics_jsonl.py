@@ -16,41 +16,17 @@ Design choices
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from sftctl import hookimpl
+from sftctl.training.atomic import strict_json
 
 KEY = "metrics_jsonl.file"
 
 
-def _nonfinite(x) -> str | None:
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return None
-
-
-def strict(obj):
-    """``obj`` with each non-finite float replaced by None; in a dict the key also gets a
-    ``<key>_nonfinite`` flag (in a list, the list's key gets the first element's kind)."""
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            kind = _nonfinite(v)
-            if kind is None and isinstance(v, (list, tuple)):
-                kind = next((c for c in map(_nonfinite, v) if c), None)
-            out[k] = strict(v)
-            if kind is not None:
-                out[f"{k}_nonfinite"] = kind
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [strict(v) for v in obj]
-    return None if _nonfinite(obj) else obj
-
-
 def dumps(metrics: dict) -> str:
-    # allow_nan=False: a value strict() missed fails here, never as an invalid line on disk
-    return json.dumps(strict(metrics), allow_nan=False)
+    # allow_nan=False: a value strict_json missed fails here, never as an invalid line on disk
+    return json.dumps(strict_json(metrics, flag_lists=True), allow_nan=False)
 
 
 def _write(run, metrics: dict) -> None:

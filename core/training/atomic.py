@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -74,6 +75,32 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def nonfinite_kind(x) -> str | None:
+    """"nan", "inf" or "-inf" for a non-finite float, else None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return None
+
+
+def strict_json(obj, *, flag_lists: bool = False):
+    """``obj`` with each non-finite float replaced by None (NaN/Infinity are not JSON); in a dict
+    the key also gets a sibling ``<key>_nonfinite`` flag ("nan", "inf", "-inf").
+    ``flag_lists``: a list value's key gets the kind of its first non-finite element too."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            kind = nonfinite_kind(v)
+            if kind is None and flag_lists and isinstance(v, (list, tuple)):
+                kind = next((c for c in map(nonfinite_kind, v) if c), None)
+            out[k] = strict_json(v, flag_lists=flag_lists)
+            if kind is not None:
+                out[f"{k}_nonfinite"] = kind
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v, flag_lists=flag_lists) for v in obj]
+    return None if nonfinite_kind(obj) else obj
 
 
 def write_json(path: Path, obj) -> None:

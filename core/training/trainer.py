@@ -155,26 +155,8 @@ def heldout_record(config, data: PreparedData) -> dict | None:
             "records": len(data.heldout)}
 
 
-def _nonfinite_kind(x) -> str | None:
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return None
-
-
-def _strict_json(obj):
-    """``obj`` with each non-finite float replaced by None; in a dict the key gets a sibling
-    ``<key>_nonfinite`` flag ("nan", "inf", "-inf"), the convention of metrics.jsonl."""
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out[k] = _strict_json(v)
-            kind = _nonfinite_kind(v)
-            if kind is not None:
-                out[f"{k}_nonfinite"] = kind
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_strict_json(v) for v in obj]
-    return None if _nonfinite_kind(obj) else obj
+# summary.json's rule for non-finite numbers: null + a ``<key>_nonfinite`` flag
+_strict_json = atomic.strict_json
 
 
 def _final_loss(train_hist: list[dict]) -> dict:
