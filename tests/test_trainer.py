@@ -521,6 +521,52 @@ def test_cuda_training_steps_make_no_host_sync(base, tmp_path, compiled):
     train = [h for h in t.state.history if h["kind"] == "train"]
     assert [h["step"] for h in train] == [1, 2, 3, 4, 5] and len(calls) == 5
     assert all(math.isfinite(h["loss"]) for h in train)
+    assert t.fold_clip  # clipping went into the fused step's grad_scale, sync-free too
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e9])
+def test_folded_clip_gives_the_update_of_clip_then_step(max_norm):
+    """The trainer's folded clip (``clip_divisor`` as the fused AdamW's ``grad_scale``) against
+    ``clip_grad_norm_`` then the same fused step, on the CPU's fused kernel (the CUDA one has the
+    same contract): weights and both moments equal to fp32 rounding when the step is clipped,
+    bit for bit when it is not (max_norm 1e9)."""
+    from sftctl.training.optim import clip_divisor
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [(37, 11), (5,), (128, 64)]
+    w0 = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) * 3 for s in shapes]
+
+    def run(fold: bool):
+        ps = [torch.nn.Parameter(w.clone()) for w in w0]
+        opt = torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True)
+        for _ in range(3):
+            for p, gr in zip(ps, grads):
+                p.grad = gr.clone()
+            if fold:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in ps])
+                opt.grad_scale = clip_divisor(norm, max_norm)
+                opt.found_inf = torch.zeros(())
+                opt.step()
+                del opt.grad_scale, opt.found_inf
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(ps, max_norm)
+                opt.step()
+        states = [opt.state[p] for p in ps]
+        return ps, states, norm
+
+    (pa, sa, na), (pb, sb, nb) = run(False), run(True)
+    assert float(na) == float(nb) and float(na) > 0.05  # the norm before clipping, both ways
+    for a, b, x, y, w in zip(pa, pb, sa, sb, w0):
+        assert not torch.equal(b, w)  # the folded step moved the weights
+        if max_norm > 1e6:
+            assert torch.equal(a, b) and torch.equal(x["exp_avg"], y["exp_avg"])
+        else:
+            torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-7)
+            torch.testing.assert_close(y["exp_avg"], x["exp_avg"], rtol=2e-6, atol=1e-9)
+            torch.testing.assert_close(y["exp_avg_sq"], x["exp_avg_sq"], rtol=4e-6, atol=1e-12)
+    if max_norm < 1:  # the clip really bit: without it the first moment would be ~100x larger
+        assert float(sb[2]["exp_avg"].abs().max()) < 0.2 * float(grads[2].abs().max())
 
 
 def test_compile_auto_is_on_for_cuda_transformers_models_only(tmp_path):

@@ -387,12 +387,15 @@ class NonFiniteGuard:
         return float(t)
 
     @contextlib.contextmanager
-    def masked_update(self, optimizer):
-        """Hand the device flag to an optimizer that supports it (device mode, no scaler)."""
+    def masked_update(self, optimizer, grad_divisor: torch.Tensor | None = None):
+        """Hand the device flag to an optimizer that supports it (device mode, no scaler), and
+        ``grad_divisor`` (the folded gradient clip, a device scalar the step divides by)."""
         if self._found_inf is None or self.scaling or self.mode == "host":
+            if grad_divisor is not None:
+                raise RuntimeError("a folded gradient clip needs the guard's device mode")
             yield
             return
-        optimizer.grad_scale = None
+        optimizer.grad_scale = grad_divisor
         optimizer.found_inf = self._found_inf
         try:
             yield

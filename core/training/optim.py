@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import torch
+
 
 @dataclass(frozen=True)
 class OptimizerSpec:
@@ -77,3 +79,11 @@ def param_groups(named_parameters, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def clip_divisor(total_norm, max_norm: float):
+    """What the gradients are divided by to clip them to ``max_norm``: ``max(1, (norm + 1e-6) /
+    max_norm)``, a device scalar (no host sync), the reciprocal of the factor
+    ``torch.nn.utils.clip_grad_norm_`` multiplies by. A fused optimizer step takes it as its
+    ``grad_scale`` (the trainer folds clipping into the step that way)."""
+    return torch.clamp((total_norm.to(torch.float32) + 1e-6) / max_norm, min=1.0)
