@@ -57,8 +57,10 @@ def skewed_lengths(n_tokens: int, t: int, seed: int) -> list[list[int]]:
 
 
 def time_fb(fn, q, k, v, reps: int) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Median ms of out = fn(q, k, v); out.backward(g); plus out and dq of the last run."""
-    g = torch.randn_like(q)
+    """Median ms of out = fn(q, k, v); out.backward(g); plus out and dq of the last run (the
+    same g for every backend: a generator seeded from the shape)."""
+    gen = torch.Generator(device=q.device).manual_seed(q.numel())
+    g = torch.randn(q.shape, device=q.device, dtype=q.dtype, generator=gen)
     ms = []
     for i in range(reps + 3):
         for t in (q, k, v):
@@ -181,27 +183,25 @@ def main() -> int:
 
 
 class _CudnnRagged(torch.autograd.Function):
-    """cuDNN's ragged (cumulative-length) attention, forward and backward, equal head counts."""
+    """cuDNN's ragged (cumulative-length) attention on the flat ``[N, H, D]`` tensors, forward
+    and backward, equal head counts (the layout torch's own varlen cuDNN path uses)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu, max_len):
-        # [1, H, N, D] views of the flat [N, H, D] tensors, as torch's varlen cuDNN path passes
         out, lse, cq, ck, mq, mk, seed, off, _ = torch.ops.aten._cudnn_attention_forward(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
-            cu, cu, max_len, max_len, True, 0.0, True)
+            q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True)
         ctx.save_for_backward(q, k, v, out, lse, cu, seed, off)
         ctx.max_len = max_len
-        return out[0].transpose(0, 1)
+        return out
 
     @staticmethod
     def backward(ctx, g):
         q, k, v, out, lse, cu, seed, off = ctx.saved_tensors
         m = ctx.max_len
         dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            g.transpose(0, 1)[None].contiguous(), q.transpose(0, 1)[None],
-            k.transpose(0, 1)[None], v.transpose(0, 1)[None], out, lse, seed, off,
-            torch.empty(0, device=q.device), cu, cu, m, m, 0.0, True)
-        return dq[0].transpose(0, 1), dk[0].transpose(0, 1), dv[0].transpose(0, 1), None, None
+            g.contiguous(), q, k, v, out, lse, seed, off, torch.empty(0, device=q.device),
+            cu, cu, m, m, 0.0, True)
+        return dq, dk, dv, None, None
 
 
 if __name__ == "__main__":

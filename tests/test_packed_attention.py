@@ -34,6 +34,9 @@ V = 80
 DOCS = [[7, 13, 4], [16, 5], [9]]  # rows of document lengths: 24, 21, 9 tokens (padded to 24)
 
 
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
 def tiny_model(arch: str, seed: int = 0):
     import transformers as tf
 
@@ -180,6 +183,73 @@ def test_kernel_choice_names_what_a_model_needs():
         assert kernel == "flash_attn"
 
 
+def test_unpacked_rows_kernel_choice():
+    """Unpacked rows take cuDNN attention only on a GPU and only for models whose attention that
+    path covers (no softcap, window or dropout); the reason is named otherwise."""
+    from sftctl.training import attention
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    llama = tiny_model("llama").config
+    gemma = tiny_model("gemma2").config
+    needs = attention.model_needs(llama, torch.bfloat16)
+    assert attention.rows_kernel_for(needs, llama, cpu, torch.bfloat16) == (None, None)
+    rows, why = attention.rows_kernel_for(attention.model_needs(gemma, torch.bfloat16), gemma,
+                                          cuda, torch.bfloat16)
+    assert rows is None and why == "cuDNN attention path lacks softcap, window"
+
+
+@_CUDA
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_unpacked_rows_on_cudnn_equal_the_masked_forward(compiled):
+    """On the GPU, right-padded (unpacked) rows go to SDPA's cuDNN attention with no mask and no
+    segments; the real tokens' logits and the parameter gradients of their loss equal the
+    model's own masked sdpa forward (bf16 autocast noise), eager and inside compiled blocks."""
+    import transformers as tf
+
+    from sftctl.training import attention
+
+    dev = torch.device("cuda")
+    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64, max_position_embeddings=128, pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(dev)
+    needs = attention.model_needs(model.config, torch.bfloat16)
+    rows, why = attention.rows_kernel_for(needs, model.config, dev, torch.bfloat16)
+    assert rows == "cudnn", why
+    docs = [[d] for row in documents() for d in row]  # one example per row, right-padded
+    mb = packed_batch(docs, packing=False).to(dev)
+    lens = [len(r[0]) for r in docs]
+    real = mb.attention_mask.bool()                                          # [B, T]
+
+    def loss_and_grads(kw):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(**kw).logits.float()                              # [B, T, V]
+        loss = (logits.log_softmax(-1)[..., 1] * real).sum()
+        loss.backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref, g_ref = loss_and_grads(mb.model_inputs())                          # masked sdpa
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert attention.install(model, "torch", rows) is None
+    if compiled:
+        for layer in model.model.layers:
+            layer.compile()
+    before = attention.CALLS.get("cudnn", 0)
+    kw = mb.model_inputs(varlen=True)
+    assert "attention_mask" not in kw and "cu_seq_lens_q" not in kw
+    got, g = loss_and_grads(kw)
+    if not compiled:
+        assert attention.CALLS["cudnn"] - before == cfg.num_hidden_layers
+    for b, n in enumerate(lens):
+        torch.testing.assert_close(got[b, :n], ref[b, :n], rtol=3e-2, atol=3e-2)
+    for n, p in g_ref.items():
+        torch.testing.assert_close(g[n], p, rtol=5e-2, atol=5e-3 * float(p.abs().max()), msg=n)
+    attention.uninstall(model)
+
+
 # ------------------------------------------------------------------------------ the real CLI
 
 @pytest.fixture(scope="module")
@@ -220,7 +290,6 @@ def test_cli_packed_varlen_on_the_cpu_trains_the_curve_of_the_default_path(tiny,
 
 # ------------------------------------------------------------------------------------ CUDA
 
-_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @_CUDA
@@ -268,6 +337,9 @@ def test_cuda_cli_packing_names_the_varlen_path(tiny, tmp_path):
     assert s["attention"]["kernel"] in ("flash-attn flash_attn_varlen_func",
                                         "torch.nn.attention.varlen.varlen_attn")
     assert "packed attention: sftctl_varlen" in r.stderr
+    # unpacked rows (eval batches, --no-packing) would take cuDNN attention on this GPU
+    assert s["attention"]["rows_kernel"] == "SDPA with cuDNN attention, causal per row", \
+        s["attention"]
     assert s["fallbacks"] == [] and s["loss_head"]["fused"] is True
     assert s["async_metrics"] is True
     # the curve of transformers' own packed path (sdpa, block mask) within bf16 noise
@@ -317,9 +389,9 @@ def test_torch_varlen_call_adapts_to_the_installed_signature(version, monkeypatc
 
 
 def test_padded_rows_through_varlen_equal_the_masked_forward():
-    """Padded (unpacked) rows take the varlen path too (CUDA default): each row is its example
-    and its padding tail, the mask is dropped, and the real tokens' logits equal the model's
-    own masked forward."""
+    """Padded (unpacked) rows take the sftctl_varlen function too (CUDA default): the mask is
+    dropped and no segments are passed (one causal sequence per right-padded row), and the real
+    tokens' logits equal the model's own masked forward."""
     from sftctl.training import attention
 
     docs = [[d] for row in documents() for d in row]  # one example per row
@@ -334,7 +406,7 @@ def test_padded_rows_through_varlen_equal_the_masked_forward():
         ref = model(**mb.model_inputs()).logits                      # masked, eager
         assert attention.install(model, "reference") is None
         kw = mb.model_inputs(varlen=True)
-        assert "attention_mask" not in kw
+        assert "attention_mask" not in kw and "cu_seq_lens_q" not in kw
         got = model(**kw).logits
     attention.uninstall(model)
     for b, n in enumerate(lens):

@@ -175,11 +175,12 @@ class Batch:
         if self.position_ids is not None:
             kw["position_ids"] = self.position_ids
         if varlen and self.cu_seqlens is not None:
-            # the segments replace the mask: a padded row is its example, then its padding
-            # (right padding: the default positions 0..T-1 are the example's own)
             kw.pop("attention_mask", None)
-            kw.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
-                      max_length_q=int(self.max_seqlen), max_length_k=int(self.max_seqlen))
+            if self.position_ids is not None:  # packed: the documents replace the mask
+                kw.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                          max_length_q=int(self.max_seqlen), max_length_k=int(self.max_seqlen))
+            # unpacked: right-padded rows, each one causal sequence (exact for the real tokens;
+            # the default positions 0..T-1 are the example's own), no mask, no segments
         return kw
 
 
