@@ -245,8 +245,9 @@ def test_cuda_unpacked_rows_on_cudnn_equal_the_masked_forward(compiled):
         assert attention.CALLS["cudnn"] - before == cfg.num_hidden_layers
     for b, n in enumerate(lens):
         torch.testing.assert_close(got[b, :n], ref[b, :n], rtol=3e-2, atol=3e-2)
-    for n, p in g_ref.items():
-        torch.testing.assert_close(g[n], p, rtol=5e-2, atol=5e-3 * float(p.abs().max()), msg=n)
+    for n, p in g_ref.items():  # bf16 autocast (and compiled-block) noise: relative L2
+        err = float((g[n] - p).norm() / p.norm().clamp_min(1e-12))
+        assert err < 3e-2, (n, err)
     attention.uninstall(model)
 
 
