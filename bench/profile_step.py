@@ -35,12 +35,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_e2e as e2e  # noqa: E402  (same folder: model shapes, data, FLOPs)
 
-CATEGORIES = [  # first match wins
+CATEGORIES = [  # first match wins (Triton before the optimizer: "triton_poi_fused_..." names)
     ("sftctl loss (ce/labels)", r"ce_forward|ce_prep|ce_finalize|scale_grad|sft_labels|sftctl"),
-    ("attention", r"flash|fmha|varlen|attention|attn|sdpa|_efficient_"),
+    ("attention", r"flash|fmha|varlen|attention|attn|sdpa|_efficient_|dot_do_o|convert_dq"),
+    ("triton (compiled)", r"^triton_|triton"),
     ("GEMM", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|wgmma|\bmm\b|addmm|matmul|linear|bmm"),
     ("optimizer", r"adam|multi_tensor|foreach|_fused_"),
-    ("triton (compiled)", r"^triton_|triton"),
     ("copies/casts", r"copy|cast|to_copy|fill|memset|memcpy|index|gather|scatter|cat\b"),
 ]
 
@@ -119,6 +119,8 @@ def profile(args) -> dict:
                 t = getattr(ev, "self_cuda_time_total", 0)
             if not t or str(getattr(ev, "device_type", "")).endswith("CPU"):
                 continue
+            if "#" in ev.key:  # a record_function range (Optimizer.step#AdamW.step): its
+                continue       # kernels are counted on their own rows already
         else:
             t = ev.self_cpu_time_total
             if not t or not ev.key.startswith("aten::"):

@@ -8,10 +8,11 @@
 //   allocation, so the sequence can be captured in a CUDA graph.
 // - Row kernel selection (decided from shape and device only, so a given call always takes the
 //   same path and gives the same bits): on sm_90 the cluster/shared-memory kernel, with the
-//   smallest cluster whose per-CTA slice fits the slice budget (64 KB by default: three CTAs of
-//   256 threads per SM, so one CTA's loads overlap the math and gradient stores of the others;
-//   see bench/NOTES_cuda.md for the measured alternatives); elsewhere, or when no cluster shape
-//   fits, the one-CTA-per-row kernel that re-reads the row from L2.
+//   smallest cluster whose per-CTA slice fits the slice budget (the largest slice with which
+//   three CTAs of 256 threads share an SM, 74.6 KB on an H200, so one CTA's loads overlap the
+//   math and gradient stores of the others; see bench/NOTES_cuda.md for the measured
+//   alternatives); elsewhere, or when no cluster shape fits, the one-CTA-per-row kernel that
+//   re-reads the row from L2.
 // - SFTCTL_CE_SLICE_KB, SFTCTL_CE_THREADS (256|512), SFTCTL_CE_CHUNKS and SFTCTL_CE_KERNEL
 //   (cluster|global) override the plan at every launch, but only in a tuning build (compiled
 //   with -DSFTCTL_CE_TUNING: bench/run_cuda_device.sh, the standalone test, or the extension
