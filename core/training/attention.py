@@ -26,19 +26,18 @@ Design choices
 - A setup probe runs the model once on two packed documents and counts the calls of the function:
   a model that does not dispatch through ``AttentionInterface`` (or not in every layer) is a
   fallback, never a silent full-row attention.
-- Padded (unpacked) rows take the same path on CUDA: each row is its example then its padding
-  tail, two segments, and the attention mask is dropped (``Batch.model_inputs``), which spares
-  the mask and the device sync transformers' sdpa path spends checking it. There a missing
-  kernel is not a fallback (sdpa serves padded rows well); for packed rows it is.
-- Without ``cu_seq_lens_q`` (unpacked batches pass none: ``Batch.model_inputs``), the function
-  attends causally within each row, which is exact for right-padded rows (sftctl pads on the
-  right; real tokens only see earlier real tokens; padding rows carry no loss). Such rows need no
-  varlen kernel: on a GPU where cuDNN's fused attention runs (a setup probe: forward and backward
-  at the model's head counts and size) they go to SDPA pinned to cuDNN, with native GQA. Measured
-  on an H200 (bench/bench_attention.py, fwd+bwd of one layer, 4 x 2048 tokens, 32/8 heads):
-  head size 64: cuDNN 0.95 ms, SDPA flash 1.22, torch varlen_attn 1.45; head size 128: 1.32 /
-  2.14 / 2.44. Elsewhere (or with softcap, windows or dropout, which that path lacks) they take
-  the varlen kernel with one segment per row.
+- Padded (unpacked) rows take the same function on CUDA, with the attention mask dropped and no
+  segments (``Batch.model_inputs``), which spares the mask and the device sync transformers'
+  sdpa path spends checking it; without ``cu_seq_lens_q`` the function attends causally within
+  each row, exact for right-padded rows (sftctl pads on the right: real tokens only see earlier
+  real tokens, and padding carries no loss). Such rows need no varlen kernel: where cuDNN's
+  fused attention runs (a setup probe: forward and backward at the model's head counts and size
+  on the run's GPU) they go to SDPA pinned to cuDNN, with native GQA; one layer's fwd+bwd at 4 x
+  2048 tokens, 32/8 heads on an H200 (bench/bench_attention.py): head size 64: cuDNN 1.09 ms,
+  SDPA flash 1.32, torch varlen_attn 1.90; head size 128: 1.45 / 2.09 / 2.51. Otherwise (or with
+  softcap, windows or dropout, which that path lacks; the reason is recorded) they take the
+  varlen kernel, one segment per row. A missing kernel is not a fallback for padded rows (sdpa
+  serves them well); for packed rows it is.
 """
 
 from __future__ import annotations
