@@ -634,7 +634,7 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
     }
     return median(ms);
   };
-  if (g_once) {
+  auto params = [&]() {  // mean loss with a gradient, rows of stride V
     CrossEntropyParams p;
     p.logits_row_stride = V;
     p.targets = dt_;
@@ -645,17 +645,24 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
     p.loss = dloss;
     p.grad_row_stride = V;
     p.workspace = dws;
+    return p;
+  };
+  auto free_all = [&]() {
+    for (void* l : logits) CK(cudaFree(l));
+    CK(cudaFree(grad));
+    CK(cudaFree(dt_));
+    CK(cudaFree(dloss));
+    CK(cudaFree(dws));
+  };
+  if (g_once) {
+    CrossEntropyParams p = params();
     p.logits = logits[0];
     p.grad = grad;
     cuda::cross_entropy_forward(p, nullptr);
     CK(cudaDeviceSynchronize());
     std::printf("once %s N=%lld V=%lld ignored=%.0f%%: done\n", dname(dt), (long long)N,
                 (long long)V, ignore_frac * 100);
-    for (void* l : logits) CK(cudaFree(l));
-    CK(cudaFree(grad));
-    CK(cudaFree(dt_));
-    CK(cudaFree(dloss));
-    CK(cudaFree(dws));
+    free_all();
     return;
   }
   const float copy_ms = time_it([&](int k) { CK(cudaMemcpyAsync(grad, logits[k], bytes, cudaMemcpyDeviceToDevice)); }, 30);
@@ -678,16 +685,7 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
     else unsetenv("SFTCTL_CE_SLICE_KB");  // 0: the plan's own (auto) slice
     setenv("SFTCTL_CE_THREADS", std::to_string(c.threads).c_str(), 1);
     setenv("SFTCTL_CE_CHUNKS", std::to_string(c.chunks).c_str(), 1);
-    CrossEntropyParams p;
-    p.logits_row_stride = V;
-    p.targets = dt_;
-    p.n_rows = N;
-    p.vocab = V;
-    p.dtype = dt;
-    p.reduction = Reduction::Mean;
-    p.loss = dloss;
-    p.grad_row_stride = V;
-    p.workspace = dws;
+    CrossEntropyParams p = params();
     const float ms = time_it([&](int k) {
       p.logits = logits[k];
       p.grad = c.inplace ? logits[k] : grad;
@@ -700,11 +698,7 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
   unsetenv("SFTCTL_CE_SLICE_KB");
   unsetenv("SFTCTL_CE_THREADS");
   unsetenv("SFTCTL_CE_CHUNKS");
-  for (void* l : logits) CK(cudaFree(l));
-  CK(cudaFree(grad));
-  CK(cudaFree(dt_));
-  CK(cudaFree(dloss));
-  CK(cudaFree(dws));
+  free_all();
 }
 
 int main(int argc, char** argv) {
