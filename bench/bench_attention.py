@@ -6,8 +6,8 @@ bench/results/profile_*.md).
 
 For each layout, forward + backward of one attention layer at the trainer's shapes:
 - full rows: B rows of T tokens, one causal sequence per row (workload (a) of bench_e2e);
-- packed rows: documents with skewed lengths (bench_e2e's distribution) packed into B rows of T,
-  attention never crossing a document (workload (b)).
+- packed rows: the first B rows of bench_e2e's workload (b) (its skewed lengths, its packing),
+  attention never crossing a document.
 Shapes: the Llama-3.2-1B attention (32 query heads, 8 key/value heads, head size 64) and the
 Llama-3.1-8B one (32/8, head size 128). Backends (each skipped with its error when it does not
 run here): torch's varlen_attn (flash kernels; what the trainer uses today for both layouts),
@@ -33,27 +33,18 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import bench_e2e as e2e  # noqa: E402  (same folder: workload (b)'s lengths and packing)
 
 
-def skewed_lengths(n_tokens: int, t: int, seed: int) -> list[list[int]]:
-    """Documents packed into rows of ``t`` tokens (first fit, long first), from a log-normal
-    length distribution like bench_e2e's (median ~250, long tail, capped at t)."""
-    g = torch.Generator().manual_seed(seed)
-    lens = []
-    while sum(lens) < n_tokens * 1.3:
-        x = float(torch.empty(1).log_normal_(mean=5.5, std=0.9, generator=g))
-        lens.append(int(min(t, max(8, x))))
-    lens.sort(reverse=True)
-    rows: list[list[int]] = []
-    for n in lens:
-        for r in rows:
-            if sum(r) + n <= t:
-                r.append(n)
-                break
-        else:
-            rows.append([n])
-    rows.sort(key=lambda r: -sum(r))
-    return rows
+def packed_rows(rows: int, seq: int) -> list[list[int]]:
+    """Document lengths of the first ``rows`` packed rows of bench_e2e's workload (b): its
+    skewed examples (same count and seed) packed by its copy of sftctl's first-fit rule."""
+    import numpy as np
+
+    ex = e2e.make_examples("skewed", 1600, seq, 128256, seed=11)
+    lengths = np.array([len(x["ids"]) for x in ex])
+    return [[int(lengths[i]) for i in row]
+            for row in e2e.plan_rows(lengths, seq, packing=True, seed=1)[:rows]]
 
 
 def time_fb(fn, q, k, v, reps: int) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -93,10 +84,10 @@ def main() -> int:
     B, T, Hq, Hkv = args.rows, args.seq, 32, 8
     flex = torch.compile(flex_attention, dynamic=False)
     results = []
-    packed_rows = skewed_lengths(B * T, T, seed=1)[:B]
+    packed = packed_rows(B, T)
     for D in [int(x) for x in args.head_dims.split(",")]:
         for layout in ("full", "packed"):
-            docs = [[T]] * B if layout == "full" else packed_rows
+            docs = [[T]] * B if layout == "full" else packed
             seg = []  # every document, then each row's padding tail as a segment of its own
             for r in docs:
                 seg += r + ([T - sum(r)] if sum(r) < T else [])

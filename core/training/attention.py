@@ -344,13 +344,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if scaling is None:
         scaling = D ** -0.5
     if cu_seq_lens_q is None and _ACTIVE["rows"] == "cudnn" and query.is_cuda:
-        if not torch.compiler.is_compiling():
-            CALLS["cudnn"] = CALLS.get("cudnn", 0) + 1
-        if query.dtype not in (torch.float16, torch.bfloat16):  # fp32 after RoPE (autocast)
-            half = torch.get_autocast_dtype("cuda")
-            query, key, value = query.to(half), key.to(half), value.to(half)
-        out = _cudnn_rows(query, key, value, scaling)        # [B, Hq, T, D]
-        return out.transpose(1, 2), None                      # [B, T, Hq, D]
+        _count("cudnn")
+        out = _cudnn_rows(*_half(query, key, value), scaling)  # [B, Hq, T, D]
+        return out.transpose(1, 2), None                        # [B, T, Hq, D]
     if cu_seq_lens_q is None:  # not packed: one causal sequence per (right-padded) row
         cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=query.device)
         max_len = T
@@ -362,14 +358,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     kernel = _ACTIVE["kernel"]
     if kernel != "reference" and not query.is_cuda:
         kernel = "reference"
-    if not torch.compiler.is_compiling():  # a Python side effect: counted in eager only
-        CALLS[kernel] = CALLS.get(kernel, 0) + 1
-    if kernel != "reference" and q.dtype not in (torch.float16, torch.bfloat16):
-        # under autocast q/k arrive in fp32 after the model's RoPE (fp32 cos/sin); the flash
-        # kernels take 16-bit inputs only, so cast to the autocast dtype as transformers' own
-        # flash path does (kernel_for refuses these kernels for runs without 16-bit autocast)
-        half = torch.get_autocast_dtype("cuda")
-        q, k, v = q.to(half), k.to(half), v.to(half)
+    _count(kernel)
+    if kernel != "reference":
+        q, k, v = _half(q, k, v)
     window = int(sliding_window) if sliding_window else None
     p = dropout if module.training else 0.0
     if kernel == "flash_attn":
@@ -383,6 +374,22 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         out = reference_varlen(q, k, v, cu, scaling=scaling, window=window, softcap=softcap,
                                dropout=p)
     return out.reshape(B, T, Hq, D), None
+
+
+def _count(kernel: str) -> None:
+    if not torch.compiler.is_compiling():  # a Python side effect: counted in eager only
+        CALLS[kernel] = CALLS.get(kernel, 0) + 1
+
+
+def _half(q, k, v):
+    """q, k, v in the autocast dtype. Under autocast q/k arrive in fp32 after the model's RoPE
+    (fp32 cos/sin); the flash and cuDNN kernels take 16-bit inputs only, so they are cast as
+    transformers' own flash path does (the kernel choice refuses them for runs without 16-bit
+    autocast)."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return q, k, v
+    half = torch.get_autocast_dtype("cuda")
+    return q.to(half), k.to(half), v.to(half)
 
 
 def _torch_varlen(q, k, v, cu, max_len, scaling, window):
