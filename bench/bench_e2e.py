@@ -473,8 +473,9 @@ def sftctl_run(spec: dict, timeout: float, log_path: Path) -> dict:
     res["peak_memory_bytes"] = summary.get("peak_memory_bytes")
     if steps and "time" in steps[0]:  # seconds from the run's start to the first step's end
         res["time_to_first_step_s"] = steps[0]["time"]
-    keep = ("loss_kernel", "loss_impl", "fallbacks", "compiled", "precision", "peak_memory_kind",
-            "wall_time_s", "train_time_s", "parameters", "examples", "tokens", "trainable_tokens")
+    keep = ("loss_kernel", "loss_impl", "fallbacks", "compiled", "precision", "master_weights",
+            "peak_memory_kind", "wall_time_s", "train_time_s", "parameters", "examples", "tokens",
+            "trainable_tokens")
     res["summary"] = {k: v for k, v in summary.items()
                       if k in keep or any(w in k for w in ("attn", "attention", "head", "sync",
                                                            "loss_path", "varlen"))}

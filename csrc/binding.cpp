@@ -31,9 +31,11 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -653,6 +655,140 @@ std::tuple<at::Tensor, at::Tensor> sft_labels(const at::Tensor& input_ids,
   return {labels, num};
 }
 
+// ---------------------------------------------------------------------------------------------
+// AdamW on split fp32 master weights (sftctl::adamw_split_): validation, then the CPU loop or the
+// CUDA launches (kernels/adamw_split.cuh). Every per-parameter check names the list and the index.
+// grad_scale and found_inf are passed as pointers and read by the kernels on their device, so a
+// CUDA step never waits on the GPU.
+
+struct AdamWSplitList {
+  at::TensorList tensors;
+  const char* name;
+  at::ScalarType dtype;
+  const char* dtype_name;
+};
+
+void check_adamw_flag(const OptTensor& t, const at::Tensor* ref, const char* op,
+                      const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have exactly one element, got shape ",
+              t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+              t->scalar_type());
+  check_supported_device(*t, op, name);
+  if (ref != nullptr) check_device(*t, *ref, op, name, "weights[0]");
+}
+
+void adamw_split_(at::TensorList weights, at::TensorList lows, at::TensorList grads,
+                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs, double lr, double beta1,
+                  double beta2, double eps, double weight_decay, int64_t step,
+                  const OptTensor& grad_scale, const OptTensor& found_inf) {
+  const char* op = "sftctl::adamw_split_";
+  const AdamWSplitList lists[] = {{weights, "weights", at::kBFloat16, "bfloat16"},
+                                  {lows, "lows", at::kShort, "int16"},
+                                  {grads, "grads", at::kBFloat16, "bfloat16"},
+                                  {exp_avgs, "exp_avgs", at::kFloat, "float32"},
+                                  {exp_avg_sqs, "exp_avg_sqs", at::kFloat, "float32"}};
+  const size_t n = weights.size();
+  for (const AdamWSplitList& l : lists)
+    TORCH_CHECK(l.tensors.size() == n, op, ": ", l.name, " has ", l.tensors.size(),
+                " tensors but weights has ", n, " (one entry per parameter in every list)");
+  TORCH_CHECK(step >= 1, op, ": step must be >= 1 (the count of steps including this one), got ",
+              step);
+  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, op, ": lr must be a finite number >= 0, got ", lr);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, op, ": eps must be a finite number >= 0, got ",
+              eps);
+  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0, op,
+              ": weight_decay must be a finite number >= 0, got ", weight_decay);
+
+  const at::Tensor* ref = n > 0 ? &weights[0] : nullptr;
+  if (ref != nullptr) {
+    TORCH_CHECK(ref->defined(), op, ": weights[0] is an undefined tensor");
+    check_supported_device(*ref, op, "weights[0]");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    for (const AdamWSplitList& l : lists) {
+      const at::Tensor& t = l.tensors[i];
+      TORCH_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is an undefined tensor");
+      TORCH_CHECK(t.scalar_type() == l.dtype, op, ": ", l.name, "[", i, "] must be ",
+                  l.dtype_name, ", got ", t.scalar_type());
+      TORCH_CHECK(t.device() == ref->device(), op, ": ", l.name, "[", i,
+                  "] must be on the same device as weights[0] (", ref->device(), "), got ",
+                  t.device());
+      TORCH_CHECK(t.sizes() == weights[i].sizes(), op, ": ", l.name, "[", i, "] has shape ",
+                  t.sizes(), " but weights[", i, "] has shape ", weights[i].sizes());
+      TORCH_CHECK(t.is_contiguous(), op, ": ", l.name, "[", i,
+                  "] must be contiguous, got strides ", t.strides(), " for shape ", t.sizes());
+    }
+  }
+  check_adamw_flag(grad_scale, ref, op, "grad_scale");
+  check_adamw_flag(found_inf, ref, op, "found_inf");
+
+  std::vector<AdamWSplitTensor> params;
+  params.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (weights[i].numel() == 0) continue;
+    AdamWSplitTensor p;
+    p.weight = static_cast<uint16_t*>(weights[i].data_ptr());
+    p.low = static_cast<int16_t*>(lows[i].data_ptr());
+    p.grad = static_cast<const uint16_t*>(grads[i].data_ptr());
+    p.exp_avg = exp_avgs[i].data_ptr<float>();
+    p.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
+    p.numel = weights[i].numel();
+    params.push_back(p);
+  }
+  if (params.empty()) return;
+
+  // Hyperparameter-only terms in double, rounded once (as torch's fused AdamW derives them).
+  AdamWSplitScalars s;
+  s.beta1 = static_cast<float>(beta1);
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.weight_decay_on = weight_decay != 0.0;
+  s.lr_weight_decay = static_cast<float>(lr * weight_decay);
+  const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bias_correction2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  s.step_size = static_cast<float>(lr / bias_correction1);
+  s.bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
+  s.eps = static_cast<float>(eps);
+  s.grad_scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  s.found_inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+
+  const int64_t count = static_cast<int64_t>(params.size());
+  if (ref->is_cuda()) {
+#ifdef SFTCTL_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(ref->device());
+    cuda::adamw_split(params.data(), count, s, at::cuda::getCurrentCUDAStream().stream());
+#endif
+  } else {
+    cpu::adamw_split(params.data(), count, s);
+  }
+}
+
+// ADInplaceOrView kernel of adamw_split_: runs the op below this key, then bumps the version
+// counter of every tensor the op writes, as ATen's in-place ops do, so autograd notices a weight
+// that was saved for backward and then stepped. (Inference mode skips this key; its tensors have
+// no counter.)
+void adamw_split_bump_versions(at::TensorList weights, at::TensorList lows, at::TensorList grads,
+                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs, double lr,
+                               double beta1, double beta2, double eps, double weight_decay,
+                               int64_t step, const OptTensor& grad_scale,
+                               const OptTensor& found_inf) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sftctl::adamw_split_", "")
+                             .typed<decltype(adamw_split_)>();
+  {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    op.call(weights, lows, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
+            step, grad_scale, found_inf);
+  }
+  for (const at::TensorList written : {weights, lows, exp_avgs, exp_avg_sqs})
+    for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
+}
+
 }  // namespace
 }  // namespace sftctl
 
@@ -678,6 +814,10 @@ TORCH_LIBRARY(sftctl, m) {
       "sft_labels(Tensor input_ids, Tensor? loss_mask, Tensor? prompt_lengths, "
       "Tensor? attention_mask, Tensor? position_ids, Tensor? document_ids, int ignore_index) "
       "-> (Tensor labels, Tensor num_trainable)");
+  m.def(
+      "adamw_split_(Tensor(a!)[] weights, Tensor(b!)[] lows, Tensor[] grads, "
+      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, int step, Tensor? grad_scale, Tensor? found_inf) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sftctl, CPU, m) {
@@ -686,6 +826,7 @@ TORCH_LIBRARY_IMPL(sftctl, CPU, m) {
   m.impl("cross_entropy_", &sftctl::cross_entropy_);
   m.impl("scale_grad_", &sftctl::scale_grad_);
   m.impl("sft_labels", &sftctl::sft_labels);
+  m.impl("adamw_split_", &sftctl::adamw_split_);
 }
 
 #ifdef SFTCTL_WITH_CUDA
@@ -695,8 +836,20 @@ TORCH_LIBRARY_IMPL(sftctl, CUDA, m) {
   m.impl("cross_entropy_", &sftctl::cross_entropy_);
   m.impl("scale_grad_", &sftctl::scale_grad_);
   m.impl("sft_labels", &sftctl::sft_labels);
+  m.impl("adamw_split_", &sftctl::adamw_split_);
 }
 #endif
+
+// adamw_split_ with no tensor argument at all (empty lists, no grad_scale/found_inf) gives the
+// dispatcher no device to pick; such a call reaches this kernel, which validates and does nothing.
+// The same function also answers any backend without its own kernel, by rejecting the device.
+TORCH_LIBRARY_IMPL(sftctl, CompositeExplicitAutograd, m) {
+  m.impl("adamw_split_", &sftctl::adamw_split_);
+}
+
+TORCH_LIBRARY_IMPL(sftctl, ADInplaceOrView, m) {
+  m.impl("adamw_split_", &sftctl::adamw_split_bump_versions);
+}
 
 #ifdef TORCH_EXTENSION_NAME
 // `import sftctl._C` only needs to load this library (the ops register themselves above); the

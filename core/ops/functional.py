@@ -24,6 +24,9 @@ Design choices
 - ``normalizer`` (mean only) and ``grad_scale`` are 0-dim tensors (numbers are accepted and put on
   the logits' device): the trainable-token count of a whole optimizer step and the loss scale,
   read on the device, never synchronized to the host.
+- ``adamw_split_`` is the optimizer step on fp32 master weights kept as bf16 ``weight`` + int16
+  ``low`` (``split_master``): one fused pass per parameter list, in place; its fake
+  implementation is a no-op, so it traces.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from .linear_ce_ref import _check_args as _check_lce_args
 load_extension()
 
 __all__ = ["CrossEntropyOutput", "cross_entropy", "sft_labels", "REDUCTIONS",
-           "linear_cross_entropy", "LinearCrossEntropyOutput", "torch_linear_cross_entropy"]
+           "linear_cross_entropy", "LinearCrossEntropyOutput", "torch_linear_cross_entropy",
+           "adamw_split_"]
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -81,6 +85,12 @@ def _cross_entropy_inplace_fake(logits, targets, normalizer, grad_scale, ignore_
 
 @torch.library.register_fake("sftctl::scale_grad_")
 def _scale_grad_fake(grad, grad_output, grad_scale):
+    return None
+
+
+@torch.library.register_fake("sftctl::adamw_split_")
+def _adamw_split_fake(weights, lows, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
+                      weight_decay, step, grad_scale, found_inf):
     return None
 
 
@@ -461,3 +471,33 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if return_lse:
         return LinearCrossEntropyOutput(loss, lse.view(targets.shape))
     return loss
+
+
+# ---------------------------------------------------------------- optimizer step
+
+
+def adamw_split_(weights, lows, grads, exp_avgs, exp_avg_sqs, *, lr: float, beta1: float,
+                 beta2: float, eps: float, weight_decay: float, step: int, grad_scale=None,
+                 found_inf=None) -> None:
+    """One AdamW step, in place, on fp32 master weights stored as ``(weights[i], lows[i])``
+    (bf16 and int16, see ``sftctl.ops.split_master``), with bf16 ``grads`` and fp32 moments.
+
+    Per element, in fp32 and in the order of ``torch.optim.AdamW(fused=True)``: the master is
+    decoded exactly, the gradient divided by ``grad_scale`` (when given), then decoupled weight
+    decay, the moment updates and the bias-corrected step; the result is split back into the two
+    halves. ``step`` counts this step (1 for the first). ``grad_scale`` and ``found_inf`` are
+    1-element float32 tensors on the parameters' device (a number is accepted for
+    ``grad_scale``); when ``found_inf`` is nonzero nothing is written. Both are read on the
+    device, so a CUDA step never synchronizes. All lists have one entry per parameter; every
+    tensor is contiguous and has its parameter's shape. Runs under ``no_grad`` (the bf16 weights
+    are usually parameters that require grad).
+    """
+    weights, lows, grads = list(weights), list(lows), list(grads)
+    exp_avgs, exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
+    if grad_scale is not None and not isinstance(grad_scale, torch.Tensor):
+        device = weights[0].device if weights else torch.device("cpu")
+        grad_scale = _as_scalar_tensor(grad_scale, "grad_scale", device)
+    with torch.no_grad():
+        torch.ops.sftctl.adamw_split_(weights, lows, grads, exp_avgs, exp_avg_sqs, float(lr),
+                                      float(beta1), float(beta2), float(eps),
+                                      float(weight_decay), int(step), grad_scale, found_inf)

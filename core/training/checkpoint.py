@@ -91,6 +91,9 @@ RESUME_MAY_CHANGE = {
     "data.cache_dir", "model.attn_implementation", "model.gradient_checkpointing",
     "eval.enabled", "eval.every", "eval.initial", "eval.batch_size", "eval.tasks", "eval.limit",
     "eval.benchmark_every", "eval.benchmark_limit", "eval.select_best", "eval.require",
+    # the same trajectory either way; a checkpoint whose weights were held the other way is
+    # refused by the layout check (``Checkpointer._check_layout``)
+    "train.master_weights",
 }
 
 
@@ -519,6 +522,17 @@ class Checkpointer:
         if saved_ws != ws:
             raise TrainingError(f"the state was saved with world size {saved_ws}, this run has "
                                 f"{ws}")
+        if not self.sharded and isinstance(sd.get("model"), dict):
+            # split master weights (bf16 + low half in the optimizer) vs fp32: never mixed, a
+            # bf16 weight copied into an fp32 one would silently drop the low half
+            params = dict(self.state.unwrap(self.state.model).named_parameters())
+            for name, t in sd["model"].items():
+                p = params.get(name)
+                if p is not None and t.dtype != p.dtype and torch.bfloat16 in (t.dtype, p.dtype):
+                    mode = "split" if t.dtype == torch.bfloat16 else "fp32"
+                    raise TrainingError(f"{path}: weight {name} was saved as {t.dtype} and this "
+                                        f"run holds it as {p.dtype}: the checkpoint was saved "
+                                        f"with --master-weights {mode}; resume with that option")
 
     # ---------------------------------------------------------------------------------- save
 

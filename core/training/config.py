@@ -93,8 +93,18 @@ class TrainConfig:
                          help="Micro-batches per optimizer step.")
     seed: int = _f(42, flag="--seed", minimum=0, help="Seed for data order, init and dropout.")
     precision: str = _f("auto", flag="--precision", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="Autocast precision; weights stay fp32. auto: bf16 on CUDA when "
-                             "supported, else fp32.")
+                        help="Autocast precision; master weights and optimizer state stay fp32 "
+                             "(see --master-weights). auto: bf16 on CUDA when supported, else "
+                             "fp32.")
+    master_weights: str = _f(
+        "auto", flag="--master-weights", choices=("auto", "split", "fp32"),
+        help="How fp32 master weights of Linear layers are held under bf16 autocast. split: as "
+             "the bf16 weight the layer computes with plus its 16 low bits in the optimizer "
+             "state (the same fp32 masters and updates; bf16 gradients, 2 bytes per weight "
+             "less, and no per-forward weight casts). auto: split on CUDA with bf16, one "
+             "process, --grad-accum 1, no adapters and an optimizer that supports it (the "
+             "built-in adamw), else fp32 with the reason in the log and summary.json. fp32: "
+             "off. See docs/performance.md.")
     device: str = _f("auto", flag="--device",
                      help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N.")
     threads: int | None = _f(None, flag="--threads", minimum=1,

@@ -389,11 +389,20 @@ class NonFiniteGuard:
     @contextlib.contextmanager
     def masked_update(self, optimizer, grad_divisor: torch.Tensor | None = None):
         """Hand the device flag to an optimizer that supports it (device mode, no scaler), and
-        ``grad_divisor`` (the folded gradient clip, a device scalar the step divides by)."""
+        ``grad_divisor`` (the folded gradient clip, a device scalar the step divides by; in
+        host mode the step was already decided on the host and only the divisor goes)."""
         if self._found_inf is None or self.scaling or self.mode == "host":
-            if grad_divisor is not None:
-                raise RuntimeError("a folded gradient clip needs the guard's device mode")
-            yield
+            if grad_divisor is None:
+                yield
+                return
+            if self.scaling or not getattr(optimizer, "_step_supports_amp_scaling", False):
+                raise RuntimeError("a folded gradient clip needs an optimizer that takes a "
+                                   "grad_scale and no grad scaler")
+            optimizer.grad_scale = grad_divisor
+            try:
+                yield
+            finally:
+                del optimizer.grad_scale
             return
         optimizer.grad_scale = grad_divisor
         optimizer.found_inf = self._found_inf

@@ -30,6 +30,9 @@ class OptimizerSpec:
     ...), ``device`` the ``torch.device`` the model is on. With ``uses_options=True`` it is
     called as ``build(params, optim_config, device, options)``, ``options`` being the run's
     plugin options (``config.options``, dotted names such as ``"myplugin.beta3"``).
+    ``split_build`` (optional, same arguments plus ``lows`` before ``options``) builds an
+    optimizer that can step split master weights (bf16 weight + int16 low half); without it
+    ``--master-weights auto`` keeps fp32 weights for this optimizer.
     """
 
     name: str
@@ -37,11 +40,24 @@ class OptimizerSpec:
     description: str = ""
     uses_options: bool = False
     plugin: str | None = None
+    split_build: Callable[..., Any] | None = None
 
     def create(self, params, optim_config, device, options: Mapping[str, Any] | None = None):
         if self.uses_options:
             return self.build(params, optim_config, device, dict(options or {}))
         return self.build(params, optim_config, device)
+
+    def create_split(self, params, optim_config, device, lows: dict,
+                     options: Mapping[str, Any] | None = None):
+        """The optimizer for a run with split master weights (``--master-weights``):
+        ``split_build(params, optim_config, device, lows[, options])``, ``lows`` mapping each
+        bf16 split parameter to the int16 low half of its fp32 master, which the optimizer
+        keeps and updates (``sftctl.training.master_weights.SplitAdamW`` does)."""
+        if self.split_build is None:
+            raise ValueError(f"optimizer {self.name!r} registers no split_build")
+        if self.uses_options:
+            return self.split_build(params, optim_config, device, lows, dict(options or {}))
+        return self.split_build(params, optim_config, device, lows)
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,11 @@ Design choices
 - On CUDA a step never waits for the device: batches are pinned and copied asynchronously, and
   a logged step's loss, gradient norm, counts and guard flags travel as one small vector read
   after the next step is queued (``readback.py``; ``--async-metrics``).
-- Mixed precision: weights and optimizer state stay fp32; the forward runs under autocast
-  (bf16/fp16); fp16 uses a GradScaler whose scale is handed to the fused loss as ``grad_scale``
-  so the scaled backward costs no extra pass over the logits gradient.
+- Mixed precision: master weights and optimizer state stay fp32; the forward runs under autocast
+  (bf16/fp16). With bf16 on CUDA the Linear weights hold their fp32 masters split in two 16-bit
+  halves (``master_weights.py``: bf16 weights and gradients, the same updates). fp16 uses a
+  GradScaler whose scale is handed to the fused loss as ``grad_scale`` so the scaled backward
+  costs no extra pass over the logits gradient.
 - Distribution goes through ``Strategy`` (``distributed.py``): the model is wrapped by it, the
   batch plan shards rows by rank, and only rank 0 logs, shows progress and writes files.
 - Plugins see the run through ``RunContext`` (``context.py``): read-only views plus
@@ -53,7 +55,7 @@ from .. import OMP_WAIT_POLICY_REASON
 from .._runtime import cpu_threads_info
 from ..data import BatchPlan, PreparedData, collate, prepare_data
 from ..errors import ConfigError, TrainingError
-from . import atomic, attention, guards
+from . import atomic, attention, guards, master_weights
 from .checkpoint import Checkpointer, data_fingerprint
 from .context import RunContext
 from .distributed import Strategy, select_strategy
@@ -218,6 +220,7 @@ class Trainer:
         self.head_chunk_rows: int | None = None  # rows per fused-head chunk (--fused-head-chunk-rows)
         self.head_info: dict = {}                # summary.json "loss_head"
         self.attention: attention.AttentionChoice | None = None  # packed-attention path
+        self.master = master_weights.MasterWeightsChoice("fp32", "not set up")
         # step metrics are read one step late on CUDA (see train_step); set by _runtime
         self.deferred_reads = False
         self._pending: tuple | None = None
@@ -338,6 +341,7 @@ class Trainer:
         # probes run the plain model, before torch.compile and DDP/FSDP
         self._output_layer(model, whole_model_compiled=compile_on and not has_blocks(model))
         self._packed_attention(model)
+        self._master_weights(model)  # before compile: the graphs see the bf16 weights
         if compile_on:
             self.compiled = compile_blocks(model)
             if self.is_main:
@@ -369,7 +373,13 @@ class Trainer:
         warm = cfg.optim.warmup_steps or int(round(cfg.optim.warmup_ratio * self.total_steps))
         self.warmup_steps = min(warm, self.total_steps)
         groups = param_groups(self.unwrapped_model.named_parameters(), cfg.optim.weight_decay)
-        self.optimizer = self.optimizer_spec.create(groups, cfg.optim, self.device, cfg.options)
+        if self.master.mode == "split":
+            self.optimizer = self.optimizer_spec.create_split(groups, cfg.optim, self.device,
+                                                              self._split_lows, cfg.options)
+            del self._split_lows  # the optimizer state holds them now
+        else:
+            self.optimizer = self.optimizer_spec.create(groups, cfg.optim, self.device,
+                                                        cfg.options)
         self.scheduler = self.scheduler_spec.create(self.optimizer, self.total_steps,
                                                     self.warmup_steps, cfg.optim, cfg.options)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -422,6 +432,32 @@ class Trainer:
                 log.info("loss head: %s", self.head.describe())
         self.loss_kernel = kernel_name(self.loss_impl, self.device, fused_head=self.head is not None)
 
+    def _master_weights(self, model) -> None:
+        """Split fp32 master weights of the Linear layers or keep them (``master_weights.py``)."""
+        from transformers import PreTrainedModel
+
+        cfg = self.config
+        out_w = None
+        if self.head is not None:
+            out_w = self.head.head.weight
+        elif model.get_output_embeddings() is not None:
+            out_w = model.get_output_embeddings().weight
+        candidates = master_weights.eligible_weights(model, out_w)
+        try:
+            self.master = master_weights.choose(
+                cfg.train.master_weights, device=self.device, amp_dtype=self.amp_dtype,
+                world_size=self.strategy.world_size, grad_accum=cfg.train.grad_accum,
+                optimizer_name=cfg.optim.name,
+                optimizer_splits=self.optimizer_spec.split_build is not None,
+                adapters=not isinstance(model, PreTrainedModel), candidates=candidates)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self._split_lows = {}
+        if self.master.mode == "split":
+            self._split_lows = master_weights.split_parameters([p for _n, p in candidates])
+        if self.is_main and (self.master.mode == "split" or self.device.type == "cuda"):
+            log.info("master weights: %s", self.master.describe())
+
     def _packed_attention(self, model) -> None:
         """Varlen attention for packed rows where it applies (``attention.py``)."""
         cfg = self.config
@@ -461,9 +497,11 @@ class Trainer:
             params=[p for g in self.optimizer.param_groups for p in g["params"]])
         # clipping folded into the fused step (``_unscale_and_clip``): gradients whole on
         # every rank (no FSDP shards), and an optimizer that takes a device grad_scale
-        self.fold_clip = (self.guard.mode == "device" and not self.scaler.is_enabled()
-                          and self.strategy.name in ("none", "ddp")
-                          and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False)))
+        # (split master weights: always, so no bf16 gradient is multiplied in bf16)
+        self.fold_clip = self.master.mode == "split" or (
+            self.guard.mode == "device" and not self.scaler.is_enabled()
+            and self.strategy.name in ("none", "ddp")
+            and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False)))
         self._grad_divisor = None
         self.checkpointer.before_save = self.guard.sync
         self.checkpointer.after_save = lambda step, path: self.pm.hook.sftctl_checkpoint_saved(
@@ -662,7 +700,7 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
         if self.fold_clip and clip != float("inf"):
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            norm = master_weights.total_norm_fp32([p.grad for p in params if p.grad is not None])
             self._grad_divisor = clip_divisor(norm, clip)
             return norm
         return self.strategy.clip_grad_norm_(params, clip)  # global over ranks
@@ -904,6 +942,7 @@ class Trainer:
             "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
                                           if self.device.type == "cuda" else ""),
             "precision": self.precision,
+            "master_weights": self.master.to_dict(),
             "compiled": self.compiled,
             "cpu_threads": cpu_threads_info(),
             "world_size": self.strategy.world_size,
@@ -940,6 +979,9 @@ class Trainer:
         attention.uninstall(model)
         model.config.use_cache = True
         full = self.strategy.full_state_dict(self.model)  # every rank: FSDP gathers the shards
+        if self.master.mode == "split":  # the checkpoint holds the fp32 masters, decoded
+            full = master_weights.full_precision_state_dict(model, self.optimizer,
+                                                            self.master.names)
         if self.is_main:
             with self.checkpointer.wrap_disk_errors(f"the final model {self.out_dir / 'model'}"):
                 # plugins may save something else (an adapter merged into its base)

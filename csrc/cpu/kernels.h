@@ -32,6 +32,10 @@ void scale_grad(void* grad, DType dtype, int64_t n_rows, int64_t vocab, int64_t 
 
 void sft_labels(const SftLabelsParams& p);
 
+// One AdamW step on split fp32 master weights over n_tensors parameters
+// (kernels/adamw_split.cuh); writes nothing when *s.found_inf is nonzero.
+void adamw_split(const AdamWSplitTensor* tensors, int64_t n_tensors, const AdamWSplitScalars& s);
+
 // The variant cross_entropy_forward/scale_grad dispatch to: "AVX512", "AVX2" or "DEFAULT".
 const char* kernel_capability();
 

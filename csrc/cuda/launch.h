@@ -27,5 +27,10 @@ void scale_grad(void* grad, DType dtype, int64_t n_rows, int64_t vocab, int64_t 
 
 void sft_labels(const SftLabelsParams& p, void* stream);
 
+// One AdamW step on split fp32 master weights over n_tensors parameters (kernels/adamw_split.cuh),
+// on `stream`. grad_scale and found_inf are device pointers read by the kernel: no host sync.
+void adamw_split(const AdamWSplitTensor* tensors, int64_t n_tensors, const AdamWSplitScalars& s,
+                 void* stream);
+
 }  // namespace cuda
 }  // namespace sftctl

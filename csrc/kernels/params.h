@@ -85,4 +85,31 @@ struct SftLabelsParams {
   int64_t* num_trainable = nullptr;        // 0-dim
 };
 
+// AdamW step on fp32 master weights stored split into a bf16 weight and its int16 low half
+// (sftctl::adamw_split_; encoding and math: kernels/adamw_split.cuh). One entry per parameter;
+// the five arrays are contiguous, have `numel` elements each and belong to one device.
+struct AdamWSplitTensor {
+  uint16_t* weight = nullptr;      // bf16 bits: the fp32 master rounded to its top half
+  int16_t* low = nullptr;          // the master's low 16 bits (see the encoding notes)
+  const uint16_t* grad = nullptr;  // bf16 bits of the gradient
+  float* exp_avg = nullptr;        // first moment m
+  float* exp_avg_sq = nullptr;     // second moment v
+  int64_t numel = 0;
+};
+
+// The step's scalars, derived once on the host in double from lr, betas, eps, weight_decay and
+// step, then rounded to fp32 (the kernels do all per-element math in fp32).
+struct AdamWSplitScalars {
+  float beta1 = 0.f, beta2 = 0.f;
+  float one_minus_beta1 = 0.f;        // 1 - beta1
+  float one_minus_beta2 = 0.f;        // 1 - beta2
+  float lr_weight_decay = 0.f;        // lr * weight_decay
+  bool weight_decay_on = false;       // weight_decay != 0 (decoupled decay step applied)
+  float step_size = 0.f;              // lr / (1 - beta1^step)
+  float bias_correction2_sqrt = 1.f;  // sqrt(1 - beta2^step)
+  float eps = 0.f;
+  const float* grad_scale = nullptr;  // optional 1-element fp32: gradients are divided by it
+  const float* found_inf = nullptr;   // optional 1-element fp32: nonzero skips the whole step
+};
+
 }  // namespace sftctl

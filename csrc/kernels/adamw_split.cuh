@@ -1,0 +1,224 @@
+// AdamW step on split fp32 master weights (sftctl::adamw_split_): the per-element update, shared
+// by the CPU loop (csrc/cpu/adamw_split.cpp) and the CUDA multi-tensor kernel below.
+//
+// Design choices
+// - Encoding (core/ops/split_master.py, which this must match bit for bit): with u the fp32 bit
+//   pattern of the master, weight = (u + 0x8000) >> 16 (the top half rounded to nearest, ties
+//   away from zero) and low = u - (weight << 16) in [-32768, 32767]. weight << 16 has zero low
+//   bits, so low's 16-bit pattern is just the low half of u: splitting is one add and two
+//   truncations, joining is a shift plus a sign-extended add (mod 2^32). Every bit pattern
+//   round-trips, infinities and NaN included, but the step stores a NaN result as the quiet NaN
+//   0x7FC00000: CUDA's arithmetic NaN is 0x7FFFFFFF, whose top half rounds into the sign bit
+//   (weight -0.0, low -1), so the pair would still decode to NaN while the bf16 weight the
+//   forward computes with would be a zero that hides the divergence.
+// - Math: fp32 per element in the order of torch's fused AdamW (ADAMW mode): unscale the
+//   gradient (a division, as torch does), decoupled weight decay x -= lr * wd * x, the two
+//   moment updates, denom = sqrt(v) / sqrt(1 - beta2^step) + eps, x -= step_size * m / denom.
+//   Everything derived from the hyperparameters alone (step_size, the bias corrections, 1 - beta,
+//   lr * wd) is computed once on the host in double and rounded to fp32 (AdamWSplitScalars).
+// - Contraction: nvcc fuses a * b + c into fma by default (-fmad=true; in the PTX the moment
+//   updates become fma.rn, and ptxas may fuse the plain mul/sub of the decay and update steps
+//   too); the x86-64 CPU build does not (baseline ISA without FMA, and -std=c++17 turns
+//   contraction off; a gnu++17 build on aarch64 could contract). So the CPU and CUDA results
+//   may differ by an ulp or so. We keep the compilers' defaults: both stay within a few fp32 ulps
+//   of a float64 evaluation, and torch's own fused AdamW differs from this formula by as much
+//   (its CUDA kernel does part of the arithmetic in double, its CPU kernel updates m as a lerp).
+// - found_inf (GradScaler's overflow flag) is read on the device of the step: when nonzero the
+//   step writes nothing at all, so weights, lows and moments keep their bits.
+// - CUDA: one launch per batch of up to kAdamWMaxTensors parameters; the pointer table and each
+//   parameter's first chunk index travel in the kernel parameters (__grid_constant__, read from
+//   the constant bank, never copied to local memory). A block owns 64K-element chunks (smaller
+//   when a launch has too few to fill the device) in a grid-stride loop (grid = the resident
+//   blocks of the device, fewer when there are fewer chunks); inside a chunk each thread
+//   updates 8 elements per step with 16-byte loads/stores of weight, low, grad and 2 x 16 bytes
+//   of each moment when all five arrays are 16-byte aligned, element by element otherwise and for
+//   the last numel % 8. Every byte is touched once, so loads and stores use the streaming
+//   (evict-first) cache hints.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_runtime.h>
+#define SFTCTL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#include <cmath>
+#define SFTCTL_HOST_DEVICE inline
+#endif
+
+#include "kernels/params.h"
+
+namespace sftctl {
+
+SFTCTL_HOST_DEVICE float adamw_bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+SFTCTL_HOST_DEVICE uint32_t adamw_float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+// The fp32 master held by a (weight, low) pair, as its bit pattern.
+SFTCTL_HOST_DEVICE uint32_t join_master_bits(uint16_t weight, uint16_t low) {
+  return (static_cast<uint32_t>(weight) << 16) +
+         static_cast<uint32_t>(static_cast<int32_t>(static_cast<int16_t>(low)));
+}
+
+// Inverse of join_master_bits (see the encoding notes above).
+SFTCTL_HOST_DEVICE void split_master_bits(uint32_t u, uint16_t& weight, uint16_t& low) {
+  weight = static_cast<uint16_t>((u + 0x8000u) >> 16);
+  low = static_cast<uint16_t>(u);
+}
+
+// One element's AdamW step. `weight`/`low` hold the split master and `grad` the bf16 gradient
+// bits; m and v are the moments. grad_scale is applied only when has_grad_scale (dividing by
+// an absent scale of 1 would be exact too, but costs a division per element).
+SFTCTL_HOST_DEVICE void adamw_split_element(uint16_t& weight, uint16_t& low, uint16_t grad,
+                                            float& m, float& v, const AdamWSplitScalars& s,
+                                            bool has_grad_scale, float grad_scale) {
+  float x = adamw_bits_to_float(join_master_bits(weight, low));
+  float g = adamw_bits_to_float(static_cast<uint32_t>(grad) << 16);
+  if (has_grad_scale) g = g / grad_scale;
+  if (s.weight_decay_on) x = x - s.lr_weight_decay * x;
+  m = s.beta1 * m + s.one_minus_beta1 * g;
+  v = s.beta2 * v + s.one_minus_beta2 * g * g;
+  const float denom = sqrtf(v) / s.bias_correction2_sqrt + s.eps;
+  x = x - s.step_size * m / denom;
+  split_master_bits(x != x ? 0x7FC00000u : adamw_float_to_bits(x), weight, low);  // NaN: see notes
+}
+
+#if defined(__CUDACC__)
+namespace cuda {
+
+// Parameters per launch: the table below stays under the 4 KiB of kernel parameters that every
+// CUDA version accepts.
+constexpr int kAdamWMaxTensors = 48;
+// Elements per chunk, the unit of work of one block iteration: 64K, halved (down to 2K) while a
+// launch would have fewer chunks than the device has resident blocks. Always a multiple of the
+// 8-element vector, so every chunk of an aligned parameter starts aligned.
+constexpr int64_t kAdamWMaxChunk = int64_t{1} << 16;
+constexpr int64_t kAdamWMinChunk = int64_t{1} << 11;
+
+struct AdamWSplitBatch {
+  AdamWSplitTensor tensors[kAdamWMaxTensors];
+  int64_t first_chunk[kAdamWMaxTensors + 1];  // chunk index where tensor t starts; [n] = total
+  int64_t chunk;                              // elements per chunk
+  int n_tensors;
+  AdamWSplitScalars s;
+};
+static_assert(sizeof(AdamWSplitBatch) <= 4000, "kernel parameters must fit 4 KiB");
+
+// 8 consecutive 16-bit values <-> one 16-byte vector (little-endian halves).
+__device__ __forceinline__ void unpack_u16x8(const uint4& q, uint16_t (&out)[8]) {
+  const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = static_cast<uint16_t>(w[i]);
+    out[2 * i + 1] = static_cast<uint16_t>(w[i] >> 16);
+  }
+}
+
+__device__ __forceinline__ uint4 pack_u16x8(const uint16_t (&in)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    w[i] = static_cast<uint32_t>(in[2 * i]) | (static_cast<uint32_t>(in[2 * i + 1]) << 16);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Elements [begin, begin + 8 * count) of parameter t as count 8-element vectors, thread-strided.
+template <int THREADS>
+__device__ __forceinline__ void adamw_split_vectors(const AdamWSplitTensor& t, int64_t begin,
+                                                    int64_t count, const AdamWSplitScalars& s,
+                                                    bool has_scale, float scale) {
+  const int64_t v0 = begin / 8;  // first vector of the range
+  uint4* weight = reinterpret_cast<uint4*>(t.weight) + v0;
+  uint4* low = reinterpret_cast<uint4*>(t.low) + v0;
+  const uint4* grad = reinterpret_cast<const uint4*>(t.grad) + v0;
+  float4* m = reinterpret_cast<float4*>(t.exp_avg) + 2 * v0;
+  float4* v = reinterpret_cast<float4*>(t.exp_avg_sq) + 2 * v0;
+  for (int64_t i = threadIdx.x; i < count; i += THREADS) {
+    uint16_t w8[8], l8[8], g8[8];
+    unpack_u16x8(__ldcs(weight + i), w8);
+    unpack_u16x8(__ldcs(low + i), l8);
+    unpack_u16x8(__ldcs(grad + i), g8);
+    const float4 ma = __ldcs(m + 2 * i), mb = __ldcs(m + 2 * i + 1);
+    const float4 va = __ldcs(v + 2 * i), vb = __ldcs(v + 2 * i + 1);
+    float m8[8] = {ma.x, ma.y, ma.z, ma.w, mb.x, mb.y, mb.z, mb.w};
+    float v8[8] = {va.x, va.y, va.z, va.w, vb.x, vb.y, vb.z, vb.w};
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      adamw_split_element(w8[k], l8[k], g8[k], m8[k], v8[k], s, has_scale, scale);
+    __stcs(weight + i, pack_u16x8(w8));
+    __stcs(low + i, pack_u16x8(l8));
+    __stcs(m + 2 * i, make_float4(m8[0], m8[1], m8[2], m8[3]));
+    __stcs(m + 2 * i + 1, make_float4(m8[4], m8[5], m8[6], m8[7]));
+    __stcs(v + 2 * i, make_float4(v8[0], v8[1], v8[2], v8[3]));
+    __stcs(v + 2 * i + 1, make_float4(v8[4], v8[5], v8[6], v8[7]));
+  }
+}
+
+// Elements [begin, end) of parameter t one at a time, thread-strided.
+template <int THREADS>
+__device__ __forceinline__ void adamw_split_scalars(const AdamWSplitTensor& t, int64_t begin,
+                                                    int64_t end, const AdamWSplitScalars& s,
+                                                    bool has_scale, float scale) {
+  uint16_t* low = reinterpret_cast<uint16_t*>(t.low);
+  for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
+    uint16_t w = t.weight[i], l = low[i];
+    float m = t.exp_avg[i], v = t.exp_avg_sq[i];
+    adamw_split_element(w, l, t.grad[i], m, v, s, has_scale, scale);
+    t.weight[i] = w;
+    low[i] = l;
+    t.exp_avg[i] = m;
+    t.exp_avg_sq[i] = v;
+  }
+}
+
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS)
+    adamw_split_kernel(const __grid_constant__ AdamWSplitBatch batch) {
+  const AdamWSplitScalars& s = batch.s;
+  // One flag for the whole grid: every thread reads the same word (one broadcast per warp), and
+  // the decision is uniform, so a skipped step costs a launch and nothing else.
+  if (s.found_inf != nullptr && *s.found_inf != 0.f) return;
+  const bool has_scale = s.grad_scale != nullptr;
+  const float scale = has_scale ? *s.grad_scale : 1.f;
+  const int64_t total = batch.first_chunk[batch.n_tensors];
+  int t = 0;  // chunks only grow along the grid-stride loop, so the tensor index does too
+  for (int64_t chunk = blockIdx.x; chunk < total; chunk += gridDim.x) {
+    while (batch.first_chunk[t + 1] <= chunk) ++t;
+    const AdamWSplitTensor& p = batch.tensors[t];
+    const int64_t begin = (chunk - batch.first_chunk[t]) * batch.chunk;
+    const int64_t end = begin + batch.chunk < p.numel ? begin + batch.chunk : p.numel;
+    const uintptr_t addr_bits =
+        reinterpret_cast<uintptr_t>(p.weight) | reinterpret_cast<uintptr_t>(p.low) |
+        reinterpret_cast<uintptr_t>(p.grad) | reinterpret_cast<uintptr_t>(p.exp_avg) |
+        reinterpret_cast<uintptr_t>(p.exp_avg_sq);
+    int64_t scalar_from = begin;
+    if ((addr_bits & 15) == 0) {
+      const int64_t vectors = (end - begin) / 8;
+      adamw_split_vectors<THREADS>(p, begin, vectors, s, has_scale, scale);
+      scalar_from = begin + 8 * vectors;
+    }
+    adamw_split_scalars<THREADS>(p, scalar_from, end, s, has_scale, scale);
+  }
+}
+
+}  // namespace cuda
+#endif  // __CUDACC__
+
+}  // namespace sftctl

@@ -1,0 +1,205 @@
+"""Split fp32 master weights (``--master-weights split``) on a real tiny HF Llama, CPU bf16
+autocast: the run is the fp32-master run (per-step losses and the saved fp32 weights), the
+choice and its reasons, which weights are split, the optimizer state across save/load, resume
+from a checkpoint, and refusing to mix the two layouts."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from sftctl.run import cli
+from sftctl.training import master_weights as mw
+
+from sftctl_testutil import alpaca_records, build_tiny_base, read_metrics, write_jsonl
+from sftctl_testutil import no_installed_plugins  # noqa: F401 (autouse)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_tiny_base(tmp_path_factory.mktemp("tiny_base_mw"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("mw_data") / "d.jsonl", alpaca_records(24))
+
+
+def _train(base, data, out, *extra) -> int:
+    return cli.main(["train", "--model", str(base), "--data", str(data), "--output-dir",
+                     str(out), "--batch-size", "4", "--lr", "3e-3", "--no-eval", "--quiet",
+                     "--no-initial-eval", "--precision", "bf16", "--grad-clip", "0.5",
+                     "--weight-decay", "0.1", *extra])
+
+
+def _losses(out) -> list[float]:
+    return [m["loss"] for m in read_metrics(out) if m["kind"] == "train"]
+
+
+def _weights(out) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "model" / "model.safetensors")
+
+
+def test_split_run_is_the_fp32_master_run(base, data, tmp_path):
+    """Same per-step losses (clipping active, weight decay on) and the same fp32 weights in the
+    saved HF checkpoint; summary.json names the split and what it covers."""
+    import json
+
+    assert _train(base, data, tmp_path / "fp32", "--max-steps", "6",
+                  "--master-weights", "fp32") == 0
+    assert _train(base, data, tmp_path / "split", "--max-steps", "6",
+                  "--master-weights", "split") == 0
+    want, got = _losses(tmp_path / "fp32"), _losses(tmp_path / "split")
+    assert len(got) == 6 and all(math.isfinite(x) for x in got)
+    assert got == pytest.approx(want, rel=1e-6, abs=0)
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    ms = summary["master_weights"]
+    assert ms["mode"] == "split" and ms["weights"] == 14  # 2 layers x 7 Linear weights
+    assert ms["parameters"] > 0
+    assert json.loads((tmp_path / "fp32" / "summary.json").read_text())["master_weights"][
+        "mode"] == "fp32"
+    a, b = _weights(tmp_path / "fp32"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k].dtype == a[k].dtype == torch.float32, k  # the checkpoint holds fp32 masters
+        scale = a[k].abs().max().clamp_min(1e-30)
+        assert float((a[k] - b[k]).abs().max() / scale) < 1e-6, k
+    base_w = _weights_of_dir(base)
+    proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(b[proj], base_w[proj].float())  # training moved the split weight
+
+
+def _weights_of_dir(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def test_choice_and_reasons():
+    lin = torch.nn.Linear(4, 4)
+    cand = [("l.weight", lin.weight)]
+    common = dict(device=torch.device("cuda"), amp_dtype=torch.bfloat16, world_size=1,
+                  grad_accum=1, optimizer_name="adamw", optimizer_splits=True, adapters=False,
+                  candidates=cand)
+    c = mw.choose("auto", **common)
+    assert c.mode == "split" and c.names == ["l.weight"] and c.numel == 16
+    assert mw.choose("fp32", **common).mode == "fp32"
+    cpu = mw.choose("auto", **{**common, "device": torch.device("cpu")})
+    assert cpu.mode == "fp32" and "CUDA only" in cpu.reason
+    assert mw.choose("split", **{**common, "device": torch.device("cpu")}).mode == "split"
+    for change, needle in [({"amp_dtype": None}, "--precision bf16"),
+                           ({"amp_dtype": torch.float16}, "--precision bf16"),
+                           ({"world_size": 2}, "one process"),
+                           ({"grad_accum": 2}, "--grad-accum 1"),
+                           ({"optimizer_splits": False, "optimizer_name": "sgd"}, "'sgd'"),
+                           ({"adapters": True}, "adapters"),
+                           ({"candidates": []}, "nn.Linear")]:
+        auto = mw.choose("auto", **{**common, **change})
+        assert auto.mode == "fp32" and needle in auto.reason, (change, auto.reason)
+        with pytest.raises(ValueError, match="master_weights: split needs") as e:
+            mw.choose("split", **{**common, **change})
+        assert needle in str(e.value)
+    with pytest.raises(ValueError, match="one of auto, split, fp32"):
+        mw.choose("bf16", **common)
+
+
+def test_eligible_weights_skip_tied_head_frozen_and_non_linear():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    names = [n for n, _p in mw.eligible_weights(model, model.lm_head.weight)]
+    assert names == [f"model.layers.0.{m}.weight" for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.down_proj")]
+    # a Linear weight shared with another module (tied) is never split
+    model.lm_head.weight = model.model.embed_tokens.weight
+    extra = torch.nn.Linear(16, 64, bias=False)
+    extra.weight = model.model.layers[0].self_attn.q_proj.weight
+    model.extra = extra
+    names = [n for n, _p in mw.eligible_weights(model, None)]
+    assert "model.layers.0.self_attn.q_proj.weight" not in names
+    assert "lm_head.weight" not in names and "extra.weight" not in names
+
+
+def test_split_parameters_and_gradients_are_bf16_and_state_survives_save_load():
+    from sftctl.ops.split_master import join_fp32
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 5)
+    other = torch.nn.Parameter(torch.randn(3))
+    master = lin.weight.detach().clone()
+    lows = mw.split_parameters([lin.weight])
+    assert lin.weight.dtype == torch.bfloat16 and isinstance(lin.weight, torch.nn.Parameter)
+    assert torch.equal(join_fp32(lin.weight.detach(), lows[lin.weight]), master)
+    opt = mw.SplitAdamW([{"params": [lin.weight, lin.bias, other], "weight_decay": 0.1}], lows,
+                        lr=1e-2, fused=True)
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lin(x).float().square().mean() + other.square().sum()
+    loss.backward()
+    assert lin.weight.grad.dtype == torch.bfloat16 and lin.bias.grad.dtype == torch.float32
+    opt.step()
+    st = opt.state[lin.weight]
+    assert st["exp_avg"].dtype == torch.float32 and st["master_low"].dtype == torch.int16
+    assert float(st["step"]) == 1.0 and opt.state[other]["exp_avg"].dtype == torch.float32
+    assert not torch.equal(join_fp32(lin.weight.detach(), st["master_low"]), master)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    opt2 = mw.SplitAdamW([{"params": [lin.weight, lin.bias, other], "weight_decay": 0.1}],
+                         {lin.weight: torch.zeros_like(lows[lin.weight])}, lr=1e-2, fused=True)
+    opt2.load_state_dict(sd)
+    st2 = opt2.state[lin.weight]
+    for k in ("exp_avg", "exp_avg_sq", "master_low"):  # torch's loader would make them bf16
+        assert st2[k].dtype == st[k].dtype and torch.equal(st2[k], st[k]), k
+    assert st2["step"].device.type == "cpu" and float(st2["step"]) == 1.0
+
+
+def test_resume_from_a_split_checkpoint_continues_exactly_and_fp32_is_refused(base, data,
+                                                                              tmp_path, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(base, data, full, "--max-steps", "4", "--master-weights", "split") == 0
+    assert _train(base, data, part, "--max-steps", "4", "--master-weights", "split",
+                  "--save-every", "2") == 0
+    ckpt = part / "checkpoints" / "step-00000002"
+    assert ckpt.is_dir()
+    resumed = tmp_path / "resumed"
+    assert _train(base, data, resumed, "--max-steps", "4", "--master-weights", "split",
+                  "--resume", str(ckpt)) == 0
+    assert _losses(resumed) == _losses(full)  # steps 1-2 from the history, 3-4 recomputed
+    capsys.readouterr()
+    rc = _train(base, data, tmp_path / "mixed", "--max-steps", "4", "--master-weights", "fp32",
+                "--resume", str(ckpt))
+    err = capsys.readouterr().err
+    assert rc != 0 and "--master-weights split" in err and "bfloat16" in err, err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile_flag", ["--no-compile", "--compile"])
+def test_cuda_auto_splits_and_matches_fp32_masters(base, data, tmp_path, compile_flag):
+    """On CUDA ``auto`` splits (bf16 autocast, one process), with and without compiled blocks,
+    and the run is the fp32-master run: losses within 1e-5, saved fp32 weights within 1e-5."""
+    import json
+
+    common = ["--device", "cuda", "--max-steps", "5", compile_flag]
+    assert _train(base, data, tmp_path / "fp32", *common, "--master-weights", "fp32") == 0
+    assert _train(base, data, tmp_path / "auto", *common) == 0
+    ms = json.loads((tmp_path / "auto" / "summary.json").read_text())["master_weights"]
+    assert ms["mode"] == "split" and ms["weights"] == 14, ms
+    assert _losses(tmp_path / "auto") == pytest.approx(_losses(tmp_path / "fp32"), rel=1e-5)
+    a, b = _weights(tmp_path / "fp32"), _weights(tmp_path / "auto")
+    for k in a:
+        assert b[k].dtype == torch.float32
+        scale = a[k].abs().max().clamp_min(1e-30)
+        assert float((a[k] - b[k]).abs().max() / scale) < 1e-5, k
