@@ -38,7 +38,12 @@ MOMENT_U = 6.0
 MASTER_U = 8.0
 TORCH_U = 8.0
 TINY = 2.0 ** -149  # fp32's smallest subnormal: underflowed products and quotients
-HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+# Betas exactly representable in fp32: torch's CUDA fused AdamW computes with fp32 betas (so its
+# 1 - 0.999 is 1.3e-5 smaller than the exact one) and its CPU kernel with doubles; with these
+# both agree, and the op is checked against either. SplitAdamW hands the op the betas the
+# device's torch kernel uses (tests/test_master_weights.py checks that on CUDA).
+HP = dict(lr=1e-3, beta1=float(torch.tensor(0.9, dtype=torch.float32)),
+          beta2=float(torch.tensor(0.999, dtype=torch.float32)), eps=1e-8)
 OP = torch.ops.sftctl.adamw_split_.default
 
 
