@@ -344,8 +344,9 @@ def test_trajectory(device):
         # errors of earlier steps carry over (scaled by 1 - lr wd and the moment decays)
         check_within(p.master(), x64, worst_terms, step * MASTER_U, x_floor,
                      f"step {step} master vs float64 trajectory")
-        check_within(p.master(), tp.detach().cpu(), worst_terms, step * TORCH_U, x_floor,
-                     f"step {step} master vs torch fused trajectory")
+        # torch's CUDA kernel does parts of the step in double: ~11 u more per step (H200)
+        check_within(p.master(), tp.detach().cpu(), worst_terms, (step + 1) * 1.5 * TORCH_U,
+                     x_floor, f"step {step} master vs torch fused trajectory")
 
 
 def test_empty_inputs(device):
