@@ -144,7 +144,9 @@ class SplitAdamW(torch.optim.AdamW):
     take ``sftctl.ops.adamw_split_`` and the rest torch's own AdamW step (fused where it was
     asked for). Same hyperparameters, groups, schedulers and state layout as ``AdamW`` plus
     ``master_low``; a step count kept on the host for the split ones. ``grad_scale`` and
-    ``found_inf`` (set by the grad scaler or the trainer's guard) apply to both parts."""
+    ``found_inf`` (set by the grad scaler or the trainer's guard) apply to both parts; a step
+    that ``found_inf`` skips still counts in the split weights' bias correction (torch's fused
+    step takes it back on the device), which only a run that skipped non-finite steps sees."""
 
     def __init__(self, params, lows: dict, **kwargs):
         super().__init__(params, **kwargs)
