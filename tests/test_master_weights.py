@@ -96,6 +96,18 @@ def _weights_of_dir(path) -> dict:
     return load_file(path / "model.safetensors")
 
 
+def test_split_without_clipping_reports_the_fp32_norm(base, data, tmp_path):
+    """--grad-clip 0: nothing is clipped and the logged norm is the fp32 run's (not a norm of
+    bf16-rounded per-tensor norms)."""
+    norms = {}
+    for mode in ("fp32", "split"):
+        out = tmp_path / mode
+        assert _train(base, data, out, "--max-steps", "2", "--device", "cpu",
+                      "--master-weights", mode, "--grad-clip", "0") == 0
+        norms[mode] = [m["grad_norm"] for m in read_metrics(out) if m["kind"] == "train"]
+    assert norms["split"] == pytest.approx(norms["fp32"], rel=1e-5)
+
+
 def test_choice_and_reasons():
     lin = torch.nn.Linear(4, 4)
     cand = [("l.weight", lin.weight)]

@@ -703,6 +703,8 @@ class Trainer:
             norm = master_weights.total_norm_fp32([p.grad for p in params if p.grad is not None])
             self._grad_divisor = clip_divisor(norm, clip)
             return norm
+        if self.master.mode == "split":  # one process, no clipping: the norm, in fp32
+            return master_weights.total_norm_fp32([p.grad for p in params if p.grad is not None])
         return self.strategy.clip_grad_norm_(params, clip)  # global over ranks
 
     def _update(self, apply: bool) -> None:
