@@ -30,9 +30,10 @@ def split_fp32(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(f"split_fp32: expected a float32 tensor, got {master.dtype}")
     u = master.contiguous().view(torch.int32).to(torch.int64) & _MASK32  # fp32 bits, unsigned
     top = ((u + 0x8000) >> 16) & 0xFFFF                                    # rounded top half
-    low = u - (top << 16)                                                  # in [-32768, 32767]
-    low = torch.where(low > 0x7FFFFFFF, low - (1 << 32), low)               # wrapped at 2^32
-    low = torch.where(low < -0x80000000, low + (1 << 32), low)
+    # u - (top << 16) lies in [-32768, 32767] and agrees with u mod 2^16: it is the low 16
+    # bits of u read as a signed number
+    low = u & 0xFFFF
+    low = torch.where(low >= 0x8000, low - 0x10000, low)
     weight = torch.where(top >= 0x8000, top - 0x10000, top).to(torch.int16).view(torch.bfloat16)
     return weight, low.to(torch.int16)
 

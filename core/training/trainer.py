@@ -699,12 +699,12 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
-        if self.fold_clip and clip != float("inf"):
+        folded = self.fold_clip and clip != float("inf")
+        if folded or self.master.mode == "split":  # split: one process, so the norm is global
             norm = master_weights.total_norm_fp32([p.grad for p in params if p.grad is not None])
-            self._grad_divisor = clip_divisor(norm, clip)
+            if folded:
+                self._grad_divisor = clip_divisor(norm, clip)
             return norm
-        if self.master.mode == "split":  # one process, no clipping: the norm, in fp32
-            return master_weights.total_norm_fp32([p.grad for p in params if p.grad is not None])
         return self.strategy.clip_grad_norm_(params, clip)  # global over ranks
 
     def _update(self, apply: bool) -> None:
