@@ -17,6 +17,12 @@ Design choices
 - Categories come from kernel names (cuBLAS/CUTLASS GEMMs, flash/varlen attention, sftctl's
   ``ce_*`` and ``sft_labels`` kernels, fused AdamW, ``triton_*`` from torch.compile); the raw
   names are kept in the JSON so a category can be re-cut later.
+- The profiled steps run back to back as in training (one sync before the window and one after;
+  ``--sync-each-step`` syncs after every step, which starves the start of each step and inflates
+  the idle share). The step wall time is the window's over the steps.
+- Idle gaps: on the GPU the device intervals of all kernels, copies and memsets are merged, and
+  every gap of at least ``--gap-us`` between two of them is attributed to the pair (kernel
+  before, kernel after): the table says where in the step the device waits for the host.
 - On the CPU (``--smoke``) there are no kernels: the same table is made from the self CPU time
   of the aten ops, which checks the script, not the GPU.
 """
@@ -93,18 +99,23 @@ def profile(args) -> dict:
         if on_gpu:
             torch.cuda.synchronize()
 
+    window = {}
+
     def wrapped(rows_list):
         calls.append(1)
         n = len(calls)
         if n == args.skip + 1:
             sync()
             prof.start()
+            window["t0"] = time.perf_counter()
         t0 = time.perf_counter()
         out = step(rows_list)
         if args.skip < n <= args.skip + args.steps:
-            sync()  # whole steps: the profiled window ends with the device idle
+            if args.sync_each_step or n == args.skip + args.steps:
+                sync()  # the profiled window ends with the device idle
             walls.append(time.perf_counter() - t0)
             if n == args.skip + args.steps:
+                walls[:] = [(time.perf_counter() - window["t0"]) / args.steps] * args.steps
                 prof.stop()
         return out
 
@@ -135,6 +146,7 @@ def profile(args) -> dict:
     for r in rows:
         cats[r["category"]] = cats.get(r["category"], 0.0) + r["us"] / 1e3 / n
     tokens = [h["tokens"] for h in trainer.state.history if h["kind"] == "train"]
+    gaps = idle_gaps(device_intervals(prof), args.gap_us, n) if on_gpu else None
     return {"date": datetime.date.today().isoformat(),
             "card": torch.cuda.get_device_name(0) if on_gpu else "cpu",
             "torch": torch.__version__, "workload": args.workload, "argv": argv,
@@ -145,7 +157,53 @@ def profile(args) -> dict:
             "categories_ms_per_step": {k: round(v, 3) for k, v in
                                        sorted(cats.items(), key=lambda kv: -kv[1])},
             "compiled": trainer.compiled, "loss_head": trainer.head_info,
+            "sync_each_step": args.sync_each_step, "idle_gaps": gaps,
             "kernels": sorted(rows, key=lambda r: -r["us"])[:200]}
+
+
+def device_intervals(prof) -> list[tuple[float, float, str]]:
+    """(start_us, end_us, name) of every device-side event of the trace."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for ev in prof.events():
+        if ev.device_type == DeviceType.CUDA and ev.time_range.end > ev.time_range.start:
+            out.append((float(ev.time_range.start), float(ev.time_range.end), ev.name))
+    return out
+
+
+def idle_gaps(intervals: list[tuple[float, float, str]], min_us: float, steps: int) -> dict:
+    """Merge the device intervals; every gap >= min_us between two merged runs is charged to
+    (last kernel to finish before it, first kernel after it). Returns the total idle inside the
+    window per step, the gaps' count, and the pairs with the most idle (ms per step)."""
+    ivs = sorted(intervals)
+    pairs: dict[tuple[str, str], list[float]] = {}
+    total = small = 0.0
+    if ivs:
+        end, last = ivs[0][1], ivs[0][2]
+        for start, stop, name in ivs[1:]:
+            gap = start - end
+            if gap > 0:
+                total += gap
+                if gap >= min_us:
+                    key = (_short(last), _short(name))
+                    pairs.setdefault(key, []).append(gap)
+                else:
+                    small += gap
+            if stop > end:
+                end, last = stop, name
+    top = sorted(pairs.items(), key=lambda kv: -sum(kv[1]))[:20]
+    return {"min_gap_us": min_us,
+            "idle_ms_per_step": round(total / 1e3 / steps, 3),
+            "in_small_gaps_ms_per_step": round(small / 1e3 / steps, 3),
+            "gaps_per_step": round(sum(len(v) for v in pairs.values()) / steps, 1),
+            "top": [{"before": b, "after": a, "count": len(v),
+                     "ms_per_step": round(sum(v) / 1e3 / steps, 3),
+                     "largest_us": round(max(v), 1)} for (b, a), v in top]}
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= 80 else name[:77] + "..."
 
 
 def markdown(r: dict) -> str:
@@ -166,6 +224,16 @@ def markdown(r: dict) -> str:
         name = k["name"] if len(k["name"]) <= 90 else k["name"][:87] + "..."
         lines.append(f"| `{name}` | {k['category']} | {k['count'] / n:.0f} | "
                      f"{k['us'] / 1e3 / n:.2f} |")
+    g = r.get("idle_gaps")
+    if g:
+        lines += ["", f"Device idle inside the window: {g['idle_ms_per_step']:.2f} ms per step, "
+                  f"{g['gaps_per_step']} gaps of at least {g['min_gap_us']:.0f} us per step "
+                  f"({g['in_small_gaps_ms_per_step']:.2f} ms in shorter ones). Largest:", "",
+                  "| kernel before | kernel after | gaps | ms per step | largest us |",
+                  "|---|---|---:|---:|---:|"]
+        for t in g["top"][:12]:
+            lines.append(f"| `{t['before']}` | `{t['after']}` | {t['count']} | "
+                         f"{t['ms_per_step']:.3f} | {t['largest_us']:.0f} |")
     lines += ["", "Command: `python bench/profile_step.py " + " ".join(sys.argv[1:]) + "`", ""]
     return "\n".join(lines)
 
@@ -182,6 +250,10 @@ def main() -> int:
     p.add_argument("--full-examples", type=int, default=64)
     p.add_argument("--skewed-examples", type=int, default=1600)
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    p.add_argument("--sync-each-step", action="store_true",
+                   help="sync after every profiled step (the old way; inflates the idle share)")
+    p.add_argument("--gap-us", type=float, default=20.0,
+                   help="device gaps at least this long are listed by where they fall")
     p.add_argument("extra", nargs="*", help="more sftctl train flags (after --)")
     args = p.parse_args()
     if args.smoke:

@@ -259,3 +259,30 @@ def test_split_adamw_steps_like_torch_fused_adamw_on_the_device(device):
             want = opt_ref.state[r][k]
             torch.testing.assert_close(opt.state[o][k], want, rtol=1e-6,
                                        atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("ord", [2.0, float("inf")])
+def test_foreach_norms_of_a_mixed_list_are_the_per_tensor_norms_in_order(device, ord):
+    """bf16 and fp32 tensors interleaved (as split weights sit among fp32 ones): one torch call
+    per dtype, results in the input's order and equal to each tensor's own norm in float64
+    (to fp32 rounding with dtype=float32; exact for the max norm, whose result is an element)."""
+    from sftctl.training.foreach import foreach_norms
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [(33, 7), (5,), (1000,), (2, 3, 4), (1,)]
+    tensors = [(torch.randn(s, generator=g) * (i + 1)).to(device,
+               torch.bfloat16 if i % 2 else torch.float32) for i, s in enumerate(shapes)]
+    for dtype in (None, torch.float32):
+        got = foreach_norms(tensors, ord, dtype=dtype)
+        assert len(got) == len(tensors)
+        for t, n in zip(tensors, got):
+            assert n.dtype == (dtype or t.dtype) and n.device == t.device
+            want = torch.linalg.vector_norm(t.double(), ord)
+            if ord == float("inf"):
+                assert float(n) == float(want)
+            else:
+                tol = 2.0 ** -8 if n.dtype == torch.bfloat16 else 1e-6
+                assert float(n) == pytest.approx(float(want), rel=tol)
+    assert foreach_norms([], 2.0) == []

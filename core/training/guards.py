@@ -31,8 +31,8 @@ Design choices
 - Non-finite parameters after an update (``check_params``): a finite loss and gradient norm do
   not make a finite update (``--lr`` too large for fp32, a zero Adam denominator). After every
   step the largest |p| of each parameter is reduced on the device (``torch._foreach_norm`` with
-  ord=inf: NaN/inf propagate, finite weights cannot overflow it; one read of the weights, small
-  next to the optimizer's own reads of weights, gradients and moments). Host mode reads it every
+  ord=inf, one call per dtype: NaN/inf propagate, finite weights cannot overflow it; one read
+  of the weights, small next to the optimizer's own reads of weights, gradients and moments). Host mode reads it every
   step; device mode keeps the first bad step in a device counter read with the other flags (at
   logging boundaries and before every save). The update is already applied, so both policies
   stop; with the read before every save, no checkpoint or final model holds a non-finite weight.
@@ -59,6 +59,7 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError, TrainingError
+from .foreach import foreach_norms
 
 log = logging.getLogger("sftctl")
 
@@ -239,7 +240,7 @@ class NonFiniteGuard:
         if not self.params:
             return
         local = [getattr(p, "_local_tensor", p).detach() for p in self.params]  # FSDP: shard
-        peak = torch.stack(torch._foreach_norm(local, float("inf"))).max()
+        peak = torch.stack(foreach_norms(local, float("inf"))).max()
         bad = ~torch.isfinite(peak)
         if self.mode == "host":
             if self._all_ranks(bad) > 0:

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .foreach import foreach_norms
+
 MODES = ("auto", "split", "fp32")
 
 
@@ -135,7 +137,7 @@ def total_norm_fp32(grads: list[torch.Tensor]) -> torch.Tensor:
     device tensor (torch's ``get_total_norm`` returns bf16 norms for bf16 gradients)."""
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    norms = foreach_norms(grads, 2.0, dtype=torch.float32)
     return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
 
