@@ -100,11 +100,13 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 TEMPLATE_WORDS = sorted(set(ALPACA_NO_INPUT.replace("{instruction}", "").split()))
 
-RUNNERS = ("sftctl", "sftctl_compile", "sftctl_eager", "sftctl_chunk2048", "hf", "hf_compile",
+RUNNERS = ("sftctl", "sftctl_compile", "sftctl_eager", "sftctl_chunk2048", "sftctl_chunk4096",
+           "hf", "hf_compile",
            "hf_liger", "hf_liger_compile", "trl")
 # sftctl with its defaults (--compile auto: on with CUDA), and named variants of it
 SFTCTL_FLAGS = {"sftctl": [], "sftctl_compile": ["--compile"], "sftctl_eager": ["--no-compile"],
-                "sftctl_chunk2048": ["--fused-head-chunk-rows", "2048"]}
+                "sftctl_chunk2048": ["--fused-head-chunk-rows", "2048"],
+                "sftctl_chunk4096": ["--fused-head-chunk-rows", "4096"]}
 # priority order of the full run (most important first; the budget cuts from the end); runs
 # that need the sftctl build wait for it, others go first while it builds
 ORDER = ["a/hf", "a/hf_liger", "b/hf", "b/hf_liger", "a/sftctl", "b/sftctl", "a/sftctl_compile",

@@ -21,6 +21,7 @@ What is checked
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -343,6 +344,8 @@ def test_cuda_cli_packing_names_the_varlen_path(tiny, tmp_path):
         s["attention"]
     assert s["fallbacks"] == [] and s["loss_head"]["fused"] is True
     assert s["async_metrics"] is True
+    assert s["cuda_allocator"]["mode"] == ("env" if os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+                                           else "expandable"), s["cuda_allocator"]
     # the curve of transformers' own packed path (sdpa, block mask) within bf16 noise
     r = train(tiny, tmp_path / "ref", "--device", "cuda", "--precision", "bf16",
               "--packed-attention", "model")

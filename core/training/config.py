@@ -160,6 +160,13 @@ class TrainConfig:
              "for the host; the step's metrics line and sftctl_step_end hooks then run one step "
              "later (a request_stop there ends training after the next step). auto: on with "
              "CUDA, off on the CPU (where a read is not a device sync).")
+    cuda_allocator: str = _f(
+        "auto", flag="--cuda-allocator", choices=("auto", "expandable", "torch"),
+        help="How torch's CUDA caching allocator gets memory. expandable: segments that grow in "
+             "place (expandable_segments:True), so batches whose sizes change from step to step "
+             "(packed rows, chunked heads) do not fragment the cache into cudaFree calls, each a "
+             "device sync. torch: torch's default. auto: expandable on CUDA unless "
+             "PYTORCH_CUDA_ALLOC_CONF is set (then that is used as it is).")
     quiet: bool = _f(False, flag="--quiet", cli="store_true",
                      help="No progress bars and only warnings on stderr.")
     overwrite: bool = _f(False, flag="--overwrite", cli="store_true",

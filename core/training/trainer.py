@@ -55,7 +55,7 @@ from .. import OMP_WAIT_POLICY_REASON
 from .._runtime import cpu_threads_info
 from ..data import BatchPlan, PreparedData, collate, prepare_data
 from ..errors import ConfigError, TrainingError
-from . import atomic, attention, guards, master_weights
+from . import allocator, atomic, attention, guards, master_weights
 from .checkpoint import Checkpointer, data_fingerprint
 from .context import RunContext
 from .distributed import Strategy, select_strategy
@@ -217,6 +217,7 @@ class Trainer:
         self.loss_impl = self.loss_kernel = None
         self.fallbacks: list[dict] = []
         self.head: FusedHead | None = None       # the fused output layer (None: logits + CE)
+        self.cuda_allocator: dict = {}  # the allocator mode (--cuda-allocator) and why
         self.head_chunk_rows: int | None = None  # rows per fused-head chunk (--fused-head-chunk-rows)
         self.head_info: dict = {}                # summary.json "loss_head"
         self.attention: attention.AttentionChoice | None = None  # packed-attention path
@@ -316,6 +317,10 @@ class Trainer:
             log.info("OMP_WAIT_POLICY=PASSIVE: %s (set OMP_WAIT_POLICY to choose yourself)",
                      OMP_WAIT_POLICY_REASON)
         self.device = self.strategy.device(cfg.train.device)
+        self.cuda_allocator = allocator.configure(cfg.train.cuda_allocator, self.device)
+        if self.is_main and self.device.type == "cuda":
+            log.info("cuda allocator: %s (%s)", self.cuda_allocator["mode"],
+                     self.cuda_allocator["reason"])
         self.precision, self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         am = cfg.train.async_metrics
         self.deferred_reads = am == "on" or (am == "auto" and self.device.type == "cuda")
@@ -945,6 +950,7 @@ class Trainer:
                                           if self.device.type == "cuda" else ""),
             "precision": self.precision,
             "master_weights": self.master.to_dict(),
+            "cuda_allocator": self.cuda_allocator,
             "compiled": self.compiled,
             "cpu_threads": cpu_threads_info(),
             "world_size": self.strategy.world_size,
