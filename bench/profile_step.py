@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import re
 import sys
@@ -90,16 +91,28 @@ def profile(args) -> dict:
     cfg = cli.resolve_config(parser.parse_args(argv), pm, pm.config_options())
     trainer = Trainer(cfg, pm)
     trainer.setup()
+    if args.no_heap_freeze:  # A/B of the trainer's gc.freeze after the first step
+        import sftctl.training.trainer as trainer_module
+        trainer_module.freeze_python_heap = lambda: None
+    window: dict = {}
+    collections: list[tuple[int, float]] = []  # (generation, seconds) inside the window
+    gc_start = {}
+
+    def gc_timer(phase, info):
+        if "t0" not in window or "t1" in window:
+            return
+        if phase == "start":
+            gc_start["t"] = time.perf_counter()
+        elif "t" in gc_start:
+            collections.append((info["generation"], time.perf_counter() - gc_start.pop("t")))
     on_gpu = trainer.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     prof = torch.profiler.profile(activities=acts, record_shapes=False)
-    step, calls, walls = trainer.train_step, [], []
+    step, calls, walls, host = trainer.train_step, [], [], []
 
     def sync():
         if on_gpu:
             torch.cuda.synchronize()
-
-    window = {}
 
     def wrapped(rows_list):
         calls.append(1)
@@ -111,16 +124,22 @@ def profile(args) -> dict:
         t0 = time.perf_counter()
         out = step(rows_list)
         if args.skip < n <= args.skip + args.steps:
+            host.append(time.perf_counter() - t0)  # the host's time in the call (no sync)
             if args.sync_each_step or n == args.skip + args.steps:
                 sync()  # the profiled window ends with the device idle
             walls.append(time.perf_counter() - t0)
             if n == args.skip + args.steps:
                 walls[:] = [(time.perf_counter() - window["t0"]) / args.steps] * args.steps
+                window["t1"] = time.perf_counter()
                 prof.stop()
         return out
 
     trainer.train_step = wrapped
-    trainer.train()
+    gc.callbacks.append(gc_timer)
+    try:
+        trainer.train()
+    finally:
+        gc.callbacks.remove(gc_timer)
     if len(walls) < args.steps:
         raise SystemExit(f"only {len(walls)} profiled steps ran (of {args.steps})")
     rows = []
@@ -158,6 +177,12 @@ def profile(args) -> dict:
                                        sorted(cats.items(), key=lambda kv: -kv[1])},
             "compiled": trainer.compiled, "loss_head": trainer.head_info,
             "sync_each_step": args.sync_each_step, "idle_gaps": gaps,
+            "host_ms_per_step": sorted(round(1e3 * h, 2) for h in host),
+            "heap_frozen_after_first_step": not args.no_heap_freeze,
+            "gc_in_window": {f"gen{g}": {"count": sum(1 for c in collections if c[0] == g),
+                                         "ms": round(1e3 * sum(t for c in collections
+                                                               if c[0] == g for t in [c[1]]), 3)}
+                             for g in (0, 1, 2)},
             "kernels": sorted(rows, key=lambda r: -r["us"])[:200]}
 
 
@@ -224,6 +249,11 @@ def markdown(r: dict) -> str:
         name = k["name"] if len(k["name"]) <= 90 else k["name"][:87] + "..."
         lines.append(f"| `{name}` | {k['category']} | {k['count'] / n:.0f} | "
                      f"{k['us'] / 1e3 / n:.2f} |")
+    if r.get("host_ms_per_step"):
+        gcs = ", ".join(f"{k} {v['count']} ({v['ms']:.1f} ms)" for k, v in r["gc_in_window"].items())
+        lines += ["", f"Host time in each step call (no sync inside): {r['host_ms_per_step']} ms; "
+                  f"garbage collections in the window: {gcs}; heap frozen after the first step: "
+                  f"{r['heap_frozen_after_first_step']}."]
     g = r.get("idle_gaps")
     if g:
         lines += ["", f"Device idle inside the window: {g['idle_ms_per_step']:.2f} ms per step, "
@@ -252,6 +282,8 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     p.add_argument("--sync-each-step", action="store_true",
                    help="sync after every profiled step (the old way; inflates the idle share)")
+    p.add_argument("--no-heap-freeze", action="store_true",
+                   help="skip the trainer's gc.freeze after the first step (to measure it)")
     p.add_argument("--gap-us", type=float, default=20.0,
                    help="device gaps at least this long are listed by where they fall")
     p.add_argument("extra", nargs="*", help="more sftctl train flags (after --)")

@@ -128,7 +128,7 @@ class TrainConfig:
     fused_head_chunk_rows: int = _f(
         0, flag="--fused-head-chunk-rows", minimum=0, metavar="ROWS",
         help="Rows per chunk of the fused head (its fp32 logits chunk is ROWS x vocab x 4 "
-             "bytes). 0 (default): as many rows as keep that chunk within 512 MiB (1024 rows at "
+             "bytes). 0 (default): as many rows as keep that chunk within 1 GiB (2048 rows at "
              "a 128256 vocabulary). Larger chunks: fewer passes over the fp32 weight gradient, "
              "more memory at the end of the forward, where the peak usually is.")
     label_smoothing: float = _f(
