@@ -91,9 +91,6 @@ def profile(args) -> dict:
     cfg = cli.resolve_config(parser.parse_args(argv), pm, pm.config_options())
     trainer = Trainer(cfg, pm)
     trainer.setup()
-    if args.no_heap_freeze:  # A/B of the trainer's gc.freeze after the first step
-        import sftctl.training.trainer as trainer_module
-        trainer_module.freeze_python_heap = lambda: None
     window: dict = {}
     collections: list[tuple[int, float]] = []  # (generation, seconds) inside the window
     gc_start = {}
@@ -165,7 +162,10 @@ def profile(args) -> dict:
     for r in rows:
         cats[r["category"]] = cats.get(r["category"], 0.0) + r["us"] / 1e3 / n
     tokens = [h["tokens"] for h in trainer.state.history if h["kind"] == "train"]
-    gaps = idle_gaps(device_intervals(prof), args.gap_us, n) if on_gpu else None
+    gaps = None
+    if on_gpu:
+        gaps = idle_gaps(device_intervals(prof), args.gap_us, n)
+        gaps["largest_with_host"] = host_during(gaps.pop("largest"), host_intervals(prof))
     return {"date": datetime.date.today().isoformat(),
             "card": torch.cuda.get_device_name(0) if on_gpu else "cpu",
             "torch": torch.__version__, "workload": args.workload, "argv": argv,
@@ -178,7 +178,6 @@ def profile(args) -> dict:
             "compiled": trainer.compiled, "loss_head": trainer.head_info,
             "sync_each_step": args.sync_each_step, "idle_gaps": gaps,
             "host_ms_per_step": sorted(round(1e3 * h, 2) for h in host),
-            "heap_frozen_after_first_step": not args.no_heap_freeze,
             "gc_in_window": {f"gen{g}": {"count": sum(1 for c in collections if c[0] == g),
                                          "ms": round(1e3 * sum(t for c in collections
                                                                if c[0] == g for t in [c[1]]), 3)}
@@ -197,12 +196,40 @@ def device_intervals(prof) -> list[tuple[float, float, str]]:
     return out
 
 
+def host_intervals(prof) -> list[tuple[float, float, str]]:
+    """(start_us, end_us, name) of the host-side events: ops, autograd nodes, CUDA runtime
+    calls (cudaLaunchKernel, cudaFree, cudaEventSynchronize, ...)."""
+    from torch.autograd import DeviceType
+
+    return [(float(ev.time_range.start), float(ev.time_range.end), ev.name)
+            for ev in prof.events() if ev.device_type == DeviceType.CPU
+            and ev.time_range.end > ev.time_range.start]
+
+
+def host_during(gaps: list[tuple[float, float, str, str]],
+                host: list[tuple[float, float, str]]) -> list[dict]:
+    """For each gap, the innermost host event that covers most of it (what the host was busy
+    with while the device waited) and the host events that start inside it."""
+    out = []
+    for start, end, before, after in gaps:
+        length = end - start
+        covering = [h for h in host if min(h[1], end) - max(h[0], start) >= 0.8 * length]
+        inner = min(covering, key=lambda h: h[1] - h[0]) if covering else None
+        starting = sorted({h[2] for h in host if start <= h[0] < end})[:8]
+        out.append({"gap_us": round(length, 1), "before": before, "after": after,
+                    "host_innermost": inner[2] if inner else None,
+                    "host_innermost_us": round(inner[1] - inner[0], 1) if inner else None,
+                    "host_started_inside": starting})
+    return out
+
+
 def idle_gaps(intervals: list[tuple[float, float, str]], min_us: float, steps: int) -> dict:
     """Merge the device intervals; every gap >= min_us between two merged runs is charged to
     (last kernel to finish before it, first kernel after it). Returns the total idle inside the
     window per step, the gaps' count, and the pairs with the most idle (ms per step)."""
     ivs = sorted(intervals)
     pairs: dict[tuple[str, str], list[float]] = {}
+    every: list[tuple[float, float, str, str]] = []
     total = small = 0.0
     if ivs:
         end, last = ivs[0][1], ivs[0][2]
@@ -213,6 +240,7 @@ def idle_gaps(intervals: list[tuple[float, float, str]], min_us: float, steps: i
                 if gap >= min_us:
                     key = (_short(last), _short(name))
                     pairs.setdefault(key, []).append(gap)
+                    every.append((end, start, key[0], key[1]))
                 else:
                     small += gap
             if stop > end:
@@ -224,7 +252,8 @@ def idle_gaps(intervals: list[tuple[float, float, str]], min_us: float, steps: i
             "gaps_per_step": round(sum(len(v) for v in pairs.values()) / steps, 1),
             "top": [{"before": b, "after": a, "count": len(v),
                      "ms_per_step": round(sum(v) / 1e3 / steps, 3),
-                     "largest_us": round(max(v), 1)} for (b, a), v in top]}
+                     "largest_us": round(max(v), 1)} for (b, a), v in top],
+            "largest": sorted(every, key=lambda g: g[0] - g[1])[:8]}
 
 
 def _short(name: str) -> str:
@@ -252,8 +281,7 @@ def markdown(r: dict) -> str:
     if r.get("host_ms_per_step"):
         gcs = ", ".join(f"{k} {v['count']} ({v['ms']:.1f} ms)" for k, v in r["gc_in_window"].items())
         lines += ["", f"Host time in each step call (no sync inside): {r['host_ms_per_step']} ms; "
-                  f"garbage collections in the window: {gcs}; heap frozen after the first step: "
-                  f"{r['heap_frozen_after_first_step']}."]
+                  f"garbage collections in the window: {gcs}."]
     g = r.get("idle_gaps")
     if g:
         lines += ["", f"Device idle inside the window: {g['idle_ms_per_step']:.2f} ms per step, "
@@ -264,6 +292,13 @@ def markdown(r: dict) -> str:
         for t in g["top"][:12]:
             lines.append(f"| `{t['before']}` | `{t['after']}` | {t['count']} | "
                          f"{t['ms_per_step']:.3f} | {t['largest_us']:.0f} |")
+        lines += ["", "The largest gaps and what the host was doing (innermost host event "
+                  "covering 80% of the gap):", "", "| gap us | after kernel | host event | "
+                  "its us | host events starting inside |", "|---:|---|---|---:|---|"]
+        for h in g.get("largest_with_host", []):
+            lines.append(f"| {h['gap_us']:.0f} | `{_short(h['after'])[:50]}` | "
+                         f"`{h['host_innermost']}` | {h['host_innermost_us'] or 0:.0f} | "
+                         f"{', '.join(h['host_started_inside'])[:120]} |")
     lines += ["", "Command: `python bench/profile_step.py " + " ".join(sys.argv[1:]) + "`", ""]
     return "\n".join(lines)
 
@@ -282,8 +317,6 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     p.add_argument("--sync-each-step", action="store_true",
                    help="sync after every profiled step (the old way; inflates the idle share)")
-    p.add_argument("--no-heap-freeze", action="store_true",
-                   help="skip the trainer's gc.freeze after the first step (to measure it)")
     p.add_argument("--gap-us", type=float, default=20.0,
                    help="device gaps at least this long are listed by where they fall")
     p.add_argument("extra", nargs="*", help="more sftctl train flags (after --)")

@@ -30,11 +30,6 @@ Design choices
   halves (``master_weights.py``: bf16 weights and gradients, the same updates). fp16 uses a
   GradScaler whose scale is handed to the fused loss as ``grad_scale`` so the scaled backward
   costs no extra pass over the logits gradient.
-- Python's garbage collector: after the first step (compiled graphs, the model, the data
-  exist by then) and after each validation, the heap is collected once and frozen
-  (``gc.freeze``), so later full collections scan only what the steps themselves create. A
-  full collection of the whole heap otherwise stalls the host mid-step for milliseconds, and
-  the GPU, with at most about one step queued, runs dry.
 - Distribution goes through ``Strategy`` (``distributed.py``): the model is wrapped by it, the
   batch plan shards rows by rank, and only rank 0 logs, shows progress and writes files.
 - Plugins see the run through ``RunContext`` (``context.py``): read-only views plus
@@ -45,7 +40,6 @@ Design choices
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -80,15 +74,6 @@ EMBEDDED_MODEL = "embedded:tiny_llama"
 # the fused head's fp32 logits chunk (--fused-head-chunk-rows 0): half the op's own 1 GiB
 # default, since the trainer's chunk is live at the end of the forward, at the peak of memory
 HEAD_CHUNK_BYTES = 1 << 30
-
-
-def freeze_python_heap() -> None:
-    """Collect, then move every object alive now out of the collector's view (``gc.freeze``):
-    later collections, full ones included, scan only objects made after this (see the module
-    notes). Frozen objects that become garbage later are not freed; the heap at this point is
-    the model, the compiled graphs and the data, which live for the whole run anyway."""
-    gc.collect()
-    gc.freeze()
 
 
 def _short(value) -> str:
@@ -232,7 +217,6 @@ class Trainer:
         self.loss_impl = self.loss_kernel = None
         self.fallbacks: list[dict] = []
         self.head: FusedHead | None = None       # the fused output layer (None: logits + CE)
-        self._heap_frozen = False  # freeze_python_heap after the first step of this process
         self.cuda_allocator: dict = {}  # the allocator mode (--cuda-allocator) and why
         self.head_chunk_rows: int | None = None  # rows per fused-head chunk (--fused-head-chunk-rows)
         self.head_info: dict = {}                # summary.json "loss_head"
@@ -779,9 +763,6 @@ class Trainer:
             epoch = round(st.epoch + st.micro_in_epoch / len(epoch_batches), 4)
             # the previous step's metrics, read now that this step is queued behind them
             self._flush_metrics()
-            if not self._heap_frozen:
-                self._heap_frozen = True
-                freeze_python_heap()
             if "pending" in m:
                 self._pending = (m, st.step, epoch)
             elif "loss" in m:
@@ -793,7 +774,6 @@ class Trainer:
                 self._flush_metrics()
             if eval_now:
                 self.evaluate()
-                freeze_python_heap()
                 self._restart_step_clock()
             self.checkpointer.step_end()  # periodic save; preemption: save and raise
             if getattr(self, "_saved_now", False):
