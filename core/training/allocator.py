@@ -3,11 +3,11 @@
 Design choices
 - Packed batches change their shapes every step, and so do the fused head's chunks. When no
   cached block fits a request, torch's default allocator frees cached blocks (``cudaFree``,
-  which waits for the device) and allocates anew: on the packed 1.24B workload that left one
-  H200 idle 10.3 ms of a 133 ms step, in a few multi-millisecond stalls at places that moved
-  from step to step (bench/results/profile_b_H200_2026-12-01_s6.md). Expandable segments map
-  more physical memory into one growing virtual range instead: the cache does not fragment and
-  nothing synchronizes.
+  which waits for the device) and allocates anew, and a fragmented cache can fail a request
+  that the free memory would hold. Expandable segments map more physical memory into one
+  growing virtual range instead: the cache does not fragment. No speed change was measured in
+  a same-call comparison on the 1.24B workloads (bench/results/e2e_H200_2026-12-01_s6.md says
+  what was and was not measured); it is on for robustness under changing shapes.
 - The setting has to be in place before the process's first CUDA allocation: the trainer makes
   the choice in its runtime setup, before the model loads. If memory is already reserved (a
   library user who allocated first), the setting still applies to the segments made from then
