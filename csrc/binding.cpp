@@ -308,21 +308,37 @@ void scale_grad_(at::Tensor& grad, const at::Tensor& grad_output, const OptTenso
 // Fused linear + cross-entropy (sftctl::linear_cross_entropy): a row-chunked driver around ATen
 // GEMMs and the cross-entropy kernels above. See core/ops/functional.py for the design notes.
 
-// Rows per chunk: the most whose fp32 logits (rows * V * 4 bytes) fit kLceChunkBytes, a multiple
-// of 128 when >= 128; mirrored by core/ops/linear_ce_ref.py (default_chunk_rows).
-constexpr int64_t kLceChunkBytes = int64_t{1} << 30;
+// Rows per chunk, the unit of the gradient GEMMs: a chunk's logits gradient (rows * V, in the
+// GEMM dtype) is kept until dhidden and dweight are computed from it, one GEMM each, so fewer
+// chunks mean fewer passes of the dweight GEMM over its fp32 accumulator. Default: the most rows
+// whose gradient fits the larger of kLceChunkBytes and, for a 16-bit weight that gets a
+// gradient, the [V, d] fp32 accumulator that one chunk spares (its dweight is then written by a
+// single GEMM, rounded into the weight's dtype in fp32 pieces). So the kept gradient never costs
+// more than the larger of the two. A multiple of 128 when >= 128. Mirrored by
+// core/ops/linear_ce_ref.py (op_chunk_rows).
+constexpr int64_t kLceChunkBytes = int64_t{3} << 29;  // 1.5 GiB
+// Rows per fp32 logits piece inside a chunk (rows * V * 4 bytes <= kLcePieceBytes): the logits
+// only live from their GEMM to the cross-entropy kernel, which turns them into the gradient.
+constexpr int64_t kLcePieceBytes = int64_t{256} << 20;
 
-int64_t lce_chunk_rows(int64_t vocab, int64_t n_rows, int64_t requested) {
-  int64_t rows = requested;
-  if (rows <= 0) {
-    rows = std::max<int64_t>(1, kLceChunkBytes / (4 * std::max<int64_t>(vocab, 1)));
-    if (rows >= 128) rows = rows / 128 * 128;
-  }
+int64_t lce_rows_within(int64_t bytes, int64_t row_bytes) {
+  int64_t rows = std::max<int64_t>(1, bytes / std::max<int64_t>(row_bytes, 1));
+  if (rows >= 128) rows = rows / 128 * 128;
+  return rows;
+}
+
+// elem_bytes: bytes per kept gradient value; spared_bytes: the fp32 dweight accumulator a single
+// chunk avoids (0 when there is none to avoid).
+int64_t lce_chunk_rows(int64_t vocab, int64_t n_rows, int64_t requested, int64_t elem_bytes,
+                       int64_t spared_bytes) {
+  const int64_t rows =
+      requested > 0 ? requested
+                    : lce_rows_within(std::max(kLceChunkBytes, spared_bytes), elem_bytes * vocab);
   return std::max<int64_t>(1, std::min(rows, std::max<int64_t>(n_rows, 1)));
 }
 
-// Rows of a [V, d] fp32 temporary per dweight GEMM piece after the first chunk (the first chunk
-// writes the accumulator directly): bounds that temporary at ~256 MiB.
+// Rows of a [V, d] fp32 temporary per dweight GEMM piece (a 16-bit dweight written in pieces,
+// or the fallback accumulation): bounds that temporary at ~256 MiB.
 constexpr int64_t kLceDwPieceBytes = int64_t{256} << 20;
 
 bool stream_capturing(const at::Tensor& t) {
@@ -491,53 +507,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const bool any_grad = grad_hidden || grad_weight || grad_bias;
   at::Tensor dh_c = grad_hidden ? alloc({n, d}, hidden.options()) : at::Tensor();  // [n, d]
   const bool dw_direct = grad_weight && weight.scalar_type() == at::kFloat;
-  // [V, d] fp32: the fp32 gradient itself, or an fp32 accumulator for a 16-bit weight
-  at::Tensor dw_acc = grad_weight ? alloc({V, d}, f32) : at::Tensor();
+  // (on the CPU a 16-bit chunk's gradient also gets an fp32 copy for the GEMMs: 6 bytes a value)
+  const int64_t R = lce_chunk_rows(V, n, chunk_rows, f32_operands ? 6 : hidden.element_size(),
+                                   grad_weight && !dw_direct ? V * d * 4 : 0);
+  const int64_t P = std::min(R, lce_rows_within(kLcePieceBytes, 4 * V));  // fp32 logits piece
+  // a 16-bit weight whose rows all fit one chunk: dweight from one GEMM, rounded piece by piece
+  // into the weight's dtype; otherwise an fp32 [V, d] accumulator (for an fp32 weight: the
+  // returned gradient itself)
+  const bool dw_pieces = grad_weight && !dw_direct && n > 0 && n <= R;
+  at::Tensor dw_acc = grad_weight && !dw_pieces ? alloc({V, d}, f32) : at::Tensor();  // [V, d]
+  at::Tensor dw_out = dw_pieces ? at::empty({V, d}, weight.options()) : at::Tensor();  // [V, d]
   at::Tensor db_acc = grad_bias ? at::zeros({V}, f32) : at::Tensor();  // [V]
 
-  const int64_t R = lce_chunk_rows(V, n, chunk_rows);
   at::Tensor zbuf, gbuf, dh_tmp, dw_tmp;
   if (n > 0) {
-    zbuf = at::empty({std::min(R, n), V}, f32);  // fp32 logits of one chunk
-    if (any_grad) gbuf = at::empty({std::min(R, n), V}, hidden.options());  // dlogits, GEMM dtype
+    zbuf = at::empty({std::min(P, n), V}, f32);  // fp32 logits of one piece
+    if (any_grad) gbuf = at::empty({std::min(R, n), V}, hidden.options());  // dlogits of a chunk
   }
   const int64_t dw_piece =
       std::max<int64_t>(1, std::min<int64_t>(V, kLceDwPieceBytes / (4 * std::max<int64_t>(d, 1))));
   for (int64_t r0 = 0, chunk = 0; r0 < n; r0 += R, ++chunk) {
     const int64_t rows = std::min(R, n - r0);
-    const at::Tensor hc = h.narrow(0, r0, rows);                          // [rows, d]
-    const at::Tensor hg = f32_operands ? hc.to(at::kFloat) : hc;          // GEMM operand
-    at::Tensor z = zbuf.narrow(0, 0, rows);                               // [rows, V] fp32
-    gemm_f32(z, hg, wg.t(), bg);
-    at::Tensor g = any_grad ? gbuf.narrow(0, 0, rows) : at::Tensor();     // [rows, V]
+    // logits piece by piece -> the cross-entropy kernel -> this chunk's gradient rows in gbuf
+    for (int64_t p0 = 0; p0 < rows; p0 += P) {
+      const int64_t prow = std::min(P, rows - p0);
+      const at::Tensor hp = h.narrow(0, r0 + p0, prow);                  // [prow, d]
+      at::Tensor z = zbuf.narrow(0, 0, prow);                             // [prow, V] fp32
+      gemm_f32(z, f32_operands ? hp.to(at::kFloat) : hp, wg.t(), bg);
 
-    CrossEntropyParams p;
-    const at::Tensor tc = t.narrow(0, r0, rows);
-    p.logits = z.data_ptr();
-    p.logits_row_stride = V;
-    p.targets = tc.data_ptr<int64_t>();
-    p.n_rows = rows;
-    p.vocab = V;
-    p.ignore_index = ignore_index;
-    p.dtype = DType::Float32;
-    p.reduction = Reduction::None;  // per-row losses; the driver reduces (the divisor is global)
-    p.label_smoothing = static_cast<float>(label_smoothing);
-    p.z_loss = static_cast<float>(z_loss);
-    p.softcap = static_cast<float>(softcap);
-    p.logit_scale = static_cast<float>(logit_scale);
-    p.grad_scale = factor.data_ptr<float>();
-    p.loss = row_loss.data_ptr<float>() + r0;
-    p.lse = lse_c.data_ptr<float>() + r0;
-    if (any_grad) {
-      p.grad = g.data_ptr();
-      p.grad_row_stride = V;
-      p.grad_dtype = static_cast<int>(gdt);
-      if (rs.defined()) p.row_scale = rs.data_ptr<float>() + r0;
+      CrossEntropyParams p;
+      const at::Tensor tp = t.narrow(0, r0 + p0, prow);
+      p.logits = z.data_ptr();
+      p.logits_row_stride = V;
+      p.targets = tp.data_ptr<int64_t>();
+      p.n_rows = prow;
+      p.vocab = V;
+      p.ignore_index = ignore_index;
+      p.dtype = DType::Float32;
+      p.reduction = Reduction::None;  // per-row losses; the driver reduces (the divisor is global)
+      p.label_smoothing = static_cast<float>(label_smoothing);
+      p.z_loss = static_cast<float>(z_loss);
+      p.softcap = static_cast<float>(softcap);
+      p.logit_scale = static_cast<float>(logit_scale);
+      p.grad_scale = factor.data_ptr<float>();
+      p.loss = row_loss.data_ptr<float>() + r0 + p0;
+      p.lse = lse_c.data_ptr<float>() + r0 + p0;
+      if (any_grad) {
+        at::Tensor g = gbuf.narrow(0, p0, prow);                          // [prow, V]
+        p.grad = g.data_ptr();
+        p.grad_row_stride = V;
+        p.grad_dtype = static_cast<int>(gdt);
+        if (rs.defined()) p.row_scale = rs.data_ptr<float>() + r0 + p0;
+      }
+      launch_ce(p, z);
     }
-    launch_ce(p, z);
     if (!any_grad) continue;
 
-    const at::Tensor gg = f32_operands ? g.to(at::kFloat) : g;  // [rows, V] GEMM operand
+    const at::Tensor hc = h.narrow(0, r0, rows);                          // [rows, d]
+    const at::Tensor hg = f32_operands ? hc.to(at::kFloat) : hc;          // GEMM operand
+    const at::Tensor g = gbuf.narrow(0, 0, rows);                         // [rows, V]
+    const at::Tensor gg = f32_operands ? g.to(at::kFloat) : g;            // GEMM operand
     if (grad_hidden) {
       at::Tensor dst = dh_c.narrow(0, r0, rows);  // [rows, d]
       if (gst == at::kFloat) {
@@ -551,7 +580,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     }
     if (grad_weight) {
       const at::Tensor gt = gg.t();  // [V, rows]
-      if (chunk == 0) {
+      if (dw_pieces) {
+        // the whole dweight from this one chunk: fp32 pieces of the GEMM, each rounded once
+        for (int64_t v0 = 0; v0 < V; v0 += dw_piece) {
+          const int64_t vp = std::min(dw_piece, V - v0);
+          if (!dw_tmp.defined()) dw_tmp = at::empty({std::min(dw_piece, V), d}, f32);
+          at::Tensor tmp = dw_tmp.narrow(0, 0, vp);
+          gemm_f32(tmp, gt.narrow(0, v0, vp), hg, at::Tensor());
+          dw_out.narrow(0, v0, vp).copy_(tmp);
+        }
+      } else if (chunk == 0) {
         gemm_f32(dw_acc, gt, hg, at::Tensor());  // the first chunk writes the accumulator
       } else if (gst == at::kFloat || f32_operands) {
         at::addmm_out(dw_acc, dw_acc, gt, hg);  // fp32 operands: accumulate in the GEMM (beta 1)
@@ -559,7 +597,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
         // fallback: fp32 pieces of the product added to the accumulator (temporary <= 256 MiB)
         for (int64_t v0 = 0; v0 < V; v0 += dw_piece) {
           const int64_t vp = std::min(dw_piece, V - v0);
-          if (!dw_tmp.defined()) dw_tmp = at::empty({dw_piece, d}, f32);
+          if (!dw_tmp.defined()) dw_tmp = at::empty({std::min(dw_piece, V), d}, f32);
           at::Tensor tmp = dw_tmp.narrow(0, 0, vp);
           gemm_f32(tmp, gt.narrow(0, v0, vp), hg, at::Tensor());
           dw_acc.narrow(0, v0, vp).add_(tmp);
@@ -589,7 +627,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   if (grad_hidden)
     dh = idx.defined() ? at::zeros({N, d}, hidden.options()).index_copy_(0, idx, dh_c) : dh_c;
   at::Tensor dw = at::empty({0}, weight.options());
-  if (grad_weight) dw = dw_direct ? dw_acc : dw_acc.to(weight.scalar_type());
+  if (grad_weight) dw = dw_pieces ? dw_out : (dw_direct ? dw_acc : dw_acc.to(weight.scalar_type()));
   at::Tensor db = at::empty({0}, bias.has_value() ? bias->options() : f32);
   if (grad_bias) db = db_acc.to(bias->scalar_type());
   return {loss, lse, dh, dw, db};

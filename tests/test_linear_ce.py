@@ -413,6 +413,43 @@ def test_frozen_weight_skips_dweight_gemms(reduction):
     assert _gemm_count(lambda: run(True, False)) == fwd + 3
 
 
+def test_default_chunk_is_one_chunk_one_dweight_gemm():
+    """A step's few rows fit the default chunk: one logits GEMM, one dhidden GEMM and one
+    dweight GEMM (no pass per chunk over a dweight accumulator)."""
+    h, w, t, _ = make_inputs(60, 8, 40, torch.bfloat16, "cpu", ignore="none")
+
+    def run():
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        ops.linear_cross_entropy(hh, ww, t).backward()
+
+    assert _gemm_count(run) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_chunk_16bit_dweight_written_in_pieces(dtype):
+    """A 16-bit weight whose rows fit one chunk: dweight comes from one GEMM, rounded into the
+    weight's dtype in fp32 pieces of <= 256 MiB (here 16384 + 116 rows at d = 4096), never
+    through a [V, d] fp32 accumulator; per element within the fp64 bound."""
+    h, w, t, b = make_inputs(40, 4096, 16500, dtype, "cpu", bias=True)
+    compare(ops.linear_cross_entropy, h, w, t, b, z_loss=1e-3)
+
+    def run():  # logits, dhidden, and dweight in two pieces
+        hh, ww = h[:4].clone().requires_grad_(), w.clone().requires_grad_()
+        ops.linear_cross_entropy(hh, ww, t[:4]).backward()
+
+    assert _gemm_count(run) == 4
+
+
+def test_logits_in_pieces_inside_one_chunk():
+    """V = 65536: the fp32 logits go through 1024-row pieces (256 MiB) inside one 1100-row chunk
+    whose gradient is kept whole; the per-row losses, lse and row factors line up across the
+    pieces (mean and 'none' with a random grad_output)."""
+    h, w, t, _ = make_inputs(1100, 8, 65536, torch.bfloat16, "cpu")
+    compare(ops.linear_cross_entropy, h, w, t, None, label_smoothing=0.1, return_lse=True)
+    compare(ops.linear_cross_entropy, h, w, t, None, reduction="none",
+            grad_out=torch.randn(1100, generator=torch.Generator().manual_seed(5)))
+
+
 def test_compaction_skips_ignored_rows_gemm_rows():
     """30% of rows ignored: the GEMMs see only the kept rows (their shapes in the profile)."""
     h, w, t, _ = make_inputs(100, 8, 40, torch.float32, "cpu", ignore="none")
@@ -549,12 +586,13 @@ def test_cuda_no_full_logits(wdtype):
     loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    rows = 2048  # default chunk at V = 128256
-    # fp32 logits chunk + its bf16 gradient; dweight in fp32; compacted hidden, its dhidden and
-    # the scattered dhidden; the <= 256 MiB dweight GEMM piece; cuBLAS workspaces; and a V x d
-    # bf16 copy (fp32 weight: the weight in the GEMM dtype; bf16 weight: the rounded gradient)
-    budget = (rows * v * (4 + 2) + v * d * 4 + n * d * 2 * 3 + (256 << 20) + (128 << 20)
-              + v * d * 2)
+    rows, piece = 6272, 512  # default chunk (1.5 GiB of bf16 gradient) and fp32 piece
+    # a chunk's bf16 logits gradient + one fp32 logits piece; dweight in fp32; compacted hidden,
+    # its dhidden (and fp32 temporary) and the scattered dhidden; the <= 256 MiB dweight GEMM
+    # piece; cuBLAS workspaces; and a V x d bf16 copy (fp32 weight: the weight in the GEMM
+    # dtype; bf16 weight: the rounded gradient)
+    budget = (rows * v * 2 + piece * v * 4 + v * d * 4 + n * d * 2 * 3 + rows * d * 4
+              + (256 << 20) + (128 << 20) + v * d * 2)
     assert extra <= budget, f"extra {extra / 2**30:.2f} GiB > budget {budget / 2**30:.2f} GiB"
     assert extra < n * v * 2, "as much memory as bf16 logits"
 

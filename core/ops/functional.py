@@ -281,9 +281,14 @@ def sft_labels(input_ids: torch.Tensor, *, loss_mask=None, prompt_lengths=None,
 # on CUDA, fp32 operands on the CPU) -> the fused cross-entropy kernel on that chunk, which writes
 # per-row loss and lse and the logits' gradient straight in the GEMM dtype (bf16/fp16, rounded
 # once, already multiplied by the reduction factor, logit_scale and any per-row factor) ->
-# dhidden = dlogits @ W (fp32 output, rounded once) and dweight += dlogits^T @ h in fp32. Only
-# one chunk of logits (fp32) and of their gradient (GEMM dtype) exists at a time; the chunk size
-# is chosen so the fp32 chunk stays <= 1 GiB (2048 rows at V = 128256). Why this and not a fused
+# dhidden = dlogits @ W (fp32 output, rounded once) and dweight += dlogits^T @ h in fp32. A
+# chunk is the unit of the two gradient GEMMs: its logits gradient (GEMM dtype) is kept whole
+# while its fp32 logits go through in pieces of <= 256 MiB (each piece lives from its GEMM to the
+# kernel). Default chunk: as many rows as keep that gradient within the larger of 1.5 GiB and
+# the fp32 dweight accumulator that a single chunk spares a 16-bit weight (6,272 rows at
+# V = 128256 in bf16; 8,192 with a bf16 [128256, 4096] weight), so a step of a few thousand
+# target rows is one chunk: one dweight GEMM, written into a 16-bit weight's dtype in fp32
+# pieces, with no [V, d] fp32 accumulator and no pass over one per chunk. Why this and not a fused
 # GEMM+softmax kernel: cuBLAS GEMMs are already at the matmul floor, and the cross-entropy
 # kernel is memory-bound and tuned (bench/NOTES_cuda.md); the chunk round trip through HBM
 # (fp32 write + read, 16-bit gradient write + read) costs ~4 % of the GEMM time at d = 4096.
@@ -415,7 +420,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     converted to it when they differ (fp32 master weights), and each gradient comes back in its
     input's dtype (dweight of an fp32 weight is accumulated in fp32 directly).
 
-    - ``chunk_rows``: rows per chunk (default: as many as keep an fp32 chunk of logits <= 1 GiB).
+    - ``chunk_rows``: rows per chunk, the unit of the dhidden/dweight GEMMs whose logits
+      gradient is kept in the GEMM dtype (default: as many as fit the larger of 1.5 GiB and, for
+      a 16-bit weight, the [V, d] fp32 dweight accumulator that one chunk avoids).
     - ``compact``: drop ignored rows before the matmul (a host sync for their count). Default
       (None, or True): on, except while the current CUDA stream captures a graph; False computes
       every row (ignored rows contribute exactly 0) and never syncs. An input that is already

@@ -32,6 +32,7 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["torch_linear_cross_entropy", "LinearCrossEntropyOutput", "default_chunk_rows",
+           "op_chunk_rows",
            "CHUNK_BYTES", "resolve_compact"]
 
 
@@ -42,18 +43,36 @@ class LinearCrossEntropyOutput(NamedTuple):
     loss: torch.Tensor
     lse: torch.Tensor
 
-# Budget of one fp32 logits chunk (rows * V * 4 bytes). 1 GiB: 2048 rows at V = 128256, 1024 rows
-# at V = 262144 -- large enough that the GEMMs run near their peak rate.
+# Budget of one fp32 logits chunk of this stock-PyTorch twin (rows * V * 4 bytes). 1 GiB: 2048
+# rows at V = 128256, 1024 rows at V = 262144 -- large enough that the GEMMs run near their peak.
 CHUNK_BYTES = 1 << 30
+# The compiled op's budgets (csrc/binding.cpp): the logits gradient kept per chunk, in the GEMM
+# dtype, and the fp32 logits piece inside a chunk.
+OP_CHUNK_BYTES = 3 << 29
+OP_PIECE_BYTES = 256 << 20
+
+
+def _rows_within(budget: int, row_bytes: int) -> int:
+    rows = max(1, budget // max(int(row_bytes), 1))
+    return rows // 128 * 128 if rows >= 128 else rows
 
 
 def default_chunk_rows(vocab: int, n_rows: int) -> int:
-    """Rows per chunk: the most that keep rows * V * 4 bytes <= CHUNK_BYTES, a multiple of 128
-    when that is >= 128 (GEMM tile friendly), never more than the rows there are (and >= 1).
-    Mirrors csrc/binding.cpp (lce_chunk_rows)."""
-    rows = max(1, CHUNK_BYTES // (4 * max(int(vocab), 1)))
-    if rows >= 128:
-        rows = rows // 128 * 128
+    """Rows per chunk of ``torch_linear_cross_entropy``: the most that keep rows * V * 4 bytes
+    <= CHUNK_BYTES, a multiple of 128 when that is >= 128 (GEMM tile friendly), never more than
+    the rows there are (and >= 1)."""
+    rows = _rows_within(CHUNK_BYTES, 4 * max(int(vocab), 1))
+    return max(1, min(rows, max(int(n_rows), 1)))
+
+
+def op_chunk_rows(vocab: int, n_rows: int, *, gemm_bytes: int, spared_bytes: int = 0) -> int:
+    """Rows per chunk of the compiled ``sftctl.ops.linear_cross_entropy`` (mirrors
+    ``lce_chunk_rows`` in csrc/binding.cpp): the most whose logits gradient (``gemm_bytes`` a
+    value: 2 for bf16/fp16 on CUDA, 6 on the CPU, which also makes an fp32 copy for its GEMMs; 4
+    for fp32) fits the larger of OP_CHUNK_BYTES and ``spared_bytes`` (V * d * 4 for a 16-bit
+    weight that gets a gradient: the fp32 accumulator a single chunk spares)."""
+    rows = _rows_within(max(OP_CHUNK_BYTES, int(spared_bytes)),
+                        int(gemm_bytes) * max(int(vocab), 1))
     return max(1, min(rows, max(int(n_rows), 1)))
 
 

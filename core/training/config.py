@@ -127,10 +127,12 @@ class TrainConfig:
              "that cannot is an error; off: always logits + cross-entropy.")
     fused_head_chunk_rows: int = _f(
         0, flag="--fused-head-chunk-rows", minimum=0, metavar="ROWS",
-        help="Rows per chunk of the fused head (its fp32 logits chunk is ROWS x vocab x 4 "
-             "bytes). 0 (default): as many rows as keep that chunk within 1 GiB (2048 rows at "
-             "a 128256 vocabulary). Larger chunks: fewer passes over the fp32 weight gradient, "
-             "more memory at the end of the forward, where the peak usually is.")
+        help="Rows per chunk of the fused head: the rows whose logits gradient (ROWS x vocab, "
+             "bf16 under autocast) is kept for the head's two gradient GEMMs, each chunk one "
+             "more pass of the weight-gradient GEMM. 0 (default): the op's choice, as many rows "
+             "as fit 1.5 GiB (6272 at a 128256 vocabulary), so a step of a few thousand trained "
+             "tokens is one chunk. Smaller: less memory at the end of the forward, where the "
+             "peak usually is.")
     label_smoothing: float = _f(
         0.0, flag="--label-smoothing", minimum=0.0, below=1.0, metavar="EPS",
         help="Label smoothing of the training loss: each target's loss becomes (1 - EPS) * NLL + "

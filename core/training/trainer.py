@@ -73,7 +73,6 @@ log = logging.getLogger("sftctl")
 EMBEDDED_MODEL = "embedded:tiny_llama"
 # the fused head's fp32 logits chunk (--fused-head-chunk-rows 0): half the op's own 1 GiB
 # default, since the trainer's chunk is live at the end of the forward, at the peak of memory
-HEAD_CHUNK_BYTES = 1 << 30
 
 
 def _short(value) -> str:
@@ -427,15 +426,27 @@ class Trainer:
             self.head_info = {"fused": False, "path": plain, "reason": why}
             self._fallback("fused_head", asked, plain, why)
         else:
-            vocab = self.head.head.weight.shape[0]
-            self.head_chunk_rows = (self.config.train.fused_head_chunk_rows or
-                                    max(1, HEAD_CHUNK_BYTES // (4 * vocab)))
+            self.head_chunk_rows = self.config.train.fused_head_chunk_rows or None
             self.head_info = {"fused": True, "path": self.head.describe(), "reason": None,
-                              "tied": self.head.tied, "chunk_rows": self.head_chunk_rows,
+                              "tied": self.head.tied,
+                              "chunk_rows": self.head_chunk_rows or self._op_chunk_rows(),
                               **self.head.transform}
             if self.is_main:
                 log.info("loss head: %s", self.head.describe())
         self.loss_kernel = kernel_name(self.loss_impl, self.device, fused_head=self.head is not None)
+
+    def _op_chunk_rows(self) -> int:
+        """The fused head op's default rows per chunk for this run (at most; fewer when a step
+        has fewer rows with a target): see ``op_chunk_rows``."""
+        from ..ops.linear_ce_ref import op_chunk_rows
+
+        w = self.head.head.weight
+        gemm = self.amp_dtype if self.amp_dtype is not None else w.dtype
+        item = torch.empty((), dtype=gemm).element_size()
+        if self.device.type == "cpu" and item < 4:
+            item += 4  # the CPU's GEMMs take an fp32 copy of the 16-bit gradient
+        spared = w.numel() * 4 if w.requires_grad and w.dtype != torch.float32 else 0
+        return op_chunk_rows(w.shape[0], 1 << 40, gemm_bytes=item, spared_bytes=spared)
 
     def _master_weights(self, model) -> None:
         """Split fp32 master weights of the Linear layers or keep them (``master_weights.py``)."""
