@@ -442,7 +442,7 @@ class Trainer:
 
         w = self.head.head.weight
         gemm = self.amp_dtype if self.amp_dtype is not None else w.dtype
-        item = torch.empty((), dtype=gemm).element_size()
+        item = gemm.itemsize
         if self.device.type == "cpu" and item < 4:
             item += 4  # the CPU's GEMMs take an fp32 copy of the 16-bit gradient
         spared = w.numel() * 4 if w.requires_grad and w.dtype != torch.float32 else 0
