@@ -580,28 +580,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     }
     if (grad_weight) {
       const at::Tensor gt = gg.t();  // [V, rows]
-      if (dw_pieces) {
-        // the whole dweight from this one chunk: fp32 pieces of the GEMM, each rounded once
+      // dst (+)= gt @ hg through fp32 pieces of <= kLceDwPieceBytes, each rounded/added once
+      auto dw_by_pieces = [&](at::Tensor& dst, bool add) {
         for (int64_t v0 = 0; v0 < V; v0 += dw_piece) {
           const int64_t vp = std::min(dw_piece, V - v0);
           if (!dw_tmp.defined()) dw_tmp = at::empty({std::min(dw_piece, V), d}, f32);
           at::Tensor tmp = dw_tmp.narrow(0, 0, vp);
           gemm_f32(tmp, gt.narrow(0, v0, vp), hg, at::Tensor());
-          dw_out.narrow(0, v0, vp).copy_(tmp);
+          at::Tensor part = dst.narrow(0, v0, vp);
+          if (add)
+            part.add_(tmp);
+          else
+            part.copy_(tmp);
         }
+      };
+      if (dw_pieces) {
+        dw_by_pieces(dw_out, false);  // the whole dweight from this one chunk, rounded once
       } else if (chunk == 0) {
         gemm_f32(dw_acc, gt, hg, at::Tensor());  // the first chunk writes the accumulator
       } else if (gst == at::kFloat || f32_operands) {
         at::addmm_out(dw_acc, dw_acc, gt, hg);  // fp32 operands: accumulate in the GEMM (beta 1)
       } else if (!lce_accumulate_16bit(dw_acc, gt, hg)) {
-        // fallback: fp32 pieces of the product added to the accumulator (temporary <= 256 MiB)
-        for (int64_t v0 = 0; v0 < V; v0 += dw_piece) {
-          const int64_t vp = std::min(dw_piece, V - v0);
-          if (!dw_tmp.defined()) dw_tmp = at::empty({std::min(dw_piece, V), d}, f32);
-          at::Tensor tmp = dw_tmp.narrow(0, 0, vp);
-          gemm_f32(tmp, gt.narrow(0, v0, vp), hg, at::Tensor());
-          dw_acc.narrow(0, v0, vp).add_(tmp);
-        }
+        dw_by_pieces(dw_acc, true);  // fallback: fp32 pieces added to the accumulator
       }
     }
     if (grad_bias) db_acc.add_(at::sum(g, {0}, false, at::kFloat));
