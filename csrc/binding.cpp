@@ -33,6 +33,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -309,17 +310,20 @@ void scale_grad_(at::Tensor& grad, const at::Tensor& grad_output, const OptTenso
 // GEMMs and the cross-entropy kernels above. See core/ops/functional.py for the design notes.
 
 // Rows per chunk, the unit of the gradient GEMMs: a chunk's logits gradient (rows * V, in the
-// GEMM dtype) is kept until dhidden and dweight are computed from it, one GEMM each, so fewer
-// chunks mean fewer passes of the dweight GEMM over its fp32 accumulator. Default: the most rows
-// whose gradient fits the larger of kLceChunkBytes and, for a 16-bit weight that gets a
-// gradient, the [V, d] fp32 accumulator that one chunk spares (its dweight is then written by a
-// single GEMM, rounded into the weight's dtype in fp32 pieces). So the kept gradient never costs
-// more than the larger of the two. A multiple of 128 when >= 128. Mirrored by
+// GEMM dtype) is kept until dhidden and dweight are computed from it, one GEMM each. Default:
+// all n rows in one chunk when their gradient fits kLceChunkBytes plus the [V, d] fp32 dweight
+// accumulator that a single chunk spares a 16-bit weight with a gradient (spared_bytes; its
+// dweight is then one GEMM written straight into the weight's dtype); otherwise chunks whose
+// gradient fits kLceChunkBytes, with that accumulator. Either way the kept gradient plus any
+// accumulator stays within kLceChunkBytes + spared_bytes, and one chunk is also the fastest
+// plan (no accumulator passes). A multiple of 128 when >= 128. Mirrored by
 // core/ops/linear_ce_ref.py (op_chunk_rows).
 constexpr int64_t kLceChunkBytes = int64_t{3} << 29;  // 1.5 GiB
 // Rows per fp32 logits piece inside a chunk (rows * V * 4 bytes <= kLcePieceBytes): the logits
 // only live from their GEMM to the cross-entropy kernel, which turns them into the gradient.
-constexpr int64_t kLcePieceBytes = int64_t{256} << 20;
+// 512 MiB: on an H200 (d = 4096, V = 128256) the fp32-output logits GEMM in 1024-row pieces
+// costs 16% over one bf16-output GEMM, in 512-row pieces 22% (bench/profile_lce.py).
+constexpr int64_t kLcePieceBytes = int64_t{512} << 20;
 
 int64_t lce_rows_within(int64_t bytes, int64_t row_bytes) {
   int64_t rows = std::max<int64_t>(1, bytes / std::max<int64_t>(row_bytes, 1));
@@ -331,15 +335,56 @@ int64_t lce_rows_within(int64_t bytes, int64_t row_bytes) {
 // chunk avoids (0 when there is none to avoid).
 int64_t lce_chunk_rows(int64_t vocab, int64_t n_rows, int64_t requested, int64_t elem_bytes,
                        int64_t spared_bytes) {
-  const int64_t rows =
-      requested > 0 ? requested
-                    : lce_rows_within(std::max(kLceChunkBytes, spared_bytes), elem_bytes * vocab);
-  return std::max<int64_t>(1, std::min(rows, std::max<int64_t>(n_rows, 1)));
+  const int64_t n = std::max<int64_t>(n_rows, 1);
+  if (requested > 0) return std::min(requested, n);
+  const int64_t row_bytes = elem_bytes * vocab;
+  if (n <= (kLceChunkBytes + spared_bytes) / std::max<int64_t>(row_bytes, 1)) return n;
+  return std::min(lce_rows_within(kLceChunkBytes, row_bytes), n);
 }
 
-// Rows of a [V, d] fp32 temporary per dweight GEMM piece (a 16-bit dweight written in pieces,
-// or the fallback accumulation): bounds that temporary at ~256 MiB.
+// Rows of a [V, d] fp32 temporary per dweight GEMM piece (the CPU's 16-bit dweight written in
+// pieces, or the fallback accumulation): bounds that temporary at ~256 MiB.
 constexpr int64_t kLceDwPieceBytes = int64_t{256} << 20;
+
+#ifdef SFTCTL_WITH_CUDA
+// While one is alive, cuBLAS may still split K but must reduce the partial sums in fp32, so a
+// 16-bit GEMM output is its fp32 result rounded once (torch's default lets split-K reduce in
+// 16 bits). The op's dhidden and dweight GEMMs write the 16-bit gradients directly under it,
+// instead of an fp32 GEMM plus a rounding copy (on an H200 that copy cost the dweight 2.2 ms of
+// a 9 ms GEMM). The setting is process-wide: the first guard in sets it, the last one out puts
+// back what was there; meanwhile other threads' 16-bit GEMMs can only get more exact.
+class ExactCublasReduction {
+ public:
+  ExactCublasReduction() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (depth_++ > 0) return;
+    auto& ctx = at::globalContext();
+    bf16_ = ctx.allowBF16ReductionCuBLAS();
+    fp16_ = ctx.allowFP16ReductionCuBLAS();
+    if (bf16_ == at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK)
+      ctx.setAllowBF16ReductionCuBLAS(false, true);
+    if (fp16_ == at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK)
+      ctx.setAllowFP16ReductionCuBLAS(false, true);
+  }
+  ~ExactCublasReduction() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (--depth_ > 0) return;
+    auto& ctx = at::globalContext();
+    using O = at::CuBLASReductionOption;
+    ctx.setAllowBF16ReductionCuBLAS(bf16_ == O::AllowReducedPrecisionWithSplitK,
+                                    bf16_ != O::DisallowReducedPrecisionDisallowSplitK);
+    ctx.setAllowFP16ReductionCuBLAS(fp16_ == O::AllowReducedPrecisionWithSplitK,
+                                    fp16_ != O::DisallowReducedPrecisionDisallowSplitK);
+  }
+  ExactCublasReduction(const ExactCublasReduction&) = delete;
+  ExactCublasReduction& operator=(const ExactCublasReduction&) = delete;
+
+ private:
+  static inline std::mutex mu_;
+  static inline int depth_ = 0;
+  static inline at::CuBLASReductionOption bf16_{}, fp16_{};
+};
+#endif
 
 bool stream_capturing(const at::Tensor& t) {
 #ifdef SFTCTL_WITH_CUDA
@@ -511,12 +556,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const int64_t R = lce_chunk_rows(V, n, chunk_rows, f32_operands ? 6 : hidden.element_size(),
                                    grad_weight && !dw_direct ? V * d * 4 : 0);
   const int64_t P = std::min(R, lce_rows_within(kLcePieceBytes, 4 * V));  // fp32 logits piece
-  // a 16-bit weight whose rows all fit one chunk: dweight from one GEMM, rounded piece by piece
-  // into the weight's dtype; otherwise an fp32 [V, d] accumulator (for an fp32 weight: the
-  // returned gradient itself)
-  const bool dw_pieces = grad_weight && !dw_direct && n > 0 && n <= R;
-  at::Tensor dw_acc = grad_weight && !dw_pieces ? alloc({V, d}, f32) : at::Tensor();  // [V, d]
-  at::Tensor dw_out = dw_pieces ? at::empty({V, d}, weight.options()) : at::Tensor();  // [V, d]
+  // a 16-bit weight whose rows all fit one chunk: dweight from one GEMM written in the weight's
+  // dtype (CUDA: by cuBLAS from its fp32 accumulator; CPU: fp32 pieces, each rounded once);
+  // otherwise an fp32 [V, d] accumulator (for an fp32 weight: the returned gradient itself)
+  const bool dw_once = grad_weight && !dw_direct && n > 0 && n <= R;
+  at::Tensor dw_acc = grad_weight && !dw_once ? alloc({V, d}, f32) : at::Tensor();  // [V, d]
+  at::Tensor dw_out = dw_once ? at::empty({V, d}, weight.options()) : at::Tensor();  // [V, d]
+#ifdef SFTCTL_WITH_CUDA
+  // 16-bit GEMM outputs below are rounded once from fp32 (see ExactCublasReduction)
+  std::optional<ExactCublasReduction> exact_reduction;
+  if (cuda && gst != at::kFloat) exact_reduction.emplace();
+#endif
   at::Tensor db_acc = grad_bias ? at::zeros({V}, f32) : at::Tensor();  // [V]
 
   at::Tensor zbuf, gbuf, dh_tmp, dw_tmp;
@@ -569,8 +619,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     const at::Tensor gg = f32_operands ? g.to(at::kFloat) : g;            // GEMM operand
     if (grad_hidden) {
       at::Tensor dst = dh_c.narrow(0, r0, rows);  // [rows, d]
-      if (gst == at::kFloat) {
-        at::mm_out(dst, gg, wg);
+      if (gst == at::kFloat || cuda) {
+        at::mm_out(dst, gg, wg);  // 16-bit on CUDA: fp32 accumulation, rounded once
       } else {
         if (!dh_tmp.defined()) dh_tmp = at::empty({std::min(R, n), d}, f32);
         at::Tensor tmp = dh_tmp.narrow(0, 0, rows);
@@ -594,7 +644,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
             part.copy_(tmp);
         }
       };
-      if (dw_pieces) {
+      if (dw_once && cuda && weight.scalar_type() == gst) {
+        at::mm_out(dw_out, gt, hg);  // the whole dweight in one GEMM, rounded once
+      } else if (dw_once) {
         dw_by_pieces(dw_out, false);  // the whole dweight from this one chunk, rounded once
       } else if (chunk == 0) {
         gemm_f32(dw_acc, gt, hg, at::Tensor());  // the first chunk writes the accumulator
@@ -627,7 +679,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   if (grad_hidden)
     dh = idx.defined() ? at::zeros({N, d}, hidden.options()).index_copy_(0, idx, dh_c) : dh_c;
   at::Tensor dw = at::empty({0}, weight.options());
-  if (grad_weight) dw = dw_pieces ? dw_out : (dw_direct ? dw_acc : dw_acc.to(weight.scalar_type()));
+  if (grad_weight) dw = dw_once ? dw_out : (dw_direct ? dw_acc : dw_acc.to(weight.scalar_type()));
   at::Tensor db = at::empty({0}, bias.has_value() ? bias->options() : f32);
   if (grad_bias) db = db_acc.to(bias->scalar_type());
   return {loss, lse, dh, dw, db};

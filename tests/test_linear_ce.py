@@ -441,10 +441,10 @@ def test_one_chunk_16bit_dweight_written_in_pieces(dtype):
 
 
 def test_logits_in_pieces_inside_one_chunk():
-    """V = 65536: the fp32 logits go through 1024-row pieces (256 MiB) inside one 1100-row chunk
+    """V = 131072: the fp32 logits go through 1024-row pieces (512 MiB) inside one 1100-row chunk
     whose gradient is kept whole; the per-row losses, lse and row factors line up across the
     pieces (mean and 'none' with a random grad_output)."""
-    h, w, t, _ = make_inputs(1100, 8, 65536, torch.bfloat16, "cpu")
+    h, w, t, _ = make_inputs(1100, 8, 131072, torch.bfloat16, "cpu")
     compare(ops.linear_cross_entropy, h, w, t, None, label_smoothing=0.1, return_lse=True)
     compare(ops.linear_cross_entropy, h, w, t, None, reduction="none",
             grad_out=torch.randn(1100, generator=torch.Generator().manual_seed(5)))
@@ -586,15 +586,55 @@ def test_cuda_no_full_logits(wdtype):
     loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    rows, piece = 6272, 512  # default chunk (1.5 GiB of bf16 gradient) and fp32 piece
+    # ~11.5k target rows do not fit one chunk (1.5 GiB + the 0.5 GiB fp32 accumulator it would
+    # spare): chunks of 6272 rows (1.5 GiB of bf16 gradient) and 1024-row fp32 logits pieces
+    rows, piece = 6272, 1024
     # a chunk's bf16 logits gradient + one fp32 logits piece; dweight in fp32; compacted hidden,
-    # its dhidden (and fp32 temporary) and the scattered dhidden; the <= 256 MiB dweight GEMM
-    # piece; cuBLAS workspaces; and a V x d bf16 copy (fp32 weight: the weight in the GEMM
-    # dtype; bf16 weight: the rounded gradient)
-    budget = (rows * v * 2 + piece * v * 4 + v * d * 4 + n * d * 2 * 3 + rows * d * 4
+    # its dhidden and the scattered dhidden; a <= 256 MiB dweight GEMM piece (only if torch
+    # refuses baddbmm's fp32 accumulation); cuBLAS workspaces; and a V x d bf16 copy (fp32
+    # weight: the weight in the GEMM dtype; bf16 weight: the rounded gradient)
+    budget = (rows * v * 2 + piece * v * 4 + v * d * 4 + n * d * 2 * 3
               + (256 << 20) + (128 << 20) + v * d * 2)
     assert extra <= budget, f"extra {extra / 2**30:.2f} GiB > budget {budget / 2**30:.2f} GiB"
     assert extra < n * v * 2, "as much memory as bf16 logits"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_16bit_gradients_rounded_once_whatever_the_reduction_setting(dtype):
+    """One chunk on CUDA: the logits GEMM, one dhidden GEMM and one dweight GEMM, the 16-bit
+    gradients written by cuBLAS itself. Shapes with a long K (8192 rows into a 64 x 96 dweight,
+    a 2048-long vocabulary into dhidden) invite split-K: the op must reduce its partial sums in
+    fp32 whatever torch's reduced-precision setting says, so the gradients are the same bits
+    with the setting on (torch's default) and off, and the setting is left as it was."""
+    h, w, t, _ = make_inputs(8192, 64, 96, dtype, "cuda", ignore="none")
+    h2, w2, t2, _ = make_inputs(64, 96, 2048, dtype, "cuda", ignore="none")
+    name = ("allow_bf16_reduced_precision_reduction" if dtype == torch.bfloat16
+            else "allow_fp16_reduced_precision_reduction")
+    before = getattr(torch.backends.cuda.matmul, name)
+    grads = {}
+    try:
+        for allow in (True, False):
+            setattr(torch.backends.cuda.matmul, name, allow)
+            out = []
+            for hh, ww, tt in ((h, w, t), (h2, w2, t2)):
+                hh, ww = hh.clone().requires_grad_(), ww.clone().requires_grad_()
+                ops.linear_cross_entropy(hh, ww, tt).backward()
+                out += [hh.grad, ww.grad]
+            assert getattr(torch.backends.cuda.matmul, name) == allow
+            grads[allow] = out
+    finally:
+        setattr(torch.backends.cuda.matmul, name, before)
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.equal(a, b)
+    compare(ops.linear_cross_entropy, h, w, t, None)
+    compare(ops.linear_cross_entropy, h2, w2, t2, None)
+
+    def run():
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        ops.linear_cross_entropy(hh, ww, t).backward()
+
+    assert _gemm_count(run) == 3
 
 
 @pytest.mark.parametrize("cap", ["DEFAULT"])

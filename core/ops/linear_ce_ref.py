@@ -49,7 +49,7 @@ CHUNK_BYTES = 1 << 30
 # The compiled op's budgets (csrc/binding.cpp): the logits gradient kept per chunk, in the GEMM
 # dtype, and the fp32 logits piece inside a chunk.
 OP_CHUNK_BYTES = 3 << 29
-OP_PIECE_BYTES = 256 << 20
+OP_PIECE_BYTES = 512 << 20
 
 
 def _rows_within(budget: int, row_bytes: int) -> int:
@@ -66,14 +66,18 @@ def default_chunk_rows(vocab: int, n_rows: int) -> int:
 
 
 def op_chunk_rows(vocab: int, n_rows: int, *, gemm_bytes: int, spared_bytes: int = 0) -> int:
-    """Rows per chunk of the compiled ``sftctl.ops.linear_cross_entropy`` (mirrors
-    ``lce_chunk_rows`` in csrc/binding.cpp): the most whose logits gradient (``gemm_bytes`` a
-    value: 2 for bf16/fp16 on CUDA, 6 on the CPU, which also makes an fp32 copy for its GEMMs; 4
-    for fp32) fits the larger of OP_CHUNK_BYTES and ``spared_bytes`` (V * d * 4 for a 16-bit
-    weight that gets a gradient: the fp32 accumulator a single chunk spares)."""
-    rows = _rows_within(max(OP_CHUNK_BYTES, int(spared_bytes)),
-                        int(gemm_bytes) * max(int(vocab), 1))
-    return max(1, min(rows, max(int(n_rows), 1)))
+    """Rows per chunk of the compiled ``sftctl.ops.linear_cross_entropy`` for ``n_rows`` rows
+    with a target (mirrors ``lce_chunk_rows`` in csrc/binding.cpp). ``gemm_bytes``: bytes of one
+    kept logits-gradient value (2 for bf16/fp16 on CUDA, 6 on the CPU, which also makes an fp32
+    copy for its GEMMs; 4 for fp32); ``spared_bytes``: V * d * 4 for a 16-bit weight that gets a
+    gradient (the fp32 dweight accumulator a single chunk spares), else 0. All rows form one
+    chunk when their gradient fits OP_CHUNK_BYTES + spared_bytes; otherwise each chunk's
+    gradient fits OP_CHUNK_BYTES (a multiple of 128 rows when >= 128)."""
+    n = max(int(n_rows), 1)
+    row_bytes = max(int(gemm_bytes) * max(int(vocab), 1), 1)
+    if n <= (OP_CHUNK_BYTES + int(spared_bytes)) // row_bytes:
+        return n
+    return max(1, min(_rows_within(OP_CHUNK_BYTES, row_bytes), n))
 
 
 def resolve_compact(compact: Optional[bool], device: torch.device) -> bool:

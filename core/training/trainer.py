@@ -430,14 +430,20 @@ class Trainer:
             self.head_info = {"fused": True, "path": self.head.describe(), "reason": None,
                               "tied": self.head.tied,
                               "chunk_rows": self.head_chunk_rows or self._op_chunk_rows(),
+                              "chunk_rows_at": self._micro_batch_rows(),
                               **self.head.transform}
             if self.is_main:
                 log.info("loss head: %s", self.head.describe())
         self.loss_kernel = kernel_name(self.loss_impl, self.device, fused_head=self.head is not None)
 
+    def _micro_batch_rows(self) -> int:
+        """The most token rows one micro-batch can have (batch size x max sequence length)."""
+        return self.config.train.batch_size * self.config.data.max_seq_len
+
     def _op_chunk_rows(self) -> int:
-        """The fused head op's default rows per chunk for this run (at most; fewer when a step
-        has fewer rows with a target): see ``op_chunk_rows``."""
+        """The fused head op's default rows per chunk for a full micro-batch in which every row
+        has a target (fewer target rows may fit one chunk where these do not): see
+        ``op_chunk_rows``."""
         from ..ops.linear_ce_ref import op_chunk_rows
 
         w = self.head.head.weight
@@ -446,7 +452,8 @@ class Trainer:
         if self.device.type == "cpu" and item < 4:
             item += 4  # the CPU's GEMMs take an fp32 copy of the 16-bit gradient
         spared = w.numel() * 4 if w.requires_grad and w.dtype != torch.float32 else 0
-        return op_chunk_rows(w.shape[0], 1 << 40, gemm_bytes=item, spared_bytes=spared)
+        return op_chunk_rows(w.shape[0], self._micro_batch_rows(), gemm_bytes=item,
+                             spared_bytes=spared)
 
     def _master_weights(self, model) -> None:
         """Split fp32 master weights of the Linear layers or keep them (``master_weights.py``)."""
