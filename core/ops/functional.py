@@ -281,17 +281,21 @@ def sft_labels(input_ids: torch.Tensor, *, loss_mask=None, prompt_lengths=None,
 # on CUDA, fp32 operands on the CPU) -> the fused cross-entropy kernel on that chunk, which writes
 # per-row loss and lse and the logits' gradient straight in the GEMM dtype (bf16/fp16, rounded
 # once, already multiplied by the reduction factor, logit_scale and any per-row factor) ->
-# dhidden = dlogits @ W (fp32 output, rounded once) and dweight += dlogits^T @ h in fp32. A
-# chunk is the unit of the two gradient GEMMs: its logits gradient (GEMM dtype) is kept whole
-# while its fp32 logits go through in pieces of <= 256 MiB (each piece lives from its GEMM to the
-# kernel). Default chunk: as many rows as keep that gradient within the larger of 1.5 GiB and
-# the fp32 dweight accumulator that a single chunk spares a 16-bit weight (6,272 rows at
-# V = 128256 in bf16; 8,192 with a bf16 [128256, 4096] weight), so a step of a few thousand
-# target rows is one chunk: one dweight GEMM, written into a 16-bit weight's dtype in fp32
-# pieces, with no [V, d] fp32 accumulator and no pass over one per chunk. Why this and not a fused
-# GEMM+softmax kernel: cuBLAS GEMMs are already at the matmul floor, and the cross-entropy
-# kernel is memory-bound and tuned (bench/NOTES_cuda.md); the chunk round trip through HBM
-# (fp32 write + read, 16-bit gradient write + read) costs ~4 % of the GEMM time at d = 4096.
+# dhidden = dlogits @ W and dweight = dlogits^T @ h with fp32 accumulation. A chunk is the unit
+# of the two gradient GEMMs: its logits gradient (GEMM dtype) is kept whole while its fp32
+# logits go through in pieces of <= 512 MiB (each piece lives from its GEMM to the kernel).
+# Default: all target rows in one chunk when their gradient fits 1.5 GiB plus the fp32 dweight
+# accumulator that several chunks would need for a 16-bit weight (V * d * 4 bytes), else chunks
+# of 1.5 GiB of gradient (6,272 rows at V = 128256 in bf16) with that accumulator; either way
+# gradient + accumulator stay within 1.5 GiB + V * d * 4. On CUDA the 16-bit dhidden (every
+# chunk) and the one-chunk dweight are written by cuBLAS from its fp32 accumulators, with
+# torch's reduced-precision split-K reduction switched off while the op runs (the setting is
+# restored after): the same bits as an fp32 GEMM rounded once, without an fp32 temporary and a
+# rounding copy (2.2 ms of a 9 ms dweight GEMM on an H200: bench/profile_lce.py). The CPU
+# computes in fp32 and rounds through <= 256 MiB pieces. Why this and not a fused GEMM+softmax
+# kernel: cuBLAS GEMMs are already at the matmul floor, and the cross-entropy kernel is
+# memory-bound and tuned (bench/NOTES_cuda.md); the round trip through HBM (fp32 write + read,
+# 16-bit gradient write + read) costs ~4 % of the GEMM time at d = 4096.
 # - mean/sum: the gradients are computed in forward (the loss is a scalar); backward only rescales
 #   them by grad_output / grad_scale (scale_grad_, a no-op for loss.backward()).
 # - none: forward computes losses only; backward reruns the chunks with grad_output as a per-row
@@ -421,8 +425,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     input's dtype (dweight of an fp32 weight is accumulated in fp32 directly).
 
     - ``chunk_rows``: rows per chunk, the unit of the dhidden/dweight GEMMs whose logits
-      gradient is kept in the GEMM dtype (default: as many as fit the larger of 1.5 GiB and, for
-      a 16-bit weight, the [V, d] fp32 dweight accumulator that one chunk avoids).
+      gradient is kept in the GEMM dtype (default: all rows when their gradient fits 1.5 GiB
+      plus, for a 16-bit weight, the [V, d] fp32 dweight accumulator one chunk avoids; else
+      chunks of 1.5 GiB of gradient).
     - ``compact``: drop ignored rows before the matmul (a host sync for their count). Default
       (None, or True): on, except while the current CUDA stream captures a graph; False computes
       every row (ignored rows contribute exactly 0) and never syncs. An input that is already

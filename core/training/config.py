@@ -129,10 +129,11 @@ class TrainConfig:
         0, flag="--fused-head-chunk-rows", minimum=0, metavar="ROWS",
         help="Rows per chunk of the fused head: the rows whose logits gradient (ROWS x vocab, "
              "bf16 under autocast) is kept for the head's two gradient GEMMs, each chunk one "
-             "more pass of the weight-gradient GEMM. 0 (default): the op's choice, as many rows "
-             "as fit 1.5 GiB (6272 at a 128256 vocabulary), so a step of a few thousand trained "
-             "tokens is one chunk. Smaller: less memory at the end of the forward, where the "
-             "peak usually is.")
+             "more pass of the weight-gradient GEMM. 0 (default): the op's choice: all of a step's "
+             "trained tokens in one chunk when their gradient fits 1.5 GiB plus the fp32 "
+             "weight-gradient accumulator that several chunks would need, else chunks of "
+             "1.5 GiB (6272 rows at a 128256 vocabulary). Smaller: less memory at the end of "
+             "the forward, where the peak usually is, for more time.")
     label_smoothing: float = _f(
         0.0, flag="--label-smoothing", minimum=0.0, below=1.0, metavar="EPS",
         help="Label smoothing of the training loss: each target's loss becomes (1 - EPS) * NLL + "

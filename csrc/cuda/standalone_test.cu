@@ -596,8 +596,12 @@ static float median(std::vector<float> v) {
 // --once: the default plan, one launch per input (for ncu: no timing loop around it)
 static bool g_once = false;
 
-static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
+// gdt >= 0: the gradient is stored in that dtype (the fused linear cross-entropy's fp32 logits
+// -> bf16 gradient); the floor is then one read of the logits plus one write of the gradient at
+// the measured copy bandwidth.
+static void bench(int64_t N, int64_t V, DType dt, double ignore_frac, int gdt = -1) {
   const size_t es = esize(dt), bytes = (size_t)N * V * es;
+  const size_t gbytes = (size_t)N * V * (gdt < 0 ? es : esize(static_cast<DType>(gdt)));
   const int kSets = 3;  // rotate inputs so no run finds its logits in L2
   std::vector<void*> logits(kSets);
   for (int k = 0; k < kSets; ++k) {
@@ -605,7 +609,7 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
     fill(dt, logits[k], (size_t)N * V, 11 + k);
   }
   void* grad;
-  CK(cudaMalloc(&grad, bytes));
+  CK(cudaMalloc(&grad, std::max(bytes, gbytes)));
   std::vector<int64_t> ht(N);
   std::mt19937_64 rng(5);
   std::uniform_real_distribution<double> ud(0, 1);
@@ -644,6 +648,7 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
     p.reduction = Reduction::Mean;
     p.loss = dloss;
     p.grad_row_stride = V;
+    p.grad_dtype = gdt;
     p.workspace = dws;
     return p;
   };
@@ -667,9 +672,11 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
   }
   const float copy_ms = time_it([&](int k) { CK(cudaMemcpyAsync(grad, logits[k], bytes, cudaMemcpyDeviceToDevice)); }, 30);
   const double bw = 2.0 * bytes / (copy_ms * 1e-3);
-  const double floor_ms = 2.0 * bytes / bw * 1e3;  // = copy time of the same bytes
-  std::printf("bench %s N=%lld V=%lld ignored=%.0f%%: D2D copy %.3f ms = %.2f TB/s, floor %.3f ms\n",
-              dname(dt), (long long)N, (long long)V, ignore_frac * 100, copy_ms, bw / 1e12, floor_ms);
+  const double moved = double(bytes + gbytes);
+  const double floor_ms = moved / bw * 1e3;  // same-dtype: the copy time of the same bytes
+  std::printf("bench %s%s N=%lld V=%lld ignored=%.0f%%: D2D copy %.3f ms = %.2f TB/s, floor %.3f ms\n",
+              dname(dt), gdt < 0 ? "" : " logits -> 16-bit gradient", (long long)N, (long long)V,
+              ignore_frac * 100, copy_ms, bw / 1e12, floor_ms);
   struct Cfg { const char* kernel; int slice; int threads; int chunks; bool inplace; };
   // chunks = bulk copies per slice
   const Cfg cfgs[] = {{"cluster", 0, 256, 1, false},  {"cluster", 0, 256, 1, true},
@@ -680,6 +687,7 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
                       {"cluster", 32, 256, 4, false}, {"cluster", 32, 256, 2, false},
                       {"cluster", 96, 256, 1, false}, {"cluster", 72, 256, 1, false}};
   for (const Cfg& c : cfgs) {
+    if (c.inplace && gdt >= 0) continue;  // in place needs the logits' own dtype
     setenv("SFTCTL_CE_KERNEL", c.kernel, 1);
     if (c.slice) setenv("SFTCTL_CE_SLICE_KB", std::to_string(c.slice).c_str(), 1);
     else unsetenv("SFTCTL_CE_SLICE_KB");  // 0: the plan's own (auto) slice
@@ -692,7 +700,7 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
       cuda::cross_entropy_forward(p, nullptr);
     }, 40);
     std::printf("  kernel=%-7s slice=%3dKB threads=%d chunks=%d inplace=%d: %.3f ms = %.3fx floor (%.2f TB/s effective on read+write)\n",
-                c.kernel, c.slice, c.threads, c.chunks, c.inplace, ms, ms / floor_ms, 2.0 * bytes / (ms * 1e-3) / 1e12);
+                c.kernel, c.slice, c.threads, c.chunks, c.inplace, ms, ms / floor_ms, moved / (ms * 1e-3) / 1e12);
   }
   unsetenv("SFTCTL_CE_KERNEL");
   unsetenv("SFTCTL_CE_SLICE_KB");
@@ -702,7 +710,9 @@ static void bench(int64_t N, int64_t V, DType dt, double ignore_frac) {
 }
 
 int main(int argc, char** argv) {
-  bool quick = false, large = false, do_bench = false;
+  // --bench-lce: the benchmark shapes with fp32 logits and a bf16 gradient (the fused linear
+  // cross-entropy's pieces, whose rows are compacted: use an ignored fraction of 0)
+  bool quick = false, large = false, do_bench = false, bench_lce = false;
   std::string bench_shapes = "8192x128256:0.3,8192x128256:0";  // NxV:ignored fraction, ...
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
@@ -711,6 +721,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--kernel") && i + 1 < argc) g_kernel = argv[++i];
     else if (!std::strcmp(argv[i], "--bench-shapes") && i + 1 < argc) bench_shapes = argv[++i];
     else if (!std::strcmp(argv[i], "--once")) g_once = do_bench = true;
+    else if (!std::strcmp(argv[i], "--bench-lce")) do_bench = bench_lce = true;
   }
   if (!g_kernel.empty()) std::printf("kernel variant: %s\n", g_kernel.c_str());
   cudaDeviceProp prop;
@@ -860,7 +871,10 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "--bench-shapes: cannot read '%s' (want NxV:fraction)\n", one.c_str());
         return 2;
       }
-      bench(n, v, DType::BFloat16, frac);
+      if (bench_lce)
+        bench(n, v, DType::Float32, frac, static_cast<int>(DType::BFloat16));
+      else
+        bench(n, v, DType::BFloat16, frac);
       at = comma + 1;
     }
   }
