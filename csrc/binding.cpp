@@ -560,8 +560,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   // dtype (CUDA: by cuBLAS from its fp32 accumulator; CPU: fp32 pieces, each rounded once);
   // otherwise an fp32 [V, d] accumulator (for an fp32 weight: the returned gradient itself)
   const bool dw_once = grad_weight && !dw_direct && n > 0 && n <= R;
-  at::Tensor dw_acc = grad_weight && !dw_once ? alloc({V, d}, f32) : at::Tensor();  // [V, d]
-  at::Tensor dw_out = dw_once ? at::empty({V, d}, weight.options()) : at::Tensor();  // [V, d]
+  // dw_acc / dw_out [V, d] are allocated at the first dweight GEMM: with one chunk the fp32
+  // logits piece is released by then, so the two never count together in the peak
+  at::Tensor dw_acc, dw_out;
 #ifdef SFTCTL_WITH_CUDA
   // 16-bit GEMM outputs below are rounded once from fp32 (see ExactCublasReduction)
   std::optional<ExactCublasReduction> exact_reduction;
@@ -611,6 +612,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
       }
       launch_ce(p, z);
     }
+    if (r0 + rows >= n) zbuf.reset();  // the last logits piece is done (stream-ordered reuse)
     if (!any_grad) continue;
 
     const at::Tensor hc = h.narrow(0, r0, rows);                          // [rows, d]
@@ -644,6 +646,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
             part.copy_(tmp);
         }
       };
+      if (dw_once) dw_out = at::empty({V, d}, weight.options());
+      if (!dw_once && chunk == 0) dw_acc = at::empty({V, d}, f32);
       if (dw_once && cuda && weight.scalar_type() == gst) {
         at::mm_out(dw_out, gt, hg);  // the whole dweight in one GEMM, rounded once
       } else if (dw_once) {
@@ -679,6 +683,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   if (grad_hidden)
     dh = idx.defined() ? at::zeros({N, d}, hidden.options()).index_copy_(0, idx, dh_c) : dh_c;
   at::Tensor dw = at::empty({0}, weight.options());
+  if (grad_weight && !dw_once && !dw_acc.defined()) dw_acc = at::zeros({V, d}, f32);  // n == 0
   if (grad_weight) dw = dw_once ? dw_out : (dw_direct ? dw_acc : dw_acc.to(weight.scalar_type()));
   at::Tensor db = at::empty({0}, bias.has_value() ? bias->options() : f32);
   if (grad_bias) db = db_acc.to(bias->scalar_type());

@@ -600,6 +600,26 @@ def test_cuda_no_full_logits(wdtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_one_chunk_peak_is_the_kept_gradient():
+    """One chunk, bf16 [128256, 4096] weight: beyond the inputs and the returned gradients the
+    op's peak is the kept bf16 logits gradient (2048 x V) and little else: the 512 MiB fp32
+    logits piece is released before the dweight is allocated (and no fp32 accumulator)."""
+    n, d, v = 2048, 4096, 128256
+    h, w, t, _ = make_inputs(n, d, v, torch.bfloat16, "cuda", ignore="none")
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ops.linear_cross_entropy(hh, ww, t).backward()
+    torch.cuda.synchronize()
+    beyond = torch.cuda.max_memory_allocated() - base - (n * d + v * d) * 2
+    kept = n * v * 2
+    # + cuBLAS workspaces and the small per-row buffers; the piece would add 1024 * v * 4 more
+    assert beyond <= kept + (192 << 20), \
+        f"{beyond / 2**20:.0f} MiB beyond the gradients, kept gradient {kept / 2**20:.0f} MiB"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_16bit_gradients_rounded_once_whatever_the_reduction_setting(dtype):
     """One chunk on CUDA: the logits GEMM, one dhidden GEMM and one dweight GEMM, the 16-bit
