@@ -22,21 +22,10 @@ from collections import defaultdict
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_optimizer import timed  # noqa: E402  (median of CUDA-event times)
 
-def timed(fn, reps=10):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
+REPS = 10
 
 
 def family(name: str) -> str:
@@ -81,7 +70,7 @@ def main():
         loss = ops.linear_cross_entropy(h, w, t)
         return torch.autograd.grad(loss, (h, w))
 
-    result["op_ms"] = timed(op_step)
+    result["op_ms"] = timed(op_step, REPS)
     from torch.profiler import ProfilerActivity, profile
 
     op_step()
@@ -109,9 +98,10 @@ def main():
     gl = torch.randn(m, v, device="cuda", generator=g).bfloat16() * 1e-4  # [m, V] a gradient
     f32 = torch.float32
     alt = {}
-    alt["fwd bf16 out, whole (floor)"] = timed(lambda: hm @ wd.t())
+    alt["fwd bf16 out, whole (floor)"] = timed(lambda: hm @ wd.t(), REPS)
     zall = torch.empty(m, v, device="cuda", dtype=f32)
-    alt["fwd fp32 out, whole"] = timed(lambda: torch.mm(hm, wd.t(), out_dtype=f32, out=zall))
+    alt["fwd fp32 out, whole"] = timed(
+        lambda: torch.mm(hm, wd.t(), out_dtype=f32, out=zall), REPS)
     del zall
     for rows in (512, 1024, 2048, 4096):
         buf = torch.empty(rows, v, device="cuda", dtype=f32)
@@ -120,19 +110,20 @@ def main():
             for r0 in range(0, m, rows):
                 r = min(rows, m - r0)
                 torch.mm(hm[r0:r0 + r], wd.t(), out_dtype=f32, out=buf[:r])
-        alt[f"fwd fp32 out, {rows}-row pieces"] = timed(fwd_pieces)
-    alt["dh bf16 out (floor)"] = timed(lambda: gl @ wd)
+        alt[f"fwd fp32 out, {rows}-row pieces"] = timed(fwd_pieces, REPS)
+    alt["dh bf16 out (floor)"] = timed(lambda: gl @ wd, REPS)
     dh_tmp = torch.empty(m, d, device="cuda", dtype=f32)
     dh_out = torch.empty(m, d, device="cuda", dtype=torch.bfloat16)
 
     def dh_f32():
         torch.mm(gl, wd, out_dtype=f32, out=dh_tmp)
         dh_out.copy_(dh_tmp)
-    alt["dh fp32 out + copy (op today)"] = timed(dh_f32)
-    alt["dW bf16 out (floor, reduced-precision reduction allowed)"] = timed(lambda: gl.t() @ hm)
+    alt["dh fp32 out + copy (op today)"] = timed(dh_f32, REPS)
+    alt["dW bf16 out (floor, reduced-precision reduction allowed)"] = timed(
+        lambda: gl.t() @ hm, REPS)
     prev = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-    alt["dW bf16 out, reduced-precision reduction off"] = timed(lambda: gl.t() @ hm)
+    alt["dW bf16 out, reduced-precision reduction off"] = timed(lambda: gl.t() @ hm, REPS)
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = prev
     piece = max(1, min(v, (256 << 20) // (4 * d)))
     dw_tmp = torch.empty(piece, d, device="cuda", dtype=f32)
@@ -144,7 +135,7 @@ def main():
             p = min(piece, v - v0)
             torch.mm(glt[v0:v0 + p], hm, out_dtype=f32, out=dw_tmp[:p])
             dw_out[v0:v0 + p].copy_(dw_tmp[:p])
-    alt[f"dW fp32 {piece}-row pieces + copy (op today)"] = timed(dw_pieces)
+    alt[f"dW fp32 {piece}-row pieces + copy (op today)"] = timed(dw_pieces, REPS)
     result["gemm_variants_ms"] = {k: round(x, 3) for k, x in alt.items()}
     ref = (gl.t().double() @ hm.double())
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
