@@ -588,7 +588,10 @@ def test_cuda_no_full_logits(wdtype):
     extra = torch.cuda.max_memory_allocated() - base
     # ~11.5k target rows do not fit one chunk (1.5 GiB + the 0.5 GiB fp32 accumulator it would
     # spare): chunks of 6272 rows (1.5 GiB of bf16 gradient) and 1024-row fp32 logits pieces
-    rows, piece = 6272, 1024
+    from sftctl.ops.linear_ce_ref import OP_CHUNK_BYTES, OP_PIECE_BYTES
+
+    rows = OP_CHUNK_BYTES // (2 * v) // 128 * 128  # 6272
+    piece = OP_PIECE_BYTES // (4 * v) // 128 * 128  # 1024
     # a chunk's bf16 logits gradient + one fp32 logits piece; dweight in fp32; compacted hidden,
     # its dhidden and the scattered dhidden; a <= 256 MiB dweight GEMM piece (only if torch
     # refuses baddbmm's fp32 accumulation); cuBLAS workspaces; and a V x d bf16 copy (fp32
