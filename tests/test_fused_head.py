@@ -159,6 +159,71 @@ def test_fused_head_with_label_smoothing_and_z_loss_and_all_rows(arch):
         torch.testing.assert_close(gr, g_ref[name].float(), rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "granite"])
+def test_tied_embedding_rows_go_into_the_head_gradient(arch):
+    """route_embedding_grad: every parameter's gradient still equals the model's own forward +
+    a float64 loss, over two accumulated backward passes and with the padding id among the
+    inputs (its row takes no embedding gradient); the tied weight's AccumulateGrad has one
+    incoming edge (the head's), so autograd builds no dense [V, H] embedding gradient; the
+    lookup without grad and after uninstalling is the plain one."""
+    from sftctl.training.head import FusedHead, RowsIntoHeadGradEmbedding
+
+    model = tiny_model(arch, tied=True)
+    pad = model.get_input_embeddings().padding_idx
+    assert pad == 0
+    batches = [batch(seed=7), batch(seed=8)]
+    for ids, _lab in batches:
+        ids[0, 1] = ids[1, 5] = pad  # the padding id is looked up (and its row not updated)
+    for ids, labels in batches:
+        reference_loss(model, ids, labels).backward()
+    g_ref = grads(model)
+    model.zero_grad(set_to_none=True)
+
+    fused, why = FusedHead.plan(model)
+    assert why is None and fused.tied
+    assert fused.route_embedding_grad(model) is None
+    emb = model.get_input_embeddings()
+    assert type(emb) is RowsIntoHeadGradEmbedding and "embedding rows added" in fused.describe()
+    for ids, labels in batches:
+        loss = fused_loss(fused, model, ids, labels)
+        w_edges = [fn for fn, _ in _accumulate_grad_edges(loss) if fn.variable is emb.weight]
+        assert len(w_edges) == 1  # the head's edge only: no dense gradient from the lookup
+        loss.backward()
+    g = grads(model)
+    assert g.keys() == g_ref.keys()
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name].float(), rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        plain = torch.nn.functional.embedding(batches[0][0], emb.weight, pad)
+        assert torch.equal(emb(batches[0][0]), plain)
+    fused.uninstall_embedding_route()
+    fused.uninstall()
+    assert type(model.get_input_embeddings()) is torch.nn.Embedding
+    assert "_sftctl_anchor" not in model.get_input_embeddings().__dict__
+    # an untied head has nothing to route; Gemma's scaled embedding class is left alone
+    untied, _ = FusedHead.plan(tiny_model(arch, tied=False))
+    assert "not tied" in untied.route_embedding_grad(untied.head)
+    gemma = tiny_model("gemma2", tied=True)
+    other, _ = FusedHead.plan(gemma)
+    assert "ScaledWordEmbedding, not a plain" in other.route_embedding_grad(gemma)
+
+
+def _accumulate_grad_edges(t: torch.Tensor):
+    """(AccumulateGrad node, its parent) for every leaf edge reachable from ``t``'s graph."""
+    seen, stack, out = set(), [t.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for nxt, _ in fn.next_functions:
+            if nxt is not None and type(nxt).__name__ == "AccumulateGrad":
+                out.append((nxt, fn))
+            else:
+                stack.append(nxt)
+    return out
+
+
 def test_the_probe_refuses_an_undeclared_transform_and_a_wrapped_head():
     import transformers as tf
 
@@ -294,6 +359,7 @@ def test_cli_golden_default_path_equals_the_torch_loss_within_1e_5(tmp_path):
     np.testing.assert_allclose(fused, ref, rtol=1e-5)
     s = json.loads((runs["fused"] / "summary.json").read_text())
     assert s["loss_head"]["fused"] is True and s["loss_head"]["tied"] is True
+    assert s["loss_head"]["embedding_grad"] == "into the head's gradient"
     assert "linear_cross_entropy" in s["loss_kernel"] and s["fallbacks"] == []
     assert json.loads((runs["torch"] / "summary.json").read_text())["loss_head"]["fused"] is False
 

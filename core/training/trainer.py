@@ -427,8 +427,16 @@ class Trainer:
             self._fallback("fused_head", asked, plain, why)
         else:
             self.head_chunk_rows = self.config.train.fused_head_chunk_rows or None
+            route = None
+            if self.head.tied:  # DDP/FSDP hooks fire when the head's gradient lands
+                route = (self.head.route_embedding_grad(model) if self.strategy.name == "none"
+                         else f"strategy {self.strategy.name} (its gradient hooks need the "
+                              "whole gradient from autograd)")
             self.head_info = {"fused": True, "path": self.head.describe(), "reason": None,
                               "tied": self.head.tied,
+                              "embedding_grad": (None if not self.head.tied else
+                                                 "into the head's gradient" if route is None
+                                                 else f"autograd's dense gradient: {route}"),
                               "chunk_rows": self.head_chunk_rows or self._op_chunk_rows(),
                               "chunk_rows_at": self._micro_batch_rows(),
                               **self.head.transform}
@@ -1002,6 +1010,7 @@ class Trainer:
         # go back to what transformers loaded (training is over)
         if self.head is not None:
             self.head.uninstall()
+            self.head.uninstall_embedding_route()
         attention.uninstall(model)
         model.config.use_cache = True
         full = self.strategy.full_state_dict(self.model)  # every rank: FSDP gathers the shards
