@@ -777,7 +777,8 @@ void check_adamw_flag(const OptTensor& t, const at::Tensor* ref, const char* op,
 void adamw_split_(at::TensorList weights, at::TensorList lows, at::TensorList grads,
                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs, double lr, double beta1,
                   double beta2, double eps, double weight_decay, int64_t step,
-                  const OptTensor& grad_scale, const OptTensor& found_inf) {
+                  const OptTensor& grad_scale, const OptTensor& found_inf,
+                  const OptTensor& nonfinite) {
   const char* op = "sftctl::adamw_split_";
   const AdamWSplitList lists[] = {{weights, "weights", at::kBFloat16, "bfloat16"},
                                   {lows, "lows", at::kShort, "int16"},
@@ -820,6 +821,13 @@ void adamw_split_(at::TensorList weights, at::TensorList lows, at::TensorList gr
   }
   check_adamw_flag(grad_scale, ref, op, "grad_scale");
   check_adamw_flag(found_inf, ref, op, "found_inf");
+  check_adamw_flag(nonfinite, ref, op, "nonfinite");
+  if (nonfinite.has_value()) {
+    TORCH_CHECK(nonfinite->is_contiguous(), op, ": nonfinite must be contiguous");
+    for (const OptTensor* other : {&grad_scale, &found_inf})
+      TORCH_CHECK(!other->has_value() || !(*other)->is_same(*nonfinite), op,
+                  ": nonfinite must not be the same tensor as grad_scale or found_inf");
+  }
 
   std::vector<AdamWSplitTensor> params;
   params.reserve(n);
@@ -851,6 +859,7 @@ void adamw_split_(at::TensorList weights, at::TensorList lows, at::TensorList gr
   s.eps = static_cast<float>(eps);
   s.grad_scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   s.found_inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  s.nonfinite = nonfinite.has_value() ? nonfinite->data_ptr<float>() : nullptr;
 
   const int64_t count = static_cast<int64_t>(params.size());
   if (ref->is_cuda()) {
@@ -871,17 +880,18 @@ void adamw_split_bump_versions(at::TensorList weights, at::TensorList lows, at::
                                at::TensorList exp_avgs, at::TensorList exp_avg_sqs, double lr,
                                double beta1, double beta2, double eps, double weight_decay,
                                int64_t step, const OptTensor& grad_scale,
-                               const OptTensor& found_inf) {
+                               const OptTensor& found_inf, const OptTensor& nonfinite) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("sftctl::adamw_split_", "")
                              .typed<decltype(adamw_split_)>();
   {
     const at::AutoDispatchBelowADInplaceOrView below;
     op.call(weights, lows, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
-            step, grad_scale, found_inf);
+            step, grad_scale, found_inf, nonfinite);
   }
   for (const at::TensorList written : {weights, lows, exp_avgs, exp_avg_sqs})
     for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
+  if (nonfinite.has_value()) nonfinite->unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace
@@ -912,7 +922,8 @@ TORCH_LIBRARY(sftctl, m) {
   m.def(
       "adamw_split_(Tensor(a!)[] weights, Tensor(b!)[] lows, Tensor[] grads, "
       "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, int step, Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "float eps, float weight_decay, int step, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor(e!)? nonfinite=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sftctl, CPU, m) {

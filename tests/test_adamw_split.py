@@ -312,6 +312,54 @@ def test_nan_stays_visible_in_the_weight(device):
     assert torch.equal(bits(w), bits(p.weight)) and torch.equal(lo, p.low.cpu())
 
 
+def test_nonfinite_flag_marks_a_non_finite_weight(device):
+    """``nonfinite`` is set to 1 exactly when a written bf16 weight is inf or NaN: a NaN/inf
+    gradient, a master that overflows fp32, and a finite master whose bf16 half rounds to inf
+    (0x7F7F8000) each set it, wherever the element sits (vector body or scalar tail, any of
+    several tensors); a finite step leaves it as it was (0 stays 0, 1 stays 1), and a step
+    that found_inf skips writes nothing to it."""
+    big = torch.tensor([0x7F7F8000], dtype=torch.int32).view(torch.float32)  # finite in fp32
+    cases = {
+        "nan grad": (torch.tensor(0.5), torch.tensor(float("nan")), 1.0),
+        "inf grad": (torch.tensor(0.5), torch.tensor(float("inf")), 1.0),
+        "fp32 overflow": (torch.tensor(-3.4e38), torch.tensor(1.0), 3e37),  # others: ~3e37
+        "bf16 rounds to inf": (big[0], torch.tensor(0.0), 0.0),
+    }
+    for name, (master0, grad0, lr) in cases.items():
+        for where in (0, 13, 1000002):  # first vector, the middle, the scalar tail
+            ps = [make_param((1000003,), device, seed=3, step=1),
+                  make_param((37,), device, seed=4, step=1)]
+            m = ps[0].master()
+            m[where] = master0
+            g = ps[0].grad.float().cpu()
+            g[where] = grad0
+            ps[0] = Param(m, g, ps[0].m, ps[0].v, device)
+            flag = torch.zeros(1, device=device)
+            ops.adamw_split_(*_lists(ps), **dict(HP, lr=lr), weight_decay=0.0, step=1,
+                             nonfinite=flag)
+            assert float(flag) == 1.0, (name, where)
+            assert not bool(ps[0].weight.float().isfinite()[where]), (name, where)
+            assert bool(ps[0].weight.float().isfinite().sum() == 1000002), (name, where)
+            # the same step with found_inf set writes nothing: weights and flag untouched
+            skipped = [make_param((1000003,), device, seed=3, step=1)]
+            skipped[0] = Param(m, g, skipped[0].m, skipped[0].v, device)
+            before = skipped[0].state_bits()
+            flag = torch.zeros(1, device=device)
+            ops.adamw_split_(*_lists(skipped), **dict(HP, lr=lr), weight_decay=0.0, step=1,
+                             found_inf=torch.ones(1, device=device), nonfinite=flag)
+            assert float(flag) == 0.0 and all(
+                torch.equal(a, b) for a, b in zip(skipped[0].state_bits(), before))
+    for start in (0.0, 1.0):  # finite: the flag keeps its value, the step is the flagless one
+        ps = [make_param(s, device, seed=i, step=3) for i, s in enumerate([(5,), (70001,)])]
+        same = [p.clone() for p in ps]
+        flag = torch.full((1,), start, device=device)
+        run(ps, step=3, weight_decay=0.1)
+        ops.adamw_split_(*_lists(same), **HP, weight_decay=0.1, step=3, nonfinite=flag)
+        assert float(flag) == start
+        for p, q in zip(ps, same):
+            assert all(torch.equal(a, b) for a, b in zip(p.state_bits(), q.state_bits()))
+
+
 def test_trajectory(device):
     """Ten steps in a row: each against float64 from the op's own previous state, and the whole
     run against torch's fused AdamW (fp32 master) and a float64 trajectory from the start."""
@@ -411,6 +459,9 @@ BAD = {
     "weight_decay": (None, {"weight_decay": -0.1}, r"weight_decay must be a finite number >= 0"),
     "grad_scale shape": (None, {"grad_scale": "two"}, r"grad_scale must have exactly one element"),
     "found_inf dtype": (None, {"found_inf": "f64"}, r"found_inf must be float32, got Double"),
+    "nonfinite shape": (None, {"nonfinite": "two"}, r"nonfinite must have exactly one element"),
+    "nonfinite is found_inf": (None, {"nonfinite": "found_inf"},
+                               r"nonfinite must not be the same tensor as grad_scale or found_inf"),
 }
 
 
@@ -422,8 +473,12 @@ def test_bad_input_names_the_argument(device, case):
     lists = _lists(ps)
     if edit is not None:
         edit(lists)
-    kw = dict(HP, weight_decay=0.0, step=1, grad_scale=None, found_inf=None)
+    kw = dict(HP, weight_decay=0.0, step=1, grad_scale=None, found_inf=None, nonfinite=None)
     kw.update(overrides)
+    if kw["nonfinite"] == "two":
+        kw["nonfinite"] = torch.zeros(2, device=device)
+    if kw["nonfinite"] == "found_inf":
+        kw["nonfinite"] = kw["found_inf"] = torch.zeros(1, device=device)
     if kw["grad_scale"] == "two":
         kw["grad_scale"] = torch.ones(2, device=device)
     if kw["found_inf"] == "f64":
@@ -452,10 +507,11 @@ def test_mixed_devices_are_rejected():
 
 def test_opcheck(device):
     ps = [make_param((3, 5), device, seed=1, step=2), make_param((9,), device, seed=2, step=2)]
-    for gs, fi in [(None, None), (torch.tensor([2.0], device=device),
-                                  torch.tensor([0.0], device=device))]:
+    for gs, fi, nf in [(None, None, None),
+                       (torch.tensor([2.0], device=device), torch.tensor([0.0], device=device),
+                        torch.tensor([0.0], device=device))]:
         args = (*_lists([p.clone() for p in ps]), 1e-3, 0.9, 0.999, 1e-8, 0.1, 2, gs, fi)
-        torch.library.opcheck(OP, args)
+        torch.library.opcheck(OP, args, {"nonfinite": nf})
 
 
 def test_compile_fullgraph(device):

@@ -159,8 +159,10 @@ def test_fused_head_with_label_smoothing_and_z_loss_and_all_rows(arch):
         torch.testing.assert_close(gr, g_ref[name].float(), rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "granite"])
-def test_tied_embedding_rows_go_into_the_head_gradient(arch):
+def test_tied_embedding_rows_go_into_the_head_gradient(arch, device):
     """route_embedding_grad: every parameter's gradient still equals the model's own forward +
     a float64 loss, over two accumulated backward passes and with the padding id among the
     inputs (its row takes no embedding gradient); the tied weight's AccumulateGrad has one
@@ -168,12 +170,13 @@ def test_tied_embedding_rows_go_into_the_head_gradient(arch):
     lookup without grad and after uninstalling is the plain one."""
     from sftctl.training.head import FusedHead, RowsIntoHeadGradEmbedding
 
-    model = tiny_model(arch, tied=True)
+    model = tiny_model(arch, tied=True).to(device)
     pad = model.get_input_embeddings().padding_idx
     assert pad == 0
     batches = [batch(seed=7), batch(seed=8)]
     for ids, _lab in batches:
         ids[0, 1] = ids[1, 5] = pad  # the padding id is looked up (and its row not updated)
+    batches = [(ids.to(device), lab.to(device)) for ids, lab in batches]
     for ids, labels in batches:
         reference_loss(model, ids, labels).backward()
     g_ref = grads(model)

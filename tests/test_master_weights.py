@@ -286,3 +286,40 @@ def test_foreach_norms_of_a_mixed_list_are_the_per_tensor_norms_in_order(device,
                 tol = 2.0 ** -8 if n.dtype == torch.bfloat16 else 1e-6
                 assert float(n) == pytest.approx(float(want), rel=tol)
     assert foreach_norms([], 2.0) == []
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_the_guard_takes_the_split_steps_own_nonfinite_check(device):
+    """SplitAdamW.flag_nonfinite_writes: the guard leaves the split weights out of its own read
+    and judges them by the flag their step sets. A finite update passes; an update that makes
+    one split weight inf stops the run with the guard's message (host mode on the CPU; on
+    CUDA the device counter is read at the sync), though the guard read no split weight."""
+    from sftctl.errors import TrainingError
+    from sftctl.training.guards import NonFiniteGuard
+    from sftctl.training.state import TrainState
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8).to(device)
+    lows = mw.split_parameters([lin.weight])
+    opt = mw.SplitAdamW([lin.weight, lin.bias], lows, lr=1e-2, fused=True)
+    flag = torch.zeros(1, device=device)
+    covered = opt.flag_nonfinite_writes(flag)
+    assert covered == [lin.weight]
+    guard = NonFiniteGuard(policy="stop", limit=3, counters=TrainState(), optimizer=opt,
+                           scaling=False, device=torch.device(device),
+                           all_reduce_sum=lambda t: t, params=[lin.bias], written_flag=flag)
+    for step, bad_grad in [(1, False), (2, True)]:
+        lin.weight.grad = (torch.randn(8, 16, device=device) * 1e-3).bfloat16()
+        lin.bias.grad = torch.randn(8, device=device) * 1e-3
+        if bad_grad:
+            lin.weight.grad[3, 5] = float("inf")  # the bias stays finite
+        opt.step()
+        if not bad_grad:
+            guard.check_params(step, sync=True)
+            assert float(flag) == 0.0
+            continue
+        assert float(flag) == 1.0 and bool(lin.bias.isfinite().all())
+        with pytest.raises(TrainingError, match="step 2: the optimizer update made parameters "
+                                                "non-finite"):
+            guard.check_params(step, sync=True)

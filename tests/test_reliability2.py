@@ -335,10 +335,13 @@ def test_a_full_disk_at_every_write_site_is_the_named_error(setup, seed_6, tmp_p
 # ------------------------------------------------------------------ non-finite weights, config
 
 
-def test_an_overflowing_update_stops_the_run_and_saves_nothing(setup, tmp_path):
-    """lr 1e38: step 1's loss and gradient norm are finite, its update is not."""
+@pytest.mark.parametrize("master", [[], ["--precision", "bf16", "--master-weights", "split"]],
+                         ids=["fp32", "split"])
+def test_an_overflowing_update_stops_the_run_and_saves_nothing(setup, tmp_path, master):
+    """lr 1e38: step 1's loss and gradient norm are finite, its update is not. With split
+    master weights their step's own check joins the guard's read of the other weights."""
     out = tmp_path / "run"
-    r = run(train_args(setup, out, "--lr", "1e38", "--save-every", "1"), tmp_path)
+    r = run(train_args(setup, out, "--lr", "1e38", "--save-every", "1", *master), tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "step 1: the optimizer update made parameters non-finite although the loss and " \
            "gradient norm were finite" in r.stderr

@@ -90,7 +90,7 @@ def _scale_grad_fake(grad, grad_output, grad_scale):
 
 @torch.library.register_fake("sftctl::adamw_split_")
 def _adamw_split_fake(weights, lows, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
-                      weight_decay, step, grad_scale, found_inf):
+                      weight_decay, step, grad_scale, found_inf, nonfinite=None):
     return None
 
 
@@ -490,7 +490,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 def adamw_split_(weights, lows, grads, exp_avgs, exp_avg_sqs, *, lr: float, beta1: float,
                  beta2: float, eps: float, weight_decay: float, step: int, grad_scale=None,
-                 found_inf=None) -> None:
+                 found_inf=None, nonfinite=None) -> None:
     """One AdamW step, in place, on fp32 master weights stored as ``(weights[i], lows[i])``
     (bf16 and int16, see ``sftctl.ops.split_master``), with bf16 ``grads`` and fp32 moments.
 
@@ -500,7 +500,10 @@ def adamw_split_(weights, lows, grads, exp_avgs, exp_avg_sqs, *, lr: float, beta
     halves. ``step`` counts this step (1 for the first). ``grad_scale`` and ``found_inf`` are
     1-element float32 tensors on the parameters' device (a number is accepted for
     ``grad_scale``); when ``found_inf`` is nonzero nothing is written. Both are read on the
-    device, so a CUDA step never synchronizes. All lists have one entry per parameter; every
+    device, so a CUDA step never synchronizes. ``nonfinite`` (optional, a 1-element float32
+    tensor on that device) is set to 1 when the step writes a weight whose bf16 value is inf or
+    NaN, and left as it is otherwise (it is never cleared; a skipped step writes nothing).
+    All lists have one entry per parameter; every
     tensor is contiguous and has its parameter's shape. Runs under ``no_grad`` (the bf16 weights
     are usually parameters that require grad).
     """
@@ -512,4 +515,5 @@ def adamw_split_(weights, lows, grads, exp_avgs, exp_avg_sqs, *, lr: float, beta
     with torch.no_grad():
         torch.ops.sftctl.adamw_split_(weights, lows, grads, exp_avgs, exp_avg_sqs, float(lr),
                                       float(beta1), float(beta2), float(eps),
-                                      float(weight_decay), int(step), grad_scale, found_inf)
+                                      float(weight_decay), int(step), grad_scale, found_inf,
+                                      nonfinite)

@@ -32,7 +32,10 @@ Design choices
   not make a finite update (``--lr`` too large for fp32, a zero Adam denominator). After every
   step the largest |p| of each parameter is reduced on the device (``torch._foreach_norm`` with
   ord=inf, one call per dtype: NaN/inf propagate, finite weights cannot overflow it; one read
-  of the weights, small next to the optimizer's own reads of weights, gradients and moments). Host mode reads it every
+  of the weights, small next to the optimizer's own reads of weights, gradients and moments).
+  Weights whose optimizer step checks what it writes (``SplitAdamW.flag_nonfinite_writes``: the
+  split master weights, most of a model's bytes) are not read again: the step sets a device flag
+  (``written_flag``) that joins the same verdict. Host mode reads it every
   step; device mode keeps the first bad step in a device counter read with the other flags (at
   logging boundaries and before every save). The update is already applied, so both policies
   stop; with the read before every save, no checkpoint or final model holds a non-finite weight.
@@ -151,12 +154,16 @@ class NonFiniteGuard:
     def __init__(self, *, policy: str, limit: int, counters, optimizer, scaling: bool,
                  device: torch.device, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
                  world_size: int = 1, last_checkpoint: Callable[[], object] | None = None,
-                 params: list[torch.Tensor] | None = None):
+                 params: list[torch.Tensor] | None = None,
+                 written_flag: torch.Tensor | None = None):
         """``counters``: the run's ``TrainState`` (updated in place); ``scaling``: a grad
         scaler is active (fp16); ``all_reduce_sum``/``world_size``: the strategy's, so every
         rank decides alike; ``last_checkpoint``: the newest complete checkpoint (for messages);
-        ``params``: the trained parameters, checked after each update (``check_params``)."""
+        ``params``: the trained parameters, checked after each update (``check_params``);
+        ``written_flag``: a device flag the optimizer step sets when it writes a non-finite
+        weight (for the parameters it covers, left out of ``params``)."""
         self.params = [p for p in (params or []) if p.numel()]
+        self.written_flag = written_flag
         self.policy = policy
         self.limit = limit
         self.counters = counters
@@ -237,11 +244,16 @@ class NonFiniteGuard:
         2-norm it cannot overflow for finite weights): one read of the weights, no host sync
         in device mode, where the flag is read with the loss (``sync``) and before any save.
         Such an update cannot be undone, so the run stops under either policy."""
-        if not self.params:
+        if not self.params and self.written_flag is None:
             return
-        local = [getattr(p, "_local_tensor", p).detach() for p in self.params]  # FSDP: shard
-        peak = torch.stack(foreach_norms(local, float("inf"))).max()
-        bad = ~torch.isfinite(peak)
+        bad = None
+        if self.params:
+            local = [getattr(p, "_local_tensor", p).detach() for p in self.params]  # FSDP: shard
+            peak = torch.stack(foreach_norms(local, float("inf"))).max()
+            bad = ~torch.isfinite(peak)
+        if self.written_flag is not None:
+            wrote = self.written_flag.reshape(()) != 0
+            bad = wrote if bad is None else bad | wrote
         if self.mode == "host":
             if self._all_ranks(bad) > 0:
                 raise TrainingError(self._params_message(step))

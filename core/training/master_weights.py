@@ -161,6 +161,15 @@ class SplitAdamW(torch.optim.AdamW):
                 raise TypeError("SplitAdamW: split parameters are bf16 with int16 low halves")
             self.state[p]["master_low"] = lows[p]
         self._split_ids = {id(p) for p in self._split}
+        self.nonfinite: torch.Tensor | None = None  # see flag_nonfinite_writes
+
+    def flag_nonfinite_writes(self, flag: torch.Tensor) -> list[torch.nn.Parameter]:
+        """From now on every split step sets ``flag`` (a 1-element fp32 device tensor) to 1 when
+        it writes a weight whose bf16 value is inf or NaN (``adamw_split_``'s ``nonfinite``),
+        and never clears it. Returns the parameters this covers (the split ones), which the
+        caller's own after-update check can then skip."""
+        self.nonfinite = flag
+        return list(self._split)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -209,7 +218,8 @@ class SplitAdamW(torch.optim.AdamW):
                              [self.state[p]["exp_avg_sq"] for p in params],
                              lr=lr, beta1=beta1, beta2=beta2,
                              eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                             step=step, grad_scale=grad_scale, found_inf=found_inf)
+                             step=step, grad_scale=grad_scale, found_inf=found_inf,
+                             nonfinite=self.nonfinite)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader casts floating state to the parameter's dtype (bf16 here) and moves

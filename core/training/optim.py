@@ -52,7 +52,9 @@ class OptimizerSpec:
         """The optimizer for a run with split master weights (``--master-weights``):
         ``split_build(params, optim_config, device, lows[, options])``, ``lows`` mapping each
         bf16 split parameter to the int16 low half of its fp32 master, which the optimizer
-        keeps and updates (``sftctl.training.master_weights.SplitAdamW`` does)."""
+        keeps and updates (``sftctl.training.master_weights.SplitAdamW`` does). An optimizer
+        that also has ``flag_nonfinite_writes(flag) -> covered parameters`` (SplitAdamW does)
+        checks the weights it writes itself, and the trainer's after-update check skips those."""
         if self.split_build is None:
             raise ValueError(f"optimizer {self.name!r} registers no split_build")
         if self.uses_options:

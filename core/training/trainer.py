@@ -519,13 +519,20 @@ class Trainer:
             config=cfg.to_dict(), config_yaml=atomic.config_yaml(cfg),
             data_fingerprint=data_fingerprint(self.data.train), device=self.device,
             faults=faults)
+        # the split step checks the weights it writes (one read less of most of the model)
+        checked_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        written_flag = None
+        if hasattr(self.optimizer, "flag_nonfinite_writes"):
+            written_flag = torch.zeros(1, dtype=torch.float32, device=self.device)
+            covered = {id(p) for p in self.optimizer.flag_nonfinite_writes(written_flag)}
+            checked_params = [p for p in checked_params if id(p) not in covered]
         self.guard = guards.NonFiniteGuard(
             policy=cfg.train.on_nonfinite, limit=cfg.train.max_nonfinite_in_a_row,
             counters=self.state, optimizer=self.optimizer, scaling=self.scaler.is_enabled(),
             device=self.device, all_reduce_sum=self.strategy.all_reduce_sum,
             world_size=self.strategy.world_size,
             last_checkpoint=self.checkpointer.last_complete,
-            params=[p for g in self.optimizer.param_groups for p in g["params"]])
+            params=checked_params, written_flag=written_flag)
         # clipping folded into the fused step (``_unscale_and_clip``): gradients whole on
         # every rank (no FSDP shards), and an optimizer that takes a device grad_scale
         # (split master weights: always, so no bf16 gradient is multiplied in bf16)

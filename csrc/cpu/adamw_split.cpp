@@ -11,6 +11,7 @@
 // - found_inf is read once, before anything is written.
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "cpu/kernels.h"
@@ -28,6 +29,7 @@ void adamw_split(const AdamWSplitTensor* tensors, int64_t n_tensors, const AdamW
   if (s.found_inf != nullptr && *s.found_inf != 0.f) return;
   const bool has_scale = s.grad_scale != nullptr;
   const float scale = has_scale ? *s.grad_scale : 1.f;
+  std::atomic<bool> bad{false};  // a task wrote a non-finite weight
   for (int64_t i = 0; i < n_tensors; ++i) {
     const AdamWSplitTensor& t = tensors[i];
     uint16_t* weight = t.weight;
@@ -36,10 +38,15 @@ void adamw_split(const AdamWSplitTensor* tensors, int64_t n_tensors, const AdamW
     float* m = t.exp_avg;
     float* v = t.exp_avg_sq;
     at::parallel_for(0, t.numel, kAdamWGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j)
+      bool task_bad = false;
+      for (int64_t j = begin; j < end; ++j) {
         adamw_split_element(weight[j], low[j], grad[j], m[j], v[j], s, has_scale, scale);
+        task_bad |= bf16_bits_nonfinite(weight[j]);
+      }
+      if (task_bad) bad.store(true, std::memory_order_relaxed);
     });
   }
+  if (s.nonfinite != nullptr && bad.load()) *s.nonfinite = 1.f;
 }
 
 }  // namespace cpu

@@ -25,6 +25,12 @@
 //   (its CUDA kernel does part of the arithmetic in double, its CPU kernel updates m as a lerp).
 // - found_inf (GradScaler's overflow flag) is read on the device of the step: when nonzero the
 //   step writes nothing at all, so weights, lows and moments keep their bits.
+// - nonfinite (the trainer's check that an update left every weight finite): the step already
+//   holds each new weight in a register, so it tests the bf16 half it writes (the value the
+//   forward computes with; a non-finite master always has a non-finite top half, and a finite
+//   master near FLT_MAX may round to a bf16 inf) and sets the flag to 1 if any is inf or NaN.
+//   That spares the trainer a separate read of every weight. The flag is only ever set, never
+//   cleared, and every writer writes the same 1, so the result does not depend on the order.
 // - CUDA: one launch per batch of up to kAdamWMaxTensors parameters; the pointer table and each
 //   parameter's first chunk index travel in the kernel parameters (__grid_constant__, read from
 //   the constant bank, never copied to local memory). A block owns 64K-element chunks (smaller
@@ -82,6 +88,9 @@ SFTCTL_HOST_DEVICE void split_master_bits(uint32_t u, uint16_t& weight, uint16_t
   weight = static_cast<uint16_t>((u + 0x8000u) >> 16);
   low = static_cast<uint16_t>(u);
 }
+
+// Whether bf16 bits encode inf or NaN (exponent all ones).
+SFTCTL_HOST_DEVICE bool bf16_bits_nonfinite(uint16_t bits) { return (bits & 0x7F80u) == 0x7F80u; }
 
 // One element's AdamW step. `weight`/`low` hold the split master and `grad` the bf16 gradient
 // bits; m and v are the moments. grad_scale is applied only when has_grad_scale (dividing by
@@ -143,7 +152,7 @@ __device__ __forceinline__ uint4 pack_u16x8(const uint16_t (&in)[8]) {
 template <int THREADS>
 __device__ __forceinline__ void adamw_split_vectors(const AdamWSplitTensor& t, int64_t begin,
                                                     int64_t count, const AdamWSplitScalars& s,
-                                                    bool has_scale, float scale) {
+                                                    bool has_scale, float scale, bool& bad) {
   const int64_t v0 = begin / 8;  // first vector of the range
   uint4* weight = reinterpret_cast<uint4*>(t.weight) + v0;
   uint4* low = reinterpret_cast<uint4*>(t.low) + v0;
@@ -160,8 +169,10 @@ __device__ __forceinline__ void adamw_split_vectors(const AdamWSplitTensor& t, i
     float m8[8] = {ma.x, ma.y, ma.z, ma.w, mb.x, mb.y, mb.z, mb.w};
     float v8[8] = {va.x, va.y, va.z, va.w, vb.x, vb.y, vb.z, vb.w};
 #pragma unroll
-    for (int k = 0; k < 8; ++k)
+    for (int k = 0; k < 8; ++k) {
       adamw_split_element(w8[k], l8[k], g8[k], m8[k], v8[k], s, has_scale, scale);
+      bad |= bf16_bits_nonfinite(w8[k]);
+    }
     __stcs(weight + i, pack_u16x8(w8));
     __stcs(low + i, pack_u16x8(l8));
     __stcs(m + 2 * i, make_float4(m8[0], m8[1], m8[2], m8[3]));
@@ -175,12 +186,13 @@ __device__ __forceinline__ void adamw_split_vectors(const AdamWSplitTensor& t, i
 template <int THREADS>
 __device__ __forceinline__ void adamw_split_scalars(const AdamWSplitTensor& t, int64_t begin,
                                                     int64_t end, const AdamWSplitScalars& s,
-                                                    bool has_scale, float scale) {
+                                                    bool has_scale, float scale, bool& bad) {
   uint16_t* low = reinterpret_cast<uint16_t*>(t.low);
   for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
     uint16_t w = t.weight[i], l = low[i];
     float m = t.exp_avg[i], v = t.exp_avg_sq[i];
     adamw_split_element(w, l, t.grad[i], m, v, s, has_scale, scale);
+    bad |= bf16_bits_nonfinite(w);
     t.weight[i] = w;
     low[i] = l;
     t.exp_avg[i] = m;
@@ -198,6 +210,7 @@ __global__ void __launch_bounds__(THREADS)
   const bool has_scale = s.grad_scale != nullptr;
   const float scale = has_scale ? *s.grad_scale : 1.f;
   const int64_t total = batch.first_chunk[batch.n_tensors];
+  bool bad = false;  // this thread wrote a non-finite weight
   int t = 0;  // chunks only grow along the grid-stride loop, so the tensor index does too
   for (int64_t chunk = blockIdx.x; chunk < total; chunk += gridDim.x) {
     while (batch.first_chunk[t + 1] <= chunk) ++t;
@@ -211,11 +224,13 @@ __global__ void __launch_bounds__(THREADS)
     int64_t scalar_from = begin;
     if ((addr_bits & 15) == 0) {
       const int64_t vectors = (end - begin) / 8;
-      adamw_split_vectors<THREADS>(p, begin, vectors, s, has_scale, scale);
+      adamw_split_vectors<THREADS>(p, begin, vectors, s, has_scale, scale, bad);
       scalar_from = begin + 8 * vectors;
     }
-    adamw_split_scalars<THREADS>(p, scalar_from, end, s, has_scale, scale);
+    adamw_split_scalars<THREADS>(p, scalar_from, end, s, has_scale, scale, bad);
   }
+  // every thread of the block gets here (the found_inf return above is uniform over the grid)
+  if (s.nonfinite != nullptr && __syncthreads_or(bad) && threadIdx.x == 0) *s.nonfinite = 1.f;
 }
 
 }  // namespace cuda

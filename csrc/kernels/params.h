@@ -110,6 +110,8 @@ struct AdamWSplitScalars {
   float eps = 0.f;
   const float* grad_scale = nullptr;  // optional 1-element fp32: gradients are divided by it
   const float* found_inf = nullptr;   // optional 1-element fp32: nonzero skips the whole step
+  float* nonfinite = nullptr;         // optional 1-element fp32: set to 1 when the step writes a
+                                      // weight whose bf16 value is inf or NaN (else untouched)
 };
 
 }  // namespace sftctl
