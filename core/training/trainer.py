@@ -434,9 +434,11 @@ class Trainer:
                               "whole gradient from autograd)")
             self.head_info = {"fused": True, "path": self.head.describe(), "reason": None,
                               "tied": self.head.tied,
-                              "embedding_grad": (None if not self.head.tied else
-                                                 "into the head's gradient" if route is None
-                                                 else f"autograd's dense gradient: {route}"),
+                              "embedding_grad": (
+                                  None if not self.head.tied else
+                                  "into the head's gradient" if route is None else
+                                  "none: the tied weight is frozen" if "frozen" in route else
+                                  f"autograd's dense gradient: {route}"),
                               "chunk_rows": self.head_chunk_rows or self._op_chunk_rows(),
                               "chunk_rows_at": self._micro_batch_rows(),
                               **self.head.transform}
