@@ -209,6 +209,13 @@ def test_tied_embedding_rows_go_into_the_head_gradient(arch, device):
     gemma = tiny_model("gemma2", tied=True)
     other, _ = FusedHead.plan(gemma)
     assert "ScaledWordEmbedding, not a plain" in other.route_embedding_grad(gemma)
+    # a weight with gradient hooks keeps autograd's path (the hook would miss the rows)
+    for register in ("register_hook", "register_post_accumulate_grad_hook"):
+        hooked = tiny_model(arch, tied=True)
+        getattr(hooked.get_input_embeddings().weight, register)(lambda *a: None)
+        h, _ = FusedHead.plan(hooked)
+        assert "gradient hooks" in h.route_embedding_grad(hooked)
+        assert type(hooked.get_input_embeddings()) is torch.nn.Embedding
 
 
 def _accumulate_grad_edges(t: torch.Tensor):

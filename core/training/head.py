@@ -34,8 +34,10 @@ Design choices
   holds the head's gradient (autograd runs a leaf's gradient accumulation as soon as it is
   ready, and the head's backward comes first). Either order gives the same sum, and a step
   sums in fp32 as before (only the order of the additions differs). Not under DDP/FSDP (their
-  gradient hooks fire when the head's gradient lands, before the rows are added), nor for an
-  embedding with ``max_norm``, ``scale_grad_by_freq``, sparse gradients or a class of its own.
+  gradient hooks fire when the head's gradient lands, before the rows are added), nor when the
+  weight already has gradient hooks of its own (checked at install; one registered later sees
+  only the head's part), nor for an embedding with ``max_norm``, ``scale_grad_by_freq``,
+  sparse gradients or a class of its own.
 - Ignored targets: the trainer knows on the host which rows have a target (the labels rule run
   on the collated CPU tensors), so it passes their indices and the op runs with
   ``compact=False`` on exactly those rows: the matmul skips prompt and padding rows without the
@@ -293,6 +295,9 @@ class FusedHead:
             return "the input embedding uses max_norm, scale_grad_by_freq or sparse gradients"
         if not emb.weight.requires_grad:
             return "the tied weight is frozen"
+        if emb.weight._backward_hooks or getattr(emb.weight, "_post_accumulate_grad_hooks", None):
+            return ("the tied weight has gradient hooks (they would see the head's part of its "
+                    "gradient only)")
         emb.__class__ = RowsIntoHeadGradEmbedding
         self.routed = emb
         return None
