@@ -303,7 +303,7 @@ class FusedHead:
         return None
 
     def uninstall_embedding_route(self) -> None:
-        emb = getattr(self, "routed", None)
+        emb = self.routed
         if emb is not None and type(emb) is RowsIntoHeadGradEmbedding:
             emb.__dict__.pop("_sftctl_anchor", None)
             emb.__class__ = torch.nn.Embedding

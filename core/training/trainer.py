@@ -427,24 +427,30 @@ class Trainer:
             self._fallback("fused_head", asked, plain, why)
         else:
             self.head_chunk_rows = self.config.train.fused_head_chunk_rows or None
-            route = None
-            if self.head.tied:  # DDP/FSDP hooks fire when the head's gradient lands
-                route = (self.head.route_embedding_grad(model) if self.strategy.name == "none"
-                         else f"strategy {self.strategy.name} (its gradient hooks need the "
-                              "whole gradient from autograd)")
+            route = self._embedding_grad_route(model)  # before describe(): it names the route
             self.head_info = {"fused": True, "path": self.head.describe(), "reason": None,
-                              "tied": self.head.tied,
-                              "embedding_grad": (
-                                  None if not self.head.tied else
-                                  "into the head's gradient" if route is None else
-                                  "none: the tied weight is frozen" if "frozen" in route else
-                                  f"autograd's dense gradient: {route}"),
+                              "tied": self.head.tied, "embedding_grad": route,
                               "chunk_rows": self.head_chunk_rows or self._op_chunk_rows(),
                               "chunk_rows_at": self._micro_batch_rows(),
                               **self.head.transform}
             if self.is_main:
                 log.info("loss head: %s", self.head.describe())
         self.loss_kernel = kernel_name(self.loss_impl, self.device, fused_head=self.head is not None)
+
+    def _embedding_grad_route(self, model) -> str | None:
+        """A tied fused head's embedding gradient: added into the head's gradient in place where
+        that is safe (``FusedHead.route_embedding_grad``), else autograd's; summary.json says
+        which and why (None: the head is not tied)."""
+        w = self.head.head.weight
+        if not self.head.tied:
+            return None
+        if not w.requires_grad:
+            return "none: the tied weight is frozen"
+        if self.strategy.name != "none":  # DDP/FSDP hooks fire when the head's gradient lands
+            return (f"autograd's dense gradient: strategy {self.strategy.name} (its gradient "
+                    "hooks need the whole gradient from autograd)")
+        why = self.head.route_embedding_grad(model)
+        return "into the head's gradient" if why is None else f"autograd's dense gradient: {why}"
 
     def _micro_batch_rows(self) -> int:
         """The most token rows one micro-batch can have (batch size x max sequence length)."""
