@@ -127,6 +127,14 @@ def check_summary(single: Path, dist: Path, strategy: str):
     assert s2["world_size"] == 2 and s2["strategy"] == strategy
     assert s2["steps"] == s1["steps"] and s2["tokens"] == s1["tokens"]
     assert s2["examples"] == s1["examples"]
+    # the tied head: one process adds the embedding rows into the head's gradient in place,
+    # DDP/FSDP keep autograd's dense gradient (their hooks need it whole); the curves and
+    # checkpoints of the two paths agree (assert_same_curves / assert_same_checkpoint)
+    assert s1["loss_head"]["tied"] is True
+    assert s1["loss_head"]["embedding_grad"] == "into the head's gradient"
+    assert s2["loss_head"]["embedding_grad"] == (
+        f"autograd's dense gradient: strategy {strategy} (its gradient hooks need the whole "
+        "gradient from autograd)")
     # one metrics line per step: only rank 0 writes
     assert len(read_metrics(dist)) == len(read_metrics(single))
 
