@@ -159,8 +159,11 @@ def test_overwrite_killed_before_a_result_gets_the_previous_run_back(setup, fini
 
 def test_a_second_run_in_the_same_directory_is_refused_at_once(setup, tmp_path):
     out = tmp_path / "run"
+    # the first run holds its lock for at least 8 x 4 s after it appears, longer than the
+    # second CLI may take to start and be refused (< 30 s below) on a loaded 2-core machine;
+    # with 8 x 0.2 s the first run could finish first and the second one then trained
     p, log = start(train_args(setup, out, "--max-steps", "8"), tmp_path,
-                   SFTCTL_FAULT="slow_steps:0.2")
+                   SFTCTL_FAULT="slow_steps:4")
     try:
         wait_for(lambda: f"PID {p.pid} " in ((out / ".sftctl.lock").read_text()
                                              if (out / ".sftctl.lock").exists() else ""),
