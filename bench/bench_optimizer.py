@@ -6,7 +6,9 @@ What each variant must move per weight (bytes): torch fused fp32: read w, g, m, 
 w, m, v (12) = 28, plus autocast's cast of the weight in every forward (read 4 + write 2) and
 the gradient's cast back in backward (read 2 + write 4) that the split layout never does; split:
 read weight, low, g (6) + m, v (8), write weight, low, m, v (12) = 26. The "floor" column is
-those bytes at the device-to-device copy bandwidth measured in the same run.
+those bytes at the device-to-device copy bandwidth measured in the same run. The model's fp32
+parameters outside the Linear layers (the embedding and the norm weights) are timed too, with
+torch's fused AdamW and with the same op's whole-fp32 layout (28 bytes per weight either way).
 
     python bench/bench_optimizer.py --out OUT [--shape 1b|8b] [--steps 20]
 
@@ -18,19 +20,20 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import statistics
 from pathlib import Path
 
 import torch
 
-SHAPES = {  # (hidden, intermediate, layers, heads, kv_heads) of Llama-3.2-1B / Llama-3.1-8B
-    "1b": (2048, 8192, 16, 32, 8),
-    "8b": (4096, 14336, 32, 32, 8),
+SHAPES = {  # (hidden, intermediate, layers, heads, kv_heads, vocab) of Llama-3.2-1B / 3.1-8B
+    "1b": (2048, 8192, 16, 32, 8, 128256),
+    "8b": (4096, 14336, 32, 32, 8, 128256),
 }
 
 
 def linear_shapes(name: str) -> list[tuple[int, int]]:
-    h, inter, layers, heads, kv = SHAPES[name]
+    h, inter, layers, heads, kv, _vocab = SHAPES[name]
     d = h // heads
     per_layer = [(h, h), (kv * d, h), (kv * d, h), (h, h), (inter, h), (inter, h), (h, inter)]
     return per_layer * layers
@@ -120,6 +123,35 @@ def main() -> int:
         diff = (join_fp32(w16, lo) - p.detach()).abs().max().item()
         check.append(diff / p.detach().abs().max().item())
 
+    del halves, weights, lows, m1, m2, masters, grads16
+    torch.cuda.empty_cache()
+
+    # whole fp32 masters (the embedding, tied to the head in the 1B shape, and the norm
+    # weights): torch's fused AdamW against the same op's whole layout, on the same tensors
+    h, vocab = SHAPES[args.shape][0], SHAPES[args.shape][5]
+    whole_shapes = [(vocab, h)] + [(h,)] * (2 * SHAPES[args.shape][2] + 1)
+    whole_numel = sum(math.prod(s) for s in whole_shapes)
+    wp = [torch.nn.Parameter(torch.randn(s, device=dev, generator=g) * 0.02)
+          for s in whole_shapes]
+    for w in wp:
+        w.grad = torch.randn(w.shape, device=dev, generator=g) * 1e-3
+    opt = torch.optim.AdamW(wp, fused=True, **kw)
+    whole_torch_ms = timed(opt.step, args.steps)
+    del opt
+    wm1 = [torch.zeros_like(w) for w in wp]
+    wm2 = [torch.zeros_like(w) for w in wp]
+    state["step"] = 0
+
+    def whole_step():
+        state["step"] += 1
+        adamw_split_([w.data for w in wp], [None] * len(wp), [w.grad for w in wp], wm1, wm2,
+                     lr=kw["lr"], beta1=kw["betas"][0], beta2=kw["betas"][1], eps=kw["eps"],
+                     weight_decay=kw["weight_decay"], step=state["step"])
+
+    whole_ms = timed(whole_step, args.steps)
+    del wp, wm1, wm2
+    torch.cuda.empty_cache()
+
     floor_torch = numel * 28 / bw * 1e3
     floor_split = numel * 26 / bw * 1e3
     card = torch.cuda.get_device_name(dev)
@@ -132,6 +164,10 @@ def main() -> int:
          "floor_ms": numel * 6 / bw * 1e3},
         {"variant": "sftctl adamw_split_ (bf16 weight + low half, bf16 gradients)",
          "ms": split_ms, "floor_ms": floor_split},
+        {"variant": f"whole fp32 ({whole_numel:,} params: embedding + norms), torch fused",
+         "ms": whole_torch_ms, "floor_ms": whole_numel * 28 / bw * 1e3},
+        {"variant": "whole fp32, the same, sftctl adamw_split_ (whole layout)",
+         "ms": whole_ms, "floor_ms": whole_numel * 28 / bw * 1e3},
     ]
     res = {"date": _dt.date.today().isoformat(), "card": card, "torch": torch.__version__,
            "shape": args.shape, "tensors": len(shapes), "parameters": numel,

@@ -751,10 +751,12 @@ std::tuple<at::Tensor, at::Tensor> sft_labels(const at::Tensor& input_ids,
 }
 
 // ---------------------------------------------------------------------------------------------
-// AdamW on split fp32 master weights (sftctl::adamw_split_): validation, then the CPU loop or the
-// CUDA launches (kernels/adamw_split.cuh). Every per-parameter check names the list and the index.
-// grad_scale and found_inf are passed as pointers and read by the kernels on their device, so a
-// CUDA step never waits on the GPU.
+// AdamW on fp32 master weights (sftctl::adamw_split_): validation, then the CPU loop or the CUDA
+// launches (kernels/adamw_split.cuh). Each parameter is split (a bf16 weight, its int16 low half
+// of the same shape, a bf16 gradient) or whole (an fp32 weight and gradient, its lows entry an
+// empty int16 tensor). Every per-parameter check names the list and the index. grad_scale and
+// found_inf are passed as pointers and read by the kernels on their device, so a CUDA step never
+// waits on the GPU.
 
 struct AdamWSplitList {
   at::TensorList tensors;
@@ -785,6 +787,12 @@ void adamw_split_(at::TensorList weights, at::TensorList lows, at::TensorList gr
                                   {grads, "grads", at::kBFloat16, "bfloat16"},
                                   {exp_avgs, "exp_avgs", at::kFloat, "float32"},
                                   {exp_avg_sqs, "exp_avg_sqs", at::kFloat, "float32"}};
+  // a whole fp32 parameter: fp32 weight and gradient, no low half
+  const AdamWSplitList whole_lists[] = {{weights, "weights", at::kFloat, "float32"},
+                                        {lows, "lows", at::kShort, "int16"},
+                                        {grads, "grads", at::kFloat, "float32"},
+                                        {exp_avgs, "exp_avgs", at::kFloat, "float32"},
+                                        {exp_avg_sqs, "exp_avg_sqs", at::kFloat, "float32"}};
   const size_t n = weights.size();
   for (const AdamWSplitList& l : lists)
     TORCH_CHECK(l.tensors.size() == n, op, ": ", l.name, " has ", l.tensors.size(),
@@ -804,15 +812,29 @@ void adamw_split_(at::TensorList weights, at::TensorList lows, at::TensorList gr
     TORCH_CHECK(ref->defined(), op, ": weights[0] is an undefined tensor");
     check_supported_device(*ref, op, "weights[0]");
   }
+  std::vector<char> is_whole(n, 0);
   for (size_t i = 0; i < n; ++i) {
-    for (const AdamWSplitList& l : lists) {
+    TORCH_CHECK(weights[i].defined(), op, ": weights[", i, "] is an undefined tensor");
+    const at::ScalarType wt = weights[i].scalar_type();
+    TORCH_CHECK(wt == at::kBFloat16 || wt == at::kFloat, op, ": weights[", i,
+                "] must be bfloat16 (split, with its low half in lows) or float32 (whole, with an "
+                "empty lows entry), got ", wt);
+    is_whole[i] = wt == at::kFloat;
+    const AdamWSplitList* row = is_whole[i] ? whole_lists : lists;
+    for (int k = 0; k < 5; ++k) {
+      const AdamWSplitList& l = row[k];
       const at::Tensor& t = l.tensors[i];
       TORCH_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is an undefined tensor");
       TORCH_CHECK(t.scalar_type() == l.dtype, op, ": ", l.name, "[", i, "] must be ",
-                  l.dtype_name, ", got ", t.scalar_type());
+                  l.dtype_name, " (weights[", i, "] is ", wt, "), got ", t.scalar_type());
       TORCH_CHECK(t.device() == ref->device(), op, ": ", l.name, "[", i,
                   "] must be on the same device as weights[0] (", ref->device(), "), got ",
                   t.device());
+      if (is_whole[i] && k == 1) {  // lows
+        TORCH_CHECK(t.numel() == 0, op, ": lows[", i, "] must be empty: weights[", i,
+                    "] is float32, a whole master with no low half (got shape ", t.sizes(), ")");
+        continue;
+      }
       TORCH_CHECK(t.sizes() == weights[i].sizes(), op, ": ", l.name, "[", i, "] has shape ",
                   t.sizes(), " but weights[", i, "] has shape ", weights[i].sizes());
       TORCH_CHECK(t.is_contiguous(), op, ": ", l.name, "[", i,
@@ -834,9 +856,14 @@ void adamw_split_(at::TensorList weights, at::TensorList lows, at::TensorList gr
   for (size_t i = 0; i < n; ++i) {
     if (weights[i].numel() == 0) continue;
     AdamWSplitTensor p;
-    p.weight = static_cast<uint16_t*>(weights[i].data_ptr());
-    p.low = static_cast<int16_t*>(lows[i].data_ptr());
-    p.grad = static_cast<const uint16_t*>(grads[i].data_ptr());
+    if (is_whole[i]) {
+      p.weight_f32 = weights[i].data_ptr<float>();
+      p.grad_f32 = grads[i].data_ptr<float>();
+    } else {
+      p.weight = static_cast<uint16_t*>(weights[i].data_ptr());
+      p.low = static_cast<int16_t*>(lows[i].data_ptr());
+      p.grad = static_cast<const uint16_t*>(grads[i].data_ptr());
+    }
     p.exp_avg = exp_avgs[i].data_ptr<float>();
     p.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
     p.numel = weights[i].numel();

@@ -439,14 +439,19 @@ def _lists(ps):
 
 
 BAD = {
-    "weights dtype": (lambda L: L[0].__setitem__(0, L[0][0].float()),
-                      {}, r"weights\[0\] must be bfloat16, got Float"),
+    "weights dtype": (lambda L: L[0].__setitem__(0, L[0][0].half()),
+                      {}, r"weights\[0\] must be bfloat16 \(split, .*\) or float32 "
+                          r"\(whole, .*\), got Half"),
+    "fp32 weight with a low half": (lambda L: L[0].__setitem__(0, L[0][0].float()),
+                                    {}, r"lows\[0\] must be empty: weights\[0\] is float32"),
     "lows dtype": (lambda L: L[1].__setitem__(1, L[1][1].int()),
-                   {}, r"lows\[1\] must be int16, got Int"),
+                   {}, r"lows\[1\] must be int16 \(weights\[1\] is BFloat16\), got Int"),
     "grads dtype": (lambda L: L[2].__setitem__(1, L[2][1].float()),
-                    {}, r"grads\[1\] must be bfloat16, got Float"),
+                    {}, r"grads\[1\] must be bfloat16 \(weights\[1\] is BFloat16\), "
+                        r"got Float"),
     "exp_avgs dtype": (lambda L: L[3].__setitem__(0, L[3][0].bfloat16()),
-                       {}, r"exp_avgs\[0\] must be float32, got BFloat16"),
+                       {}, r"exp_avgs\[0\] must be float32 \(weights\[0\] is BFloat16\), "
+                           r"got BFloat16"),
     "shape": (lambda L: L[4].__setitem__(1, L[4][1][:4].clone()),
               {}, r"exp_avg_sqs\[1\] has shape \[4\] but weights\[1\] has shape \[5\]"),
     "list length": (lambda L: L[2].pop(), {}, r"grads has 1 tensors but weights has 2"),

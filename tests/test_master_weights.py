@@ -263,6 +263,76 @@ def test_split_adamw_steps_like_torch_fused_adamw_on_the_device(device):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_split_adamw_steps_its_fp32_parameters_whole_like_torch(device):
+    """The fp32 parameters next to the split ones (an embedding, a norm weight, a bias) take the
+    op's whole-master step: three steps with weight decay and a grad scale against torch's fused
+    AdamW within the bounds above; an amsgrad group and ``step_whole=False`` leave them to torch
+    (the same bits as torch's own step); the step count of the op's parameters is on the host."""
+    g = torch.Generator().manual_seed(9)
+    shapes = [(300, 16), (16,), (7,)]
+    start = [torch.randn(s, generator=g) * 0.02 for s in shapes]
+    grads = [[torch.randn(s, generator=g) * 1e-3 for s in shapes] for _ in range(3)]
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=True)
+
+    def run(make_opt):
+        ps = [torch.nn.Parameter(t.clone().to(device)) for t in start]
+        opt = make_opt(ps)
+        opt.grad_scale = torch.tensor([2.0], device=device)
+        for step_grads in grads:
+            for p, gr in zip(ps, step_grads):
+                p.grad = (gr * 2.0).to(device)  # scaled, as a grad scaler leaves it
+            opt.step()
+        return ps, opt
+
+    groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.1},  # noqa: E731
+                         {"params": ps[2:], "weight_decay": 0.0}]
+    ref, opt_ref = run(lambda ps: torch.optim.AdamW(groups(ps), **kw))
+    ours, opt = run(lambda ps: mw.SplitAdamW(groups(ps), {}, **kw))
+    assert opt.flag_nonfinite_writes(torch.zeros(1, device=device)) == ours
+    for r, o in zip(ref, ours):
+        torch.testing.assert_close(o.detach(), r.detach(), rtol=4 * 2.0 ** -23, atol=1e-8)
+        for k in ("exp_avg", "exp_avg_sq"):
+            want = opt_ref.state[r][k]
+            torch.testing.assert_close(opt.state[o][k], want, rtol=1e-6,
+                                       atol=1e-6 * float(want.abs().max()))
+        assert opt.state[o]["step"].device.type == "cpu" and float(opt.state[o]["step"]) == 3
+    for make in (lambda ps: mw.SplitAdamW(groups(ps), {}, step_whole=False, **kw),
+                 lambda ps: mw.SplitAdamW([{"params": ps, "amsgrad": True}], {}, **kw)):
+        theirs, opt2 = run(make)
+        assert opt2.flag_nonfinite_writes(torch.zeros(1, device=device)) == []
+        if opt2.param_groups[0].get("amsgrad"):
+            same, _ = run(lambda ps: torch.optim.AdamW([{"params": ps, "amsgrad": True}], **kw))
+        else:
+            same = ref
+        for a, b in zip(theirs, same):
+            assert torch.equal(a.detach(), b.detach())
+
+
+def test_split_adamw_resumes_whole_state_that_torch_saved():
+    """A state dict of torch's fused AdamW (device step counts, as a run before whole stepping
+    saved it) loads into SplitAdamW: the counts come to the host and the next step is torch's."""
+    g = torch.Generator().manual_seed(4)
+    start = torch.randn(64, generator=g)
+    grads = [torch.randn(64, generator=g) * 1e-3 for _ in range(3)]
+    kw = dict(lr=1e-3, weight_decay=0.1, fused=True)
+    ref = torch.nn.Parameter(start.clone())
+    opt_ref = torch.optim.AdamW([ref], **kw)
+    for gr in grads[:2]:
+        ref.grad = gr.clone()
+        opt_ref.step()
+    ours = torch.nn.Parameter(ref.detach().clone())
+    opt = mw.SplitAdamW([ours], {}, **kw)
+    opt.load_state_dict(opt_ref.state_dict())
+    assert opt.state[ours]["step"].device.type == "cpu" and float(opt.state[ours]["step"]) == 2
+    ref.grad, ours.grad = grads[2].clone(), grads[2].clone()
+    opt_ref.step()
+    opt.step()
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=4 * 2.0 ** -23, atol=1e-8)
+    assert float(opt.state[ours]["step"]) == 3
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("ord", [2.0, float("inf")])
 def test_foreach_norms_of_a_mixed_list_are_the_per_tensor_norms_in_order(device, ord):
     """bf16 and fp32 tensors interleaved (as split weights sit among fp32 ones): one torch call
@@ -305,10 +375,10 @@ def test_the_guard_takes_the_split_steps_own_nonfinite_check(device):
     opt = mw.SplitAdamW([lin.weight, lin.bias], lows, lr=1e-2, fused=True)
     flag = torch.zeros(1, device=device)
     covered = opt.flag_nonfinite_writes(flag)
-    assert covered == [lin.weight]
+    assert covered == [lin.weight, lin.bias]  # split, and fp32 stepped whole by the same op
     guard = NonFiniteGuard(policy="stop", limit=3, counters=TrainState(), optimizer=opt,
                            scaling=False, device=torch.device(device),
-                           all_reduce_sum=lambda t: t, params=[lin.bias], written_flag=flag)
+                           all_reduce_sum=lambda t: t, params=[], written_flag=flag)
     for step, bad_grad in [(1, False), (2, True)]:
         lin.weight.grad = (torch.randn(8, 16, device=device) * 1e-3).bfloat16()
         lin.bias.grad = torch.randn(8, device=device) * 1e-3

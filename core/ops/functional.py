@@ -491,23 +491,28 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 def adamw_split_(weights, lows, grads, exp_avgs, exp_avg_sqs, *, lr: float, beta1: float,
                  beta2: float, eps: float, weight_decay: float, step: int, grad_scale=None,
                  found_inf=None, nonfinite=None) -> None:
-    """One AdamW step, in place, on fp32 master weights stored as ``(weights[i], lows[i])``
-    (bf16 and int16, see ``sftctl.ops.split_master``), with bf16 ``grads`` and fp32 moments.
+    """One AdamW step, in place, on fp32 master weights, each held either split as
+    ``(weights[i], lows[i])`` (bf16 and int16, see ``sftctl.ops.split_master``) with a bf16
+    gradient, or whole as an fp32 ``weights[i]`` with an fp32 gradient and ``lows[i]`` ``None``
+    (or an empty int16 tensor); both layouts may be mixed in one call (one launch on CUDA).
+    Moments are fp32.
 
     Per element, in fp32 and in the order of ``torch.optim.AdamW(fused=True)``: the master is
     decoded exactly, the gradient divided by ``grad_scale`` (when given), then decoupled weight
-    decay, the moment updates and the bias-corrected step; the result is split back into the two
-    halves. ``step`` counts this step (1 for the first). ``grad_scale`` and ``found_inf`` are
+    decay, the moment updates and the bias-corrected step; a split result is split back into the
+    two halves. ``step`` counts this step (1 for the first). ``grad_scale`` and ``found_inf`` are
     1-element float32 tensors on the parameters' device (a number is accepted for
     ``grad_scale``); when ``found_inf`` is nonzero nothing is written. Both are read on the
     device, so a CUDA step never synchronizes. ``nonfinite`` (optional, a 1-element float32
-    tensor on that device) is set to 1 when the step writes a weight whose bf16 value is inf or
-    NaN, and left as it is otherwise (it is never cleared; a skipped step writes nothing).
-    All lists have one entry per parameter; every
-    tensor is contiguous and has its parameter's shape. Runs under ``no_grad`` (the bf16 weights
-    are usually parameters that require grad).
+    tensor on that device) is set to 1 when the step writes a weight whose bf16 value (for a
+    whole weight: the value autocast would cast it to) is inf or NaN, and left as it is
+    otherwise (it is never cleared; a skipped step writes nothing). All lists have one entry
+    per parameter; every tensor is contiguous and has its parameter's shape. Runs under
+    ``no_grad`` (the weights are usually parameters that require grad).
     """
     weights, lows, grads = list(weights), list(lows), list(grads)
+    lows = [torch.empty(0, dtype=torch.int16, device=w.device) if lo is None else lo
+            for w, lo in zip(weights, lows)] + lows[len(weights):]  # extra: the op names them
     exp_avgs, exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
     if grad_scale is not None and not isinstance(grad_scale, torch.Tensor):
         device = weights[0].device if weights else torch.device("cpu")

@@ -1,5 +1,5 @@
-// CPU loop of the split-master AdamW step (declared in cpu/kernels.h; per-element math, encoding
-// and design notes in kernels/adamw_split.cuh).
+// CPU loop of the AdamW step on split or whole fp32 masters (declared in cpu/kernels.h;
+// per-element math, encoding and design notes in kernels/adamw_split.cuh).
 //
 // Design choices
 // - The element update is the very function the CUDA kernel calls, compiled here by the host
@@ -32,11 +32,24 @@ void adamw_split(const AdamWSplitTensor* tensors, int64_t n_tensors, const AdamW
   std::atomic<bool> bad{false};  // a task wrote a non-finite weight
   for (int64_t i = 0; i < n_tensors; ++i) {
     const AdamWSplitTensor& t = tensors[i];
+    float* m = t.exp_avg;
+    float* v = t.exp_avg_sq;
+    if (t.weight_f32 != nullptr) {  // a whole fp32 master
+      float* x = t.weight_f32;
+      const float* g = t.grad_f32;
+      at::parallel_for(0, t.numel, kAdamWGrain, [&](int64_t begin, int64_t end) {
+        bool task_bad = false;
+        for (int64_t j = begin; j < end; ++j) {
+          x[j] = adamw_element(x[j], g[j], m[j], v[j], s, has_scale, scale);
+          task_bad |= f32_nonfinite_as_bf16(x[j]);
+        }
+        if (task_bad) bad.store(true, std::memory_order_relaxed);
+      });
+      continue;
+    }
     uint16_t* weight = t.weight;
     uint16_t* low = reinterpret_cast<uint16_t*>(t.low);  // the low half's bits
     const uint16_t* grad = t.grad;
-    float* m = t.exp_avg;
-    float* v = t.exp_avg_sq;
     at::parallel_for(0, t.numel, kAdamWGrain, [&](int64_t begin, int64_t end) {
       bool task_bad = false;
       for (int64_t j = begin; j < end; ++j) {

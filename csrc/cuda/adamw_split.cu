@@ -1,5 +1,5 @@
-// Host launcher of the split-master AdamW step (declared in cuda/launch.h; kernel and design notes
-// in kernels/adamw_split.cuh).
+// Host launcher of the AdamW step on split or whole fp32 masters (declared in cuda/launch.h;
+// kernel and design notes in kernels/adamw_split.cuh).
 //
 // Design choices
 // - Torch-free, compiled by plain nvcc; errors come back as std::runtime_error with the CUDA
@@ -87,8 +87,11 @@ void adamw_split(const AdamWSplitTensor* tensors, int64_t n_tensors, const AdamW
   for (int64_t i = 0; i < n_tensors; ++i) {
     const AdamWSplitTensor& t = tensors[i];
     if (t.numel <= 0) continue;
-    if (!t.weight || !t.low || !t.grad || !t.exp_avg || !t.exp_avg_sq)
-      throw std::runtime_error("sftctl CUDA adamw_split: null data pointer of a nonempty tensor");
+    const bool split = t.weight && t.low && t.grad && !t.weight_f32 && !t.grad_f32;
+    const bool whole = t.weight_f32 && t.grad_f32 && !t.weight && !t.low && !t.grad;
+    if (!(split || whole) || !t.exp_avg || !t.exp_avg_sq)
+      throw std::runtime_error("sftctl CUDA adamw_split: a nonempty parameter must have either "
+                               "split or whole data pointers, all non-null");
     batch.tensors[batch.n_tensors++] = t;
     if (batch.n_tensors == kAdamWMaxTensors) {
       launch(batch, stream);

@@ -1,7 +1,12 @@
-// AdamW step on split fp32 master weights (sftctl::adamw_split_): the per-element update, shared
-// by the CPU loop (csrc/cpu/adamw_split.cpp) and the CUDA multi-tensor kernel below.
+// AdamW step on fp32 master weights (sftctl::adamw_split_): the per-element update, shared by the
+// CPU loop (csrc/cpu/adamw_split.cpp) and the CUDA multi-tensor kernel below.
 //
 // Design choices
+// - Two layouts of a master, one step for both: split (a bf16 weight the forward computes with
+//   plus an int16 low half, bf16 gradient) for Linear weights, and whole (an fp32 weight and
+//   gradient) for the rest (embeddings, norms, a tied head). One launch steps a mixed list, so
+//   the whole ones do not take a second optimizer (torch's fused AdamW ran at ~2.9 TB/s on an
+//   H200 where this kernel's loop runs at ~3.6) and the nonfinite check covers them too.
 // - Encoding (core/ops/split_master.py, which this must match bit for bit): with u the fp32 bit
 //   pattern of the master, weight = (u + 0x8000) >> 16 (the top half rounded to nearest, ties
 //   away from zero) and low = u - (weight << 16) in [-32768, 32767]. weight << 16 has zero low
@@ -29,6 +34,8 @@
 //   holds each new weight in a register, so it tests the bf16 half it writes (the value the
 //   forward computes with; a non-finite master always has a non-finite top half, and a finite
 //   master near FLT_MAX may round to a bf16 inf) and sets the flag to 1 if any is inf or NaN.
+//   A whole fp32 weight is tested the same way: inf, NaN, or a magnitude that rounds to a bf16
+//   inf when autocast casts it (|x| >= 0x7F7F8000 as bits, ties to even included).
 //   That spares the trainer a separate read of every weight. The flag is only ever set, never
 //   cleared, and every writer writes the same 1, so the result does not depend on the order.
 // - CUDA: one launch per batch of up to kAdamWMaxTensors parameters; the pointer table and each
@@ -37,9 +44,9 @@
 //   when a launch has too few to fill the device) in a grid-stride loop (grid = the resident
 //   blocks of the device, fewer when there are fewer chunks); inside a chunk each thread
 //   updates 8 elements per step with 16-byte loads/stores of weight, low, grad and 2 x 16 bytes
-//   of each moment when all five arrays are 16-byte aligned, element by element otherwise and for
-//   the last numel % 8. Every byte is touched once, so loads and stores use the streaming
-//   (evict-first) cache hints.
+//   of each moment when all five arrays are 16-byte aligned (a whole weight: 2 x 16 bytes of
+//   weight and gradient), element by element otherwise and for the last numel % 8. Every byte is
+//   touched once, so loads and stores use the streaming (evict-first) cache hints.
 #pragma once
 
 #include <cstdint>
@@ -92,20 +99,33 @@ SFTCTL_HOST_DEVICE void split_master_bits(uint32_t u, uint16_t& weight, uint16_t
 // Whether bf16 bits encode inf or NaN (exponent all ones).
 SFTCTL_HOST_DEVICE bool bf16_bits_nonfinite(uint16_t bits) { return (bits & 0x7F80u) == 0x7F80u; }
 
-// One element's AdamW step. `weight`/`low` hold the split master and `grad` the bf16 gradient
-// bits; m and v are the moments. grad_scale is applied only when has_grad_scale (dividing by
-// an absent scale of 1 would be exact too, but costs a division per element).
-SFTCTL_HOST_DEVICE void adamw_split_element(uint16_t& weight, uint16_t& low, uint16_t grad,
-                                            float& m, float& v, const AdamWSplitScalars& s,
-                                            bool has_grad_scale, float grad_scale) {
-  float x = adamw_bits_to_float(join_master_bits(weight, low));
-  float g = adamw_bits_to_float(static_cast<uint32_t>(grad) << 16);
+// Whether an fp32 value is inf or NaN, or finite but rounds to a bf16 inf (round to nearest,
+// ties to even or away: either way every magnitude from 0x7F7F8000 up does).
+SFTCTL_HOST_DEVICE bool f32_nonfinite_as_bf16(float x) {
+  return (adamw_float_to_bits(x) & 0x7FFFFFFFu) >= 0x7F7F8000u;
+}
+
+// One element's AdamW step on the fp32 master x with gradient g; m and v are the moments.
+// grad_scale is applied only when has_grad_scale (dividing by an absent scale of 1 would be
+// exact too, but costs a division per element).
+SFTCTL_HOST_DEVICE float adamw_element(float x, float g, float& m, float& v,
+                                       const AdamWSplitScalars& s, bool has_grad_scale,
+                                       float grad_scale) {
   if (has_grad_scale) g = g / grad_scale;
   if (s.weight_decay_on) x = x - s.lr_weight_decay * x;
   m = s.beta1 * m + s.one_minus_beta1 * g;
   v = s.beta2 * v + s.one_minus_beta2 * g * g;
   const float denom = sqrtf(v) / s.bias_correction2_sqrt + s.eps;
-  x = x - s.step_size * m / denom;
+  return x - s.step_size * m / denom;
+}
+
+// The same step on a split master: `weight`/`low` hold it and `grad` the bf16 gradient bits.
+SFTCTL_HOST_DEVICE void adamw_split_element(uint16_t& weight, uint16_t& low, uint16_t grad,
+                                            float& m, float& v, const AdamWSplitScalars& s,
+                                            bool has_grad_scale, float grad_scale) {
+  const float x = adamw_element(adamw_bits_to_float(join_master_bits(weight, low)),
+                                adamw_bits_to_float(static_cast<uint32_t>(grad) << 16), m, v, s,
+                                has_grad_scale, grad_scale);
   split_master_bits(x != x ? 0x7FC00000u : adamw_float_to_bits(x), weight, low);  // NaN: see notes
 }
 
@@ -200,6 +220,51 @@ __device__ __forceinline__ void adamw_split_scalars(const AdamWSplitTensor& t, i
   }
 }
 
+// Elements [begin, begin + 8 * count) of a whole fp32 parameter as count 8-element vectors.
+template <int THREADS>
+__device__ __forceinline__ void adamw_whole_vectors(const AdamWSplitTensor& t, int64_t begin,
+                                                    int64_t count, const AdamWSplitScalars& s,
+                                                    bool has_scale, float scale, bool& bad) {
+  const int64_t q0 = begin / 4;  // first float4 of the range
+  float4* w = reinterpret_cast<float4*>(t.weight_f32) + q0;
+  const float4* g = reinterpret_cast<const float4*>(t.grad_f32) + q0;
+  float4* m = reinterpret_cast<float4*>(t.exp_avg) + q0;
+  float4* v = reinterpret_cast<float4*>(t.exp_avg_sq) + q0;
+  for (int64_t i = threadIdx.x; i < count; i += THREADS) {
+    float4 w4[2] = {__ldcs(w + 2 * i), __ldcs(w + 2 * i + 1)};
+    const float4 g4[2] = {__ldcs(g + 2 * i), __ldcs(g + 2 * i + 1)};
+    float4 m4[2] = {__ldcs(m + 2 * i), __ldcs(m + 2 * i + 1)};
+    float4 v4[2] = {__ldcs(v + 2 * i), __ldcs(v + 2 * i + 1)};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      w4[h].x = adamw_element(w4[h].x, g4[h].x, m4[h].x, v4[h].x, s, has_scale, scale);
+      w4[h].y = adamw_element(w4[h].y, g4[h].y, m4[h].y, v4[h].y, s, has_scale, scale);
+      w4[h].z = adamw_element(w4[h].z, g4[h].z, m4[h].z, v4[h].z, s, has_scale, scale);
+      w4[h].w = adamw_element(w4[h].w, g4[h].w, m4[h].w, v4[h].w, s, has_scale, scale);
+      bad |= f32_nonfinite_as_bf16(w4[h].x) | f32_nonfinite_as_bf16(w4[h].y) |
+             f32_nonfinite_as_bf16(w4[h].z) | f32_nonfinite_as_bf16(w4[h].w);
+      __stcs(w + 2 * i + h, w4[h]);
+      __stcs(m + 2 * i + h, m4[h]);
+      __stcs(v + 2 * i + h, v4[h]);
+    }
+  }
+}
+
+// Elements [begin, end) of a whole fp32 parameter one at a time, thread-strided.
+template <int THREADS>
+__device__ __forceinline__ void adamw_whole_scalars(const AdamWSplitTensor& t, int64_t begin,
+                                                    int64_t end, const AdamWSplitScalars& s,
+                                                    bool has_scale, float scale, bool& bad) {
+  for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
+    float m = t.exp_avg[i], v = t.exp_avg_sq[i];
+    const float x = adamw_element(t.weight_f32[i], t.grad_f32[i], m, v, s, has_scale, scale);
+    bad |= f32_nonfinite_as_bf16(x);
+    t.weight_f32[i] = x;
+    t.exp_avg[i] = m;
+    t.exp_avg_sq[i] = v;
+  }
+}
+
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS)
     adamw_split_kernel(const __grid_constant__ AdamWSplitBatch batch) {
@@ -219,15 +284,23 @@ __global__ void __launch_bounds__(THREADS)
     const int64_t end = begin + batch.chunk < p.numel ? begin + batch.chunk : p.numel;
     const uintptr_t addr_bits =
         reinterpret_cast<uintptr_t>(p.weight) | reinterpret_cast<uintptr_t>(p.low) |
-        reinterpret_cast<uintptr_t>(p.grad) | reinterpret_cast<uintptr_t>(p.exp_avg) |
+        reinterpret_cast<uintptr_t>(p.grad) | reinterpret_cast<uintptr_t>(p.weight_f32) |
+        reinterpret_cast<uintptr_t>(p.grad_f32) | reinterpret_cast<uintptr_t>(p.exp_avg) |
         reinterpret_cast<uintptr_t>(p.exp_avg_sq);
+    const bool whole = p.weight_f32 != nullptr;  // uniform over the block
     int64_t scalar_from = begin;
     if ((addr_bits & 15) == 0) {
       const int64_t vectors = (end - begin) / 8;
-      adamw_split_vectors<THREADS>(p, begin, vectors, s, has_scale, scale, bad);
+      if (whole)
+        adamw_whole_vectors<THREADS>(p, begin, vectors, s, has_scale, scale, bad);
+      else
+        adamw_split_vectors<THREADS>(p, begin, vectors, s, has_scale, scale, bad);
       scalar_from = begin + 8 * vectors;
     }
-    adamw_split_scalars<THREADS>(p, scalar_from, end, s, has_scale, scale, bad);
+    if (whole)
+      adamw_whole_scalars<THREADS>(p, scalar_from, end, s, has_scale, scale, bad);
+    else
+      adamw_split_scalars<THREADS>(p, scalar_from, end, s, has_scale, scale, bad);
   }
   // every thread of the block gets here (the found_inf return above is uniform over the grid)
   if (s.nonfinite != nullptr && __syncthreads_or(bad) && threadIdx.x == 0) *s.nonfinite = 1.f;

@@ -85,13 +85,17 @@ struct SftLabelsParams {
   int64_t* num_trainable = nullptr;        // 0-dim
 };
 
-// AdamW step on fp32 master weights stored split into a bf16 weight and its int16 low half
-// (sftctl::adamw_split_; encoding and math: kernels/adamw_split.cuh). One entry per parameter;
-// the five arrays are contiguous, have `numel` elements each and belong to one device.
+// AdamW step on fp32 master weights (sftctl::adamw_split_; encoding and math:
+// kernels/adamw_split.cuh), each held either split into a bf16 weight and its int16 low half
+// (weight, low, grad set) or whole in fp32 (weight_f32, grad_f32 set, the others null). One
+// entry per parameter; its arrays are contiguous, have `numel` elements each and belong to one
+// device.
 struct AdamWSplitTensor {
-  uint16_t* weight = nullptr;      // bf16 bits: the fp32 master rounded to its top half
-  int16_t* low = nullptr;          // the master's low 16 bits (see the encoding notes)
-  const uint16_t* grad = nullptr;  // bf16 bits of the gradient
+  uint16_t* weight = nullptr;      // split: bf16 bits, the fp32 master rounded to its top half
+  int16_t* low = nullptr;          // split: the master's low 16 bits (see the encoding notes)
+  const uint16_t* grad = nullptr;  // split: bf16 bits of the gradient
+  float* weight_f32 = nullptr;     // whole: the fp32 master itself
+  const float* grad_f32 = nullptr; // whole: its fp32 gradient
   float* exp_avg = nullptr;        // first moment m
   float* exp_avg_sq = nullptr;     // second moment v
   int64_t numel = 0;
