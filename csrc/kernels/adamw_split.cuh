@@ -44,8 +44,9 @@
 //   when a launch has too few to fill the device) in a grid-stride loop (grid = the resident
 //   blocks of the device, fewer when there are fewer chunks); inside a chunk each thread
 //   updates 8 elements per step with 16-byte loads/stores of weight, low, grad and 2 x 16 bytes
-//   of each moment when all five arrays are 16-byte aligned (a whole weight: 2 x 16 bytes of
-//   weight and gradient), element by element otherwise and for the last numel % 8. Every byte is
+//   of each moment when all five arrays are 16-byte aligned (a whole weight: float4s i and
+//   i + 256 of each of its four arrays), element by element otherwise and for the last
+//   numel % 8. Every byte is
 //   touched once, so loads and stores use the streaming (evict-first) cache hints.
 #pragma once
 
@@ -220,32 +221,54 @@ __device__ __forceinline__ void adamw_split_scalars(const AdamWSplitTensor& t, i
   }
 }
 
-// Elements [begin, begin + 8 * count) of a whole fp32 parameter as count 8-element vectors.
+// Four elements of a whole fp32 parameter (one float4 of each array).
+__device__ __forceinline__ void adamw_whole_quad(float4& w, const float4& g, float4& m, float4& v,
+                                                 const AdamWSplitScalars& s, bool has_scale,
+                                                 float scale, bool& bad) {
+  w.x = adamw_element(w.x, g.x, m.x, v.x, s, has_scale, scale);
+  w.y = adamw_element(w.y, g.y, m.y, v.y, s, has_scale, scale);
+  w.z = adamw_element(w.z, g.z, m.z, v.z, s, has_scale, scale);
+  w.w = adamw_element(w.w, g.w, m.w, v.w, s, has_scale, scale);
+  bad |= f32_nonfinite_as_bf16(w.x) | f32_nonfinite_as_bf16(w.y) | f32_nonfinite_as_bf16(w.z) |
+         f32_nonfinite_as_bf16(w.w);
+}
+
+// Elements [begin, begin + 8 * count) of a whole fp32 parameter as 2 * count float4s. A thread
+// takes float4 i and i + THREADS in one iteration: every load instruction of a warp reads 512
+// contiguous bytes (a thread owning two adjacent float4s would leave half of each sector to a
+// second instruction), and eight 16-byte loads are in flight per thread.
 template <int THREADS>
 __device__ __forceinline__ void adamw_whole_vectors(const AdamWSplitTensor& t, int64_t begin,
                                                     int64_t count, const AdamWSplitScalars& s,
                                                     bool has_scale, float scale, bool& bad) {
   const int64_t q0 = begin / 4;  // first float4 of the range
+  const int64_t quads = 2 * count;
   float4* w = reinterpret_cast<float4*>(t.weight_f32) + q0;
   const float4* g = reinterpret_cast<const float4*>(t.grad_f32) + q0;
   float4* m = reinterpret_cast<float4*>(t.exp_avg) + q0;
   float4* v = reinterpret_cast<float4*>(t.exp_avg_sq) + q0;
-  for (int64_t i = threadIdx.x; i < count; i += THREADS) {
-    float4 w4[2] = {__ldcs(w + 2 * i), __ldcs(w + 2 * i + 1)};
-    const float4 g4[2] = {__ldcs(g + 2 * i), __ldcs(g + 2 * i + 1)};
-    float4 m4[2] = {__ldcs(m + 2 * i), __ldcs(m + 2 * i + 1)};
-    float4 v4[2] = {__ldcs(v + 2 * i), __ldcs(v + 2 * i + 1)};
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      w4[h].x = adamw_element(w4[h].x, g4[h].x, m4[h].x, v4[h].x, s, has_scale, scale);
-      w4[h].y = adamw_element(w4[h].y, g4[h].y, m4[h].y, v4[h].y, s, has_scale, scale);
-      w4[h].z = adamw_element(w4[h].z, g4[h].z, m4[h].z, v4[h].z, s, has_scale, scale);
-      w4[h].w = adamw_element(w4[h].w, g4[h].w, m4[h].w, v4[h].w, s, has_scale, scale);
-      bad |= f32_nonfinite_as_bf16(w4[h].x) | f32_nonfinite_as_bf16(w4[h].y) |
-             f32_nonfinite_as_bf16(w4[h].z) | f32_nonfinite_as_bf16(w4[h].w);
-      __stcs(w + 2 * i + h, w4[h]);
-      __stcs(m + 2 * i + h, m4[h]);
-      __stcs(v + 2 * i + h, v4[h]);
+  for (int64_t i = threadIdx.x; i < quads; i += 2 * THREADS) {
+    const int64_t j = i + THREADS;
+    if (j < quads) {
+      float4 wa = __ldcs(w + i), wb = __ldcs(w + j);
+      const float4 ga = __ldcs(g + i), gb = __ldcs(g + j);
+      float4 ma = __ldcs(m + i), mb = __ldcs(m + j);
+      float4 va = __ldcs(v + i), vb = __ldcs(v + j);
+      adamw_whole_quad(wa, ga, ma, va, s, has_scale, scale, bad);
+      adamw_whole_quad(wb, gb, mb, vb, s, has_scale, scale, bad);
+      __stcs(w + i, wa);
+      __stcs(w + j, wb);
+      __stcs(m + i, ma);
+      __stcs(m + j, mb);
+      __stcs(v + i, va);
+      __stcs(v + j, vb);
+    } else {
+      float4 wa = __ldcs(w + i), ma = __ldcs(m + i), va = __ldcs(v + i);
+      const float4 ga = __ldcs(g + i);
+      adamw_whole_quad(wa, ga, ma, va, s, has_scale, scale, bad);
+      __stcs(w + i, wa);
+      __stcs(m + i, ma);
+      __stcs(v + i, va);
     }
   }
 }
