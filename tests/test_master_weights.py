@@ -216,7 +216,11 @@ def test_resume_from_a_split_checkpoint_continues_exactly_and_fp32_is_refused(ba
 @pytest.mark.parametrize("compile_flag", ["--no-compile", "--compile"])
 def test_cuda_auto_splits_and_matches_fp32_masters(base, data, tmp_path, compile_flag):
     """On CUDA ``auto`` splits (bf16 autocast, one process), with and without compiled blocks,
-    and the run is the fp32-master run: losses within 1e-5, the saved fp32 weights close."""
+    and the run is the fp32-master run: losses within 3e-5, the saved fp32 weights close.
+    Every parameter's step is sftctl's kernel here and torch's fused CUDA kernel there; each
+    stays within a few fp32 ulps of float64 per element (tests/test_adamw_split.py,
+    test_adamw_whole.py), and five Adam steps at lr 3e-3 on a tiny model grow that to about
+    1.2e-5 of the loss (H200, with the embedding and norm weights stepped by the kernel too)."""
     import json
 
     common = ["--device", "cuda", "--max-steps", "5", compile_flag]
@@ -224,7 +228,7 @@ def test_cuda_auto_splits_and_matches_fp32_masters(base, data, tmp_path, compile
     assert _train(base, data, tmp_path / "auto", *common) == 0
     ms = json.loads((tmp_path / "auto" / "summary.json").read_text())["master_weights"]
     assert ms["mode"] == "split" and ms["weights"] == 14, ms
-    assert _losses(tmp_path / "auto") == pytest.approx(_losses(tmp_path / "fp32"), rel=1e-5)
+    assert _losses(tmp_path / "auto") == pytest.approx(_losses(tmp_path / "fp32"), rel=3e-5)
     _same_fp32_weights(_weights(tmp_path / "fp32"), _weights(tmp_path / "auto"), ms)
 
 
