@@ -8,7 +8,10 @@ the gradient's cast back in backward (read 2 + write 4) that the split layout ne
 read weight, low, g (6) + m, v (8), write weight, low, m, v (12) = 26. The "floor" column is
 those bytes at the device-to-device copy bandwidth measured in the same run. The model's fp32
 parameters outside the Linear layers (the embedding and the norm weights) are timed too, with
-torch's fused AdamW and with the same op's whole-fp32 layout (28 bytes per weight either way).
+torch's fused AdamW and with the same op's whole-fp32 layout (28 bytes per weight either way),
+and the gradient norm over all gradients (torch's per-dtype multi-tensor norms against
+``sftctl.ops.sum_squares``; the floor there is one read of every gradient, counted at the copy
+bandwidth, which a read-only pass can beat).
 
     python bench/bench_optimizer.py --out OUT [--shape 1b|8b] [--steps 20]
 
@@ -149,7 +152,27 @@ def main() -> int:
                      weight_decay=kw["weight_decay"], step=state["step"])
 
     whole_ms = timed(whole_step, args.steps)
-    del wp, wm1, wm2
+    del wm1, wm2
+
+    # the gradient norm for clipping over all of them (bf16 Linear gradients + fp32 others):
+    # torch's multi-tensor norms per dtype (what the trainer ran before) against sum_squares
+    from sftctl.ops import sum_squares
+    from sftctl.training.foreach import foreach_norms
+
+    all_grads = [torch.randn(s, device=dev, generator=g).to(torch.bfloat16) for s in shapes]
+    all_grads += [w.grad for w in wp]
+    norm_bytes = sum(t.numel() * t.element_size() for t in all_grads)
+
+    def norm_foreach():
+        return torch.linalg.vector_norm(
+            torch.stack(foreach_norms(all_grads, 2.0, dtype=torch.float32)), 2.0)
+
+    norm_foreach_ms = timed(norm_foreach, args.steps)
+    norm_ours_ms = timed(lambda: sum_squares(all_grads).sqrt(), args.steps)
+    ref_norm = math.sqrt(sum(float(t.double().square().sum()) for t in all_grads))
+    norm_rel_err = {"foreach": abs(float(norm_foreach()) - ref_norm) / ref_norm,
+                    "sum_squares": abs(float(sum_squares(all_grads).sqrt()) - ref_norm) / ref_norm}
+    del wp, all_grads
     torch.cuda.empty_cache()
 
     floor_torch = numel * 28 / bw * 1e3
@@ -168,13 +191,18 @@ def main() -> int:
          "ms": whole_torch_ms, "floor_ms": whole_numel * 28 / bw * 1e3},
         {"variant": "whole fp32, the same, sftctl adamw_split_ (whole layout)",
          "ms": whole_ms, "floor_ms": whole_numel * 28 / bw * 1e3},
+        {"variant": "gradient norm of all, torch _foreach_norm per dtype + vector_norm",
+         "ms": norm_foreach_ms, "floor_ms": norm_bytes / bw * 1e3},
+        {"variant": "gradient norm of all, sftctl sum_squares + sqrt",
+         "ms": norm_ours_ms, "floor_ms": norm_bytes / bw * 1e3},
     ]
     res = {"date": _dt.date.today().isoformat(), "card": card, "torch": torch.__version__,
            "shape": args.shape, "tensors": len(shapes), "parameters": numel,
            "copy_bandwidth_Bps": bw, "rows": rows,
            "split_vs_torch_max_rel_diff_one_step": max(check),
            "per_step_ms_fp32_path": torch_ms + casts_fwd + casts_bwd,
-           "per_step_ms_split_path": split_ms}
+           "per_step_ms_split_path": split_ms,
+           "grad_norm_rel_err_vs_float64": norm_rel_err}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"optimizer_{card.replace(' ', '_')}_{args.shape}_{res['date']}.json"
     path.write_text(json.dumps(res, indent=1))

@@ -921,6 +921,56 @@ void adamw_split_bump_versions(at::TensorList weights, at::TensorList lows, at::
   if (nonfinite.has_value()) nonfinite->unsafeGetTensorImpl()->bump_version();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Sum of squares over a list of tensors (sftctl::sum_squares): the squared global 2-norm of
+// gradients for clipping, one pass over any mix of fp32/bf16/fp16 tensors, fp32 result on their
+// device (kernels/sum_squares.cuh). No host sync on CUDA.
+
+at::Tensor sum_squares(at::TensorList tensors) {
+  const char* op = "sftctl::sum_squares";
+  TORCH_CHECK(!tensors.empty(), op, ": tensors is empty (no device to put the sum on)");
+  const at::Tensor& ref = tensors[0];
+  TORCH_CHECK(ref.defined(), op, ": tensors[0] is an undefined tensor");
+  check_supported_device(ref, op, "tensors[0]");
+  std::vector<SumSquaresTensor> list;
+  list.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.defined(), op, ": tensors[", i, "] is an undefined tensor");
+    TORCH_CHECK(t.device() == ref.device(), op, ": tensors[", i,
+                "] must be on the same device as tensors[0] (", ref.device(), "), got ",
+                t.device());
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
+                    t.scalar_type() == at::kHalf,
+                op, ": tensors[", i, "] must be float32, bfloat16 or float16, got ",
+                t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), op, ": tensors[", i, "] must be contiguous, got strides ",
+                t.strides(), " for shape ", t.sizes());
+    TORCH_CHECK(!t.is_sparse(), op, ": tensors[", i, "] is sparse");
+    SumSquaresTensor x;
+    x.data = t.numel() > 0 ? t.data_ptr() : nullptr;
+    x.dtype = kernel_dtype(t, op, "tensors[i]");
+    x.numel = t.numel();
+    list.push_back(x);
+  }
+  if (ref.is_cuda()) {
+#ifdef SFTCTL_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(ref.device());
+    at::Tensor out = at::empty({}, ref.options().dtype(at::kFloat));
+    at::Tensor partials = at::empty(
+        {cuda::sum_squares_partials(list.data(), static_cast<int64_t>(list.size()))},
+        ref.options().dtype(at::kDouble));
+    cuda::sum_squares(list.data(), static_cast<int64_t>(list.size()),
+                      partials.data_ptr<double>(), out.data_ptr<float>(),
+                      at::cuda::getCurrentCUDAStream().stream());
+    return out;
+#endif
+  }
+  at::Tensor out = at::empty({}, ref.options().dtype(at::kFloat));
+  *out.data_ptr<float>() = cpu::sum_squares(list.data(), static_cast<int64_t>(list.size()));
+  return out;
+}
+
 }  // namespace
 }  // namespace sftctl
 
@@ -951,6 +1001,7 @@ TORCH_LIBRARY(sftctl, m) {
       "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, int step, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor(e!)? nonfinite=None) -> ()");
+  m.def("sum_squares(Tensor[] tensors) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sftctl, CPU, m) {
@@ -960,6 +1011,7 @@ TORCH_LIBRARY_IMPL(sftctl, CPU, m) {
   m.impl("scale_grad_", &sftctl::scale_grad_);
   m.impl("sft_labels", &sftctl::sft_labels);
   m.impl("adamw_split_", &sftctl::adamw_split_);
+  m.impl("sum_squares", &sftctl::sum_squares);
 }
 
 #ifdef SFTCTL_WITH_CUDA
@@ -970,14 +1022,17 @@ TORCH_LIBRARY_IMPL(sftctl, CUDA, m) {
   m.impl("scale_grad_", &sftctl::scale_grad_);
   m.impl("sft_labels", &sftctl::sft_labels);
   m.impl("adamw_split_", &sftctl::adamw_split_);
+  m.impl("sum_squares", &sftctl::sum_squares);
 }
 #endif
 
 // adamw_split_ with no tensor argument at all (empty lists, no grad_scale/found_inf) gives the
-// dispatcher no device to pick; such a call reaches this kernel, which validates and does nothing.
+// dispatcher no device to pick; such a call reaches this kernel, which validates and does nothing
+// (sum_squares on an empty list: an error that says so).
 // The same function also answers any backend without its own kernel, by rejecting the device.
 TORCH_LIBRARY_IMPL(sftctl, CompositeExplicitAutograd, m) {
   m.impl("adamw_split_", &sftctl::adamw_split_);
+  m.impl("sum_squares", &sftctl::sum_squares);  // an empty list: its own clear error
 }
 
 TORCH_LIBRARY_IMPL(sftctl, ADInplaceOrView, m) {

@@ -76,13 +76,20 @@ def test_split_run_is_the_fp32_master_run(base, data, tmp_path):
 
 def _same_fp32_weights(a: dict, b: dict, ms: dict) -> None:
     """The split run saved fp32 masters (not their bf16 halves) equal to the fp32 run's within
-    what a few ulps per step grow to through Adam (1e-3 of each tensor's largest weight)."""
+    what a few ulps per step grow to through Adam. Two measures per tensor: the mean |difference|
+    within 1e-4 of the mean |weight| (chaotic growth leaves most elements near 1e-6; weights
+    rounded to bf16 anywhere would be ~1e-3), and the largest within 3e-3 of the largest weight
+    (single elements drift furthest: 1.8e-3 measured on the tied embedding on an H200, where
+    Adam turns the runs' slightly different small gradients into different unit-size steps)."""
     assert a.keys() == b.keys()
     decoded = 0
     for k in a:
         assert b[k].dtype == a[k].dtype == torch.float32, k  # the checkpoint holds fp32 masters
+        diff = (a[k] - b[k]).abs()
+        mean_w = a[k].abs().mean().clamp_min(1e-30)
+        assert float(diff.mean() / mean_w) < 1e-4, (k, float(diff.mean() / mean_w))
         scale = a[k].abs().max().clamp_min(1e-30)
-        assert float((a[k] - b[k]).abs().max() / scale) < 1e-3, k
+        assert float(diff.max() / scale) < 3e-3, (k, float(diff.max() / scale))
         if k.endswith("proj.weight"):  # a split weight: its low 16 bits were written back
             low_bits = (b[k].view(torch.int32) & 0xFFFF) != 0
             assert float(low_bits.float().mean()) > 0.9, k

@@ -94,6 +94,12 @@ def _adamw_split_fake(weights, lows, grads, exp_avgs, exp_avg_sqs, lr, beta1, be
     return None
 
 
+@torch.library.register_fake("sftctl::sum_squares")
+def _sum_squares_fake(tensors):
+    torch._check(len(tensors) > 0, lambda: "sftctl::sum_squares: tensors is empty")
+    return tensors[0].new_empty((), dtype=torch.float32)
+
+
 @torch.library.register_fake("sftctl::sft_labels")
 def _sft_labels_fake(input_ids, loss_mask, prompt_lengths, attention_mask, position_ids,
                      document_ids, ignore_index):
@@ -522,3 +528,21 @@ def adamw_split_(weights, lows, grads, exp_avgs, exp_avg_sqs, *, lr: float, beta
                                       float(beta1), float(beta2), float(eps),
                                       float(weight_decay), int(step), grad_scale, found_inf,
                                       nonfinite)
+
+
+# ---------------------------------------------------------------- gradient norm
+
+
+def sum_squares(tensors) -> torch.Tensor:
+    """Sum of the squares of every element of ``tensors`` (fp32, bf16 or fp16, any mix, one
+    device), as a 0-dim fp32 tensor on that device: the squared global 2-norm that gradient
+    clipping needs, in one read of each tensor and without a host sync. Elements are widened to
+    fp32 and squared in fp32; partial sums are carried in fp64 in a fixed order, so the result is
+    deterministic and within a few hundred fp32 ulps of float64 whatever the element count. An
+    inf or NaN element makes it inf or NaN. Non-contiguous tensors are read through a contiguous
+    copy; an empty list gives 0 on the CPU."""
+    tensors = [t.detach() for t in tensors]
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    return torch.ops.sftctl.sum_squares(tensors)

@@ -30,9 +30,9 @@ Design choices
 - Checkpoints: resumable checkpoints hold the bf16 weights (model) and the low halves
   (optimizer state, ``master_low``), so a resume continues the exact fp32 masters. The final
   model is saved with the decoded fp32 weights: a standard HF checkpoint, as in fp32 mode.
-- The gradient norm of mixed bf16/fp32 gradients is computed with fp32 per-tensor norms
-  (``total_norm_fp32``), and clipping is folded into the step (its ``grad_scale``), so neither
-  rounds anything to bf16.
+- The gradient norm of mixed bf16/fp32 gradients is one fp32-squares, fp64-carried sum over
+  all of them (``total_norm_fp32`` -> ``sftctl.ops.sum_squares``), and clipping is folded into
+  the step (its ``grad_scale``), so neither rounds anything to bf16.
 """
 
 from __future__ import annotations
@@ -136,10 +136,18 @@ def split_parameters(params: list[torch.nn.Parameter]) -> dict[torch.nn.Paramete
 
 
 def total_norm_fp32(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all ``grads`` (any float dtypes) from fp32 per-tensor norms, a 0-dim fp32
-    device tensor (torch's ``get_total_norm`` returns bf16 norms for bf16 gradients)."""
+    """The 2-norm of all ``grads`` (any float dtypes), a 0-dim fp32 device tensor (torch's
+    ``get_total_norm`` returns bf16 norms for bf16 gradients): ``sftctl.ops.sum_squares`` in one
+    pass over every gradient when they share a device and are fp32/bf16/fp16, else fp32
+    per-tensor norms."""
     if not grads:
         return torch.zeros(())
+    if len({g.device for g in grads}) == 1 and all(
+            g.dtype in (torch.float32, torch.bfloat16, torch.float16) and not g.is_sparse
+            for g in grads):
+        from ..ops import sum_squares
+
+        return sum_squares(grads).sqrt()
     norms = foreach_norms(grads, 2.0, dtype=torch.float32)
     return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 

@@ -36,6 +36,10 @@ void sft_labels(const SftLabelsParams& p);
 // (kernels/adamw_split.cuh); writes nothing when *s.found_inf is nonzero.
 void adamw_split(const AdamWSplitTensor* tensors, int64_t n_tensors, const AdamWSplitScalars& s);
 
+// Sum of squares of every element of n_tensors contiguous tensors (fp32, bf16 or fp16), rounded
+// to fp32 once (cpu/sum_squares.cpp).
+float sum_squares(const SumSquaresTensor* tensors, int64_t n_tensors);
+
 // The variant cross_entropy_forward/scale_grad dispatch to: "AVX512", "AVX2" or "DEFAULT".
 const char* kernel_capability();
 

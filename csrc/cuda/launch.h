@@ -32,5 +32,12 @@ void sft_labels(const SftLabelsParams& p, void* stream);
 void adamw_split(const AdamWSplitTensor* tensors, int64_t n_tensors, const AdamWSplitScalars& s,
                  void* stream);
 
+// Sum of squares of every element of n_tensors tensors (kernels/sum_squares.cuh), written to the
+// fp32 device scalar `out` on `stream`. `partials` is device scratch of
+// sum_squares_partials(tensors, n_tensors) doubles (the binding allocates it). No host sync.
+int64_t sum_squares_partials(const SumSquaresTensor* tensors, int64_t n_tensors);
+void sum_squares(const SumSquaresTensor* tensors, int64_t n_tensors, double* partials, float* out,
+                 void* stream);
+
 }  // namespace cuda
 }  // namespace sftctl

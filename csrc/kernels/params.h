@@ -118,4 +118,12 @@ struct AdamWSplitScalars {
                                       // weight whose bf16 value is inf or NaN (else untouched)
 };
 
+// Sum of squares of every element of a list of tensors (sftctl::sum_squares; kernel and
+// design notes: kernels/sum_squares.cuh). One entry per tensor, contiguous, on one device.
+struct SumSquaresTensor {
+  const void* data = nullptr;
+  DType dtype = DType::Float32;
+  int64_t numel = 0;
+};
+
 }  // namespace sftctl
