@@ -43,7 +43,8 @@ sys.path.insert(0, str(HERE))
 import bench_e2e as e2e  # noqa: E402  (same folder: model shapes, data, FLOPs)
 
 CATEGORIES = [  # first match wins (Triton before the optimizer: "triton_poi_fused_..." names)
-    ("optimizer", r"adamw_split"),  # sftctl's split-master AdamW (before "sftctl" below)
+    ("optimizer", r"adamw_split|sum_squares"),  # sftctl's AdamW step and gradient norm
+    # (before "sftctl" below)
     ("sftctl loss (ce/labels)", r"ce_forward|ce_prep|ce_finalize|scale_grad|sft_labels|sftctl"),
     ("attention", r"flash|fmha|varlen|attention|attn|sdpa|_efficient_|dot_do_o|convert_dq"),
     ("triton (compiled)", r"^triton_|triton"),
