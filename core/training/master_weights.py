@@ -138,8 +138,9 @@ def split_parameters(params: list[torch.nn.Parameter]) -> dict[torch.nn.Paramete
 def total_norm_fp32(grads: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all ``grads`` (any float dtypes), a 0-dim fp32 device tensor (torch's
     ``get_total_norm`` returns bf16 norms for bf16 gradients): ``sftctl.ops.sum_squares`` in one
-    pass over every gradient when they share a device and are fp32/bf16/fp16, else fp32
-    per-tensor norms."""
+    pass over every gradient when they share a device and are fp32/bf16/fp16 (on an H200 over
+    the 1B shape's 1.24B gradients: 0.78 ms against 1.35 for torch's per-dtype multi-tensor
+    norms, bench/results/optimizer_H200_1b_2026-12-01_s9.json), else fp32 per-tensor norms."""
     if not grads:
         return torch.zeros(())
     if len({g.device for g in grads}) == 1 and all(
