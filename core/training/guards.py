@@ -34,8 +34,8 @@ Design choices
   ord=inf, one call per dtype: NaN/inf propagate, finite weights cannot overflow it; one read
   of the weights, small next to the optimizer's own reads of weights, gradients and moments).
   Weights whose optimizer step checks what it writes (``SplitAdamW.flag_nonfinite_writes``: the
-  split master weights, most of a model's bytes) are not read again: the step sets a device flag
-  (``written_flag``) that joins the same verdict. Host mode reads it every
+  split master weights and the fp32 ones it steps whole, i.e. every weight of a split run) are
+  not read again: the step sets a device flag (``written_flag``) that joins the same verdict. Host mode reads it every
   step; device mode keeps the first bad step in a device counter read with the other flags (at
   logging boundaries and before every save). The update is already applied, so both policies
   stop; with the read before every save, no checkpoint or final model holds a non-finite weight.
