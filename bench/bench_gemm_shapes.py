@@ -19,30 +19,16 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import statistics
 from pathlib import Path
 
 import torch
+
+from bench_optimizer import timed  # median ms of CUDA events (bench/ is on sys.path)
 
 SHAPES = {  # (hidden, intermediate, layers, heads, kv_heads, vocab) of Llama-3.2-1B / 3.1-8B
     "1b": (2048, 8192, 16, 32, 8, 128256),
     "8b": (4096, 14336, 32, 32, 8, 128256),
 }
-
-
-def timed(fn, reps: int = 20) -> float:
-    """Median milliseconds of ``fn`` (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 def three_gemms_ms(tokens: int, out_f: int, in_f: int) -> dict:
@@ -51,9 +37,9 @@ def three_gemms_ms(tokens: int, out_f: int, in_f: int) -> dict:
     w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)        # [out, in]
     dy = torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16)     # [T, out]
     flops = 2 * tokens * out_f * in_f
-    fwd = timed(lambda: x @ w.t())                                           # [T, out]
-    dx = timed(lambda: dy @ w)                                               # [T, in]
-    dw = timed(lambda: dy.t() @ x)                                           # [out, in]
+    fwd = timed(lambda: x @ w.t(), 20)                                       # [T, out]
+    dx = timed(lambda: dy @ w, 20)                                           # [T, in]
+    dw = timed(lambda: dy.t() @ x, 20)                                       # [out, in]
     return {"shape": [out_f, in_f], "fwd_ms": fwd, "dx_ms": dx, "dw_ms": dw,
             "total_ms": fwd + dx + dw, "flops": 3 * flops,
             "tflops": 3 * flops / ((fwd + dx + dw) / 1e3) / 1e12}
@@ -74,7 +60,7 @@ def main() -> None:
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    peak = 2 * 8192 ** 3 / (timed(lambda: a @ b) / 1e3) / 1e12
+    peak = 2 * 8192 ** 3 / (timed(lambda: a @ b, 20) / 1e3) / 1e12
     del a, b
 
     separate = {name: three_gemms_ms(t, o, i) for name, (o, i) in {

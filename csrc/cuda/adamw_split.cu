@@ -14,12 +14,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 
 #include "cuda/launch.h"
+#include "cuda/occupancy.h"
 #include "kernels/adamw_split.cuh"
 
 namespace sftctl {
@@ -34,23 +33,10 @@ void check(cudaError_t e, const char* what) {
                              cudaGetErrorString(e));
 }
 
-// Blocks of adamw_split_kernel resident on the current device at once.
-int64_t resident_blocks() {
-  static std::mutex mu;
-  static std::map<int, int64_t> cache;
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(dev);
-  if (it != cache.end()) return it->second;
-  int sms = 0, per_sm = 0;
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count");
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, adamw_split_kernel<kAdamWThreads>, kAdamWThreads, 0),
-        "occupancy query");
-  const int64_t blocks = static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
-  cache[dev] = blocks;
-  return blocks;
+// This launcher's kernel: blocks resident on the current device at once.
+int64_t device_blocks() {
+  return resident_blocks(adamw_split_kernel<kAdamWThreads>, kAdamWThreads,
+                         "sftctl CUDA adamw_split");
 }
 
 // Chunks of `chunk` elements over the batch's tensors.
@@ -63,7 +49,7 @@ int64_t count_chunks(const AdamWSplitBatch& batch, int64_t chunk) {
 // Picks the chunk size (the largest that still gives every resident block a chunk, within
 // [kAdamWMinChunk, kAdamWMaxChunk]), fills the chunk table and launches.
 void launch(AdamWSplitBatch& batch, cudaStream_t stream) {
-  const int64_t resident = resident_blocks();
+  const int64_t resident = device_blocks();
   int64_t chunk = kAdamWMaxChunk;
   while (chunk > kAdamWMinChunk && count_chunks(batch, chunk) < resident) chunk /= 2;
   batch.chunk = chunk;

@@ -9,13 +9,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cuda/launch.h"
+#include "cuda/occupancy.h"
 #include "kernels/sum_squares.cuh"
 
 namespace sftctl {
@@ -30,27 +29,15 @@ void check(cudaError_t e, const char* what) {
                              cudaGetErrorString(e));
 }
 
-int64_t resident_blocks() {
-  static std::mutex mu;
-  static std::map<int, int64_t> cache;
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(dev);
-  if (it != cache.end()) return it->second;
-  int sms = 0, per_sm = 0;
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count");
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, sum_squares_kernel<kSumSqThreads>, kSumSqThreads, 0),
-        "occupancy query");
-  const int64_t blocks = static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
-  cache[dev] = blocks;
-  return blocks;
+// This launcher's kernel: blocks resident on the current device at once.
+int64_t device_blocks() {
+  return resident_blocks(sum_squares_kernel<kSumSqThreads>, kSumSqThreads,
+                         "sftctl CUDA sum_squares");
 }
 
 // The batches of a call: tensor tables with their chunk size and grid filled in.
 std::vector<SumSquaresBatch> plan(const SumSquaresTensor* tensors, int64_t n) {
-  const int64_t resident = resident_blocks();
+  const int64_t resident = device_blocks();
   std::vector<SumSquaresBatch> batches;
   SumSquaresBatch b;
   b.n_tensors = 0;
@@ -82,7 +69,7 @@ std::vector<SumSquaresBatch> plan(const SumSquaresTensor* tensors, int64_t n) {
 }
 
 int64_t grid_of(const SumSquaresBatch& b) {
-  return std::min(b.first_chunk[b.n_tensors], resident_blocks());
+  return std::min(b.first_chunk[b.n_tensors], device_blocks());
 }
 
 }  // namespace

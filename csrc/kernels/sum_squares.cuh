@@ -94,6 +94,20 @@ __device__ __forceinline__ float chunk_sq(const T* p, int64_t begin, int64_t end
   return acc;
 }
 
+// The block's sum of every thread's `mine`, in a fixed order (warp shuffles, then the warps in
+// order); the result is valid in thread 0. Every thread of the block must call it.
+template <int THREADS>
+__device__ __forceinline__ double block_sum_fp64(double mine) {
+  for (int off = 16; off > 0; off >>= 1) mine += __shfl_down_sync(0xffffffffu, mine, off);
+  __shared__ double warp_sums[THREADS / 32];
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = mine;
+  __syncthreads();
+  double s = 0.0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < THREADS / 32; ++w) s += warp_sums[w];
+  return s;
+}
+
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS)
     sum_squares_kernel(const __grid_constant__ SumSquaresBatch b) {
@@ -115,16 +129,8 @@ __global__ void __launch_bounds__(THREADS)
       part = chunk_sq<__half, THREADS>(static_cast<const __half*>(x.data), begin, end);
     mine += static_cast<double>(part);
   }
-  // fixed-order block reduction in fp64: warp shuffles, then the warps' sums in order
-  for (int off = 16; off > 0; off >>= 1) mine += __shfl_down_sync(0xffffffffu, mine, off);
-  __shared__ double warp_sums[THREADS / 32];
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = mine;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double s = 0.0;
-    for (int w = 0; w < THREADS / 32; ++w) s += warp_sums[w];
-    b.partials[blockIdx.x] = s;
-  }
+  const double block = block_sum_fp64<THREADS>(mine);
+  if (threadIdx.x == 0) b.partials[blockIdx.x] = block;
 }
 
 // Adds the n partials and rounds once: thread i sums partials i, i + THREADS, ... in order, then
@@ -134,15 +140,8 @@ __global__ void __launch_bounds__(THREADS)
     sum_squares_finish_kernel(const double* partials, int64_t n, float* out) {
   double mine = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += THREADS) mine += partials[i];
-  for (int off = 16; off > 0; off >>= 1) mine += __shfl_down_sync(0xffffffffu, mine, off);
-  __shared__ double warp_sums[THREADS / 32];
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = mine;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double s = 0.0;
-    for (int w = 0; w < THREADS / 32; ++w) s += warp_sums[w];
-    *out = static_cast<float>(s);
-  }
+  const double total = block_sum_fp64<THREADS>(mine);
+  if (threadIdx.x == 0) *out = static_cast<float>(total);
 }
 
 }  // namespace cuda
