@@ -267,16 +267,25 @@ def test_unaligned_storage_gives_the_same_bits(device, which):
     assert all(torch.equal(x, y) for x, y in zip(p.state_bits(), q.state_bits()))
 
 
-def test_extreme_values(device):
-    """Every combination of tiny/huge/signed-zero masters, zero/tiny/large gradients and cold/warm
-    moments."""
+EXTREME_GRADS = [0.0, -0.0, 1e-38, -1e-30, 1e-5, -1.0, 3e3, 1e18]
+
+
+def extreme_inputs(grads: torch.Tensor):
+    """Every combination of tiny/huge/signed-zero masters, the given gradients and cold/warm
+    moments: (masters, grads, m, v), each of shape [masters, grads, moments]."""
     masters = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1.2e-38, 1e-30, -3e-12, 1.0, -1.0, 1e30,
                             -1e30, 3.0e38, torch.finfo(torch.float32).max])
-    grads = torch.tensor([0.0, -0.0, 1e-38, -1e-30, 1e-5, -1.0, 3e3, 1e18]).bfloat16().float()
     moments = [(0.0, 0.0), (1e-3, 1e-6), (-1e-30, 1e-60), (5.0, 1e30)]
     mm, gg, kk = torch.meshgrid(masters, grads, torch.arange(len(moments)).float(), indexing="ij")
     m = torch.tensor([moments[int(k)][0] for k in kk.flatten()]).view(kk.shape)
     v = torch.tensor([moments[int(k)][1] for k in kk.flatten()]).view(kk.shape)
+    return mm, gg, m, v
+
+
+def test_extreme_values(device):
+    """Every combination of tiny/huge/signed-zero masters, zero/tiny/large gradients and cold/warm
+    moments."""
+    mm, gg, m, v = extreme_inputs(torch.tensor(EXTREME_GRADS).bfloat16().float())
     for step, wd in [(1, 0.0), (1000, 0.1)]:
         before = Param(mm, gg, m, v, device)
         after = before.clone()

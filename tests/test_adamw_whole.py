@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from sftctl import ops
-from test_adamw_split import (HP, MASTER_U, MOMENT_U, OP, TINY, bits, check_against_torch,
-                              check_within, make_param, offset_copy, reference)
+from test_adamw_split import (EXTREME_GRADS, HP, MASTER_U, MOMENT_U, OP, TINY, _lists, bits,
+                              check_against_torch, check_within, extreme_inputs, make_param,
+                              offset_copy, reference)
 
 
 class Whole:
@@ -50,13 +51,8 @@ def make_whole(shape, device, seed, step):
     return Whole(p.master(), grad, p.m, p.v, device)
 
 
-def lists(ps):
-    return ([p.weight for p in ps], [p.low for p in ps], [p.grad for p in ps],
-            [p.m for p in ps], [p.v for p in ps])
-
-
 def run(ps, *, step, weight_decay=0.0, grad_scale=None, found_inf=None, nonfinite=None, hp=HP):
-    ops.adamw_split_(*lists(ps), weight_decay=weight_decay, step=step, grad_scale=grad_scale,
+    ops.adamw_split_(*_lists(ps), weight_decay=weight_decay, step=step, grad_scale=grad_scale,
                      found_inf=found_inf, nonfinite=nonfinite, **hp)
 
 
@@ -102,14 +98,9 @@ def test_whole_matches_reference_and_torch(device, shape, weight_decay, step, gr
 
 
 def test_extreme_values(device):
-    """Tiny, huge and signed-zero masters, zero/tiny/large gradients, cold and warm moments."""
-    masters = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1.2e-38, 1e-30, -3e-12, 1.0, -1.0, 1e30,
-                            -1e30, 3.0e38, torch.finfo(torch.float32).max])
-    grads = torch.tensor([0.0, -0.0, 1e-38, -1e-30, 1e-5, -1.0, 3e3, 1e18, 1.2345678e-3])
-    moments = [(0.0, 0.0), (1e-3, 1e-6), (-1e-30, 1e-60), (5.0, 1e30)]
-    mm, gg, kk = torch.meshgrid(masters, grads, torch.arange(len(moments)).float(), indexing="ij")
-    m = torch.tensor([moments[int(k)][0] for k in kk.flatten()]).view(kk.shape)
-    v = torch.tensor([moments[int(k)][1] for k in kk.flatten()]).view(kk.shape)
+    """Tiny, huge and signed-zero masters, zero/tiny/large gradients (fp32, one not a bf16
+    value), cold and warm moments."""
+    mm, gg, m, v = extreme_inputs(torch.tensor(EXTREME_GRADS + [1.2345678e-3]))
     for step, wd in [(1, 0.0), (1000, 0.1)]:
         before = Whole(mm, gg, m, v, device)
         after = before.clone()
@@ -261,7 +252,7 @@ def test_bad_input_names_the_argument(device, case):
     edit, pattern = BAD[case]
     ps = [make_param((4,), device, seed=1, step=1), make_whole((5,), device, seed=2, step=1)]
     saved = [p.state_bits() for p in ps]
-    L = lists(ps)
+    L = _lists(ps)
     edit(L)
     with pytest.raises(RuntimeError, match=r"sftctl::adamw_split_: .*" + pattern):
         ops.adamw_split_(*L, **HP, weight_decay=0.0, step=1)
@@ -278,7 +269,7 @@ def test_opcheck_mixed(device):
     for gs, fi, nf in [(None, None, None),
                        (torch.tensor([2.0], device=device), torch.tensor([0.0], device=device),
                         torch.tensor([0.0], device=device))]:
-        args = (*lists([p.clone() for p in ps]), 1e-3, 0.9, 0.999, 1e-8, 0.1, 2, gs, fi)
+        args = (*_lists([p.clone() for p in ps]), 1e-3, 0.9, 0.999, 1e-8, 0.1, 2, gs, fi)
         torch.library.opcheck(OP, args, {"nonfinite": nf})
 
 

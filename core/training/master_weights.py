@@ -237,7 +237,7 @@ class SplitAdamW(torch.optim.AdamW):
             beta1, beta2 = _device_betas(group["betas"], ps[0].device)
             lr = group["lr"]
             lr = float(lr.item()) if torch.is_tensor(lr) else float(lr)
-            for (device, step), params in batches.items():
+            for (_device, step), params in batches.items():
                 adamw_split_([p.data for p in params],
                              [self._low_of(p) for p in params],
                              [p.grad if p.grad.is_contiguous() else p.grad.contiguous()
